@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment in .venv:
+#   torch (kept if present) -> mmcv 2.1.0 built from source with its ops against that
+#   torch -> mmengine / mmdet / pycocotools / ... -> mmdet_moe in editable mode.
+# Idempotent: every step checks what exists first. The mmcv wheel is cached outside the
+# checkout, keyed by Python and torch version, because pip's own wheel cache does not
+# know which torch a wheel was compiled against.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+PYTHON=${PYTHON:-python3.11}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+MMCV_VERSION=2.1.0
+CACHE=${MMDET_MOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmdet-moe}
+STEP=""
+
+step() { STEP="$1"; echo "[setup] $1"; }
+trap 'status=$?; [ $status -ne 0 ] && echo "[setup] FAILED at step: $STEP (exit $status)" >&2' EXIT
+
+step "checking the Python interpreter ($PYTHON)"
+command -v "$PYTHON" >/dev/null || { echo "[setup] $PYTHON not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "[setup] $PYTHON is not Python 3.11" >&2; exit 1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating the virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+step "build tools (setuptools >=77.0.3,<81: mmcv's setup.py imports pkg_resources)"
+if ! "$PY" -c 'import setuptools, wheel, ninja; v = tuple(map(int, setuptools.__version__.split(".")[:2])); assert (77, 0) <= v < (81, 0)' 2>/dev/null; then
+  "${PIP[@]}" install -q "setuptools>=77.0.3,<81" wheel ninja
+fi
+
+step "torch (kept if already installed, else $TORCH_SPEC)"
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  "${PIP[@]}" install -q "$TORCH_SPEC"
+fi
+TORCH_TAG=$("$PY" -c 'import sys, torch; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')
+echo "[setup]   using $TORCH_TAG"
+
+step "mmcv $MMCV_VERSION with compiled ops"
+if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; then
+  WHEELS="$CACHE/wheels/$TORCH_TAG"
+  WHEEL=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+  if [ -z "$WHEEL" ]; then
+    echo "[setup]   no cached wheel in $WHEELS: building from source (about 17 min on 2 cores)"
+    BUILD=$(mktemp -d)
+    MMCV_WITH_OPS=1 FORCE_CUDA=${FORCE_CUDA:-0} MAX_JOBS=${MAX_JOBS:-2} \
+      "${PIP[@]}" wheel --no-deps --no-build-isolation --no-cache-dir -w "$BUILD" "mmcv==$MMCV_VERSION"
+    mkdir -p "$WHEELS"
+    mv "$BUILD"/mmcv-*.whl "$WHEELS"/   # only a finished wheel ever lands in the cache
+    rm -rf "$BUILD"
+    WHEEL=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
+  fi
+  "${PIP[@]}" install -q "$WHEEL"
+fi
+
+step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with test extras)"
+if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax' 2>/dev/null \
+   || [ "$ROOT/setup.py" -nt "$VENV/.mmdet_moe-installed" ]; then
+  "${PIP[@]}" install -q -e "$ROOT[tests]"
+  touch "$VENV/.mmdet_moe-installed"
+fi
+
+step "checking the stack"
+"$PY" - <<'PY'
+import torch, mmcv, mmengine, mmdet, mmcv.ops  # noqa: F401
+import mmdet_moe
+print(f'[setup]   torch {torch.__version__}, mmcv {mmcv.__version__}, '
+      f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
+      f'mmdet_moe {mmdet_moe.__version__}')
+PY
+STEP=""
+echo "[setup] done: $VENV"
