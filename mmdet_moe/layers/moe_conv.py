@@ -1,0 +1,131 @@
+"""MoEConv2d: a convolution whose kernel is a per-image mixture of N expert kernels."""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from ._checks import check_choice, check_num_experts
+from .base import MoEModuleMixin
+from .conv_ops import dense_mixture, dispatch, mixed_conv2d
+from .gates import build_gate
+
+IMPLS = {'auto', 'fused', 'dispatch', 'dense'}
+
+
+def copy_with_noise(dense: Tensor, copies: int, noise_std: float) -> Tensor:
+    """``copies`` stacked copies of ``dense``, each plus N(0, (noise_std·std(dense))²)."""
+    stacked = dense.detach().unsqueeze(0).repeat(copies, *([1] * dense.dim()))
+    if noise_std > 0:
+        stacked += torch.randn_like(stacked) * noise_std * dense.detach().std()
+    return stacked
+
+
+class MoEConv2d(MoEModuleMixin, nn.Module):
+    r"""Sparsely-gated mixture of N single-conv experts with per-image top-k gates.
+
+    ``y_b = Σ_{n ∈ topk(b)} G_bn · (W_n ∗ x_b + b_n)`` with ``G = gate(x)``
+    (see :class:`~mmdet_moe.layers.TopKGate`).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias: as :class:`torch.nn.Conv2d`, shared by all experts.
+        num_experts: N >= 2.
+        top_k: experts per image, 1 <= k <= N.
+        gate_cfg: gate config, e.g. ``dict(type='TopKGate', noisy=True)`` or
+            ``dict(type='RelativeImportanceGate', threshold=0.3)``.
+        balance_cfg: auxiliary losses and weights, e.g. ``dict(importance=0.5)``.
+        impl: ``'fused'`` (one grouped conv with the mixed kernel, ≈ one dense
+            conv), ``'dispatch'`` (each image through its k experts, ≈ k convs),
+            ``'dense'`` (all N experts, reference) or ``'auto'`` (= fused, which is
+            exact for linear experts and the fastest).
+
+    Parameters:
+        weight: (N, out_channels, in_channels / groups, kh, kw).
+        bias: (N, out_channels) or None.
+
+    Shapes: (B, C_in, H, W) → (B, C_out, H', W') as the equivalent ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size,
+                 stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
+                 num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
+                 balance_cfg: Optional[dict] = None, impl: str = 'auto'):
+        super().__init__()
+        check_num_experts(num_experts, top_k)
+        check_choice('impl', impl, IMPLS)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'in_channels={in_channels} and out_channels={out_channels} '
+                             f'must be divisible by groups={groups}')
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.groups, self.num_experts, self.top_k, self.impl = groups, num_experts, top_k, impl
+        self.gate = build_gate(gate_cfg, in_channels, num_experts, top_k)
+        self._init_moe(balance_cfg, noisy=self.gate.noisy)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_channels,
+                                               in_channels // groups, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like a fresh ``nn.Conv2d``."""
+        for n in range(self.num_experts):
+            nn.init.kaiming_uniform_(self.weight[n], a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel() // self.out_channels
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, num_experts: int = 4, top_k: int = 2,
+                   noise_std: float = 0.0, **kwargs) -> 'MoEConv2d':
+        """Upcycle a dense conv: every expert starts as a copy of it.
+
+        With ``noise_std = 0`` the layer reproduces the dense conv exactly (the gate
+        weights sum to 1); otherwise each expert gets Gaussian noise of
+        ``noise_std × std(dense weight)``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f'from_dense needs an nn.Conv2d, got {type(conv).__name__}')
+        if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+            raise ValueError(f'from_dense supports numeric zero padding only, got '
+                             f'padding={conv.padding!r}, padding_mode={conv.padding_mode!r}')
+        moe = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                  num_experts=num_experts, top_k=top_k, **kwargs)
+        moe.to(conv.weight.device, conv.weight.dtype)
+        with torch.no_grad():
+            moe.weight.copy_(copy_with_noise(conv.weight, num_experts, noise_std))
+            if conv.bias is not None:
+                moe.bias.copy_(copy_with_noise(conv.bias, num_experts, noise_std))
+        return moe
+
+    def expert_forward(self, n: int, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias[n]
+        return F.conv2d(x, self.weight[n], bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    def mix(self, x: Tensor, gates: Tensor, impl: Optional[str] = None) -> Tensor:
+        """Apply the experts to ``x`` with given (B, N) gate weights."""
+        impl = impl or self.impl
+        if impl in ('fused', 'auto'):
+            return mixed_conv2d(x, gates, self.weight, self.bias, self.stride,
+                                self.padding, self.dilation, self.groups)
+        if impl == 'dispatch':
+            return dispatch(x, gates, self.expert_forward)
+        return dense_mixture(x, gates, self.expert_forward)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate_output = self.gate(x)
+        self._track(gate_output)
+        return self.mix(x, gate_output.weights)
+
+    def extra_repr(self):
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
+                f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
+                f'groups={self.groups}, bias={self.bias is not None}, '
+                f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}')

@@ -1,0 +1,140 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdet_moe.layers import (AbsoluteImportanceGate, NonFiniteGateError, RelativeImportanceGate,
+                              TopKGate, assign_moe_names, build_gate, MoEConv2d)
+
+
+@pytest.mark.parametrize('gate_type', ['linear', 'conv'])
+def test_topk_sparsity_rows_and_eval_values(gate_type):
+    gate = TopKGate(8, num_experts=5, top_k=2, gate_type=gate_type).eval()
+    x = torch.randn(6, 8, 7, 7)
+    out = gate(x)
+    assert out.weights.shape == (6, 5) and out.indices.shape == (6, 2)
+    assert ((out.weights > 0).sum(1) == 2).all()
+    torch.testing.assert_close(out.weights.sum(1), torch.ones(6))
+    # eval: softmax over the two largest clean logits, nothing else
+    top = out.logits.topk(2, dim=1)
+    expected = torch.zeros(6, 5).scatter(1, top.indices, F.softmax(top.values, 1))
+    torch.testing.assert_close(out.weights, expected)
+    assert out.noisy_logits is None
+
+
+def test_linear_gate_is_linear_on_gap():
+    gate = TopKGate(4, 3, 1).eval()
+    x = torch.randn(2, 4, 5, 5)
+    expected = x.mean((2, 3)) @ gate.w_gate.weight.t() + gate.w_gate.bias
+    torch.testing.assert_close(gate(x).logits, expected)
+
+
+def test_noise_only_in_training():
+    gate = TopKGate(8, 4, 2, noisy=True)
+    x = torch.randn(5, 8, 4, 4)
+    gate.eval()
+    a, b = gate(x), gate(x)
+    assert torch.equal(a.weights, b.weights)
+    gate.train()
+    c, d = gate(x), gate(x)
+    assert c.noisy_logits is not None and not torch.equal(c.noisy_logits, d.noisy_logits)
+    # σ = softplus(W_n · GAP(x)) + 0.01, W_n initialised to zero
+    torch.testing.assert_close(c.noise_std, torch.full((5, 4), F.softplus(torch.tensor(0.)).item() + 0.01))
+
+
+def test_list_input_shares_gate_over_levels():
+    gate = TopKGate(8, 4, 2).eval()
+    levels = [torch.randn(3, 8, 8, 8), torch.randn(3, 8, 4, 4)]
+    out = gate(levels)
+    assert out.weights.shape == (6, 4)
+    torch.testing.assert_close(out.split([3, 3])[1].weights, gate(levels[1]).weights)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(num_experts=1, top_k=1), 'num_experts'),
+    (dict(num_experts=4, top_k=0), 'top_k'),
+    (dict(num_experts=4, top_k=5), 'top_k'),
+    (dict(num_experts=4, top_k=2, gate_type='mlp'), "'mlp'"),
+])
+def test_gate_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKGate(8, **kwargs)
+
+
+def test_build_gate_rejects_unknown_type():
+    with pytest.raises(ValueError, match="'Foo'"):
+        build_gate(dict(type='Foo'), 8, 4, 2)
+    with pytest.raises(ValueError, match='threshold'):
+        build_gate(dict(type='RelativeImportanceGate', threshold=0), 8, 4, 2)
+
+
+def test_non_finite_logits_name_the_layer():
+    model = torch.nn.Sequential(MoEConv2d(4, 4, 3, padding=1))
+    assign_moe_names(model)
+    x = torch.randn(2, 4, 5, 5)
+    x[0, 0, 0, 0] = float('nan')
+    with pytest.raises(NonFiniteGateError, match=r'0\.gate'):
+        model(x)
+
+
+def biased_gate(cls, **kwargs):
+    """A k=1 gate over 4 experts whose preference order is 0 > 1 > 2 > 3 for any input."""
+    gate = cls(4, num_experts=4, top_k=1, threshold=0.3, **kwargs)
+    with torch.no_grad():
+        gate.w_gate.weight.zero_()
+        gate.w_gate.bias.copy_(torch.tensor([3., 2., 1., 0.]))
+    return gate.train()
+
+
+def test_relative_importance_masks_over_a_sequence_of_batches():
+    gate = biased_gate(RelativeImportanceGate)
+    x = torch.randn(4, 4, 3, 3)
+    # batch 1: all on expert 0; fair share B/N = 1 -> r = [3, -1, -1, -1]
+    assert gate(x).indices.flatten().tolist() == [0] * 4
+    torch.testing.assert_close(gate.usage, torch.tensor([3., -1, -1, -1]))
+    # batch 2: expert 0 masked (r > 0.3) -> all on expert 1 -> r = [2, 2, -2, -2]
+    out = gate(x)
+    assert out.expert_mask.tolist() == [True, False, False, False]
+    assert out.indices.flatten().tolist() == [1] * 4
+    torch.testing.assert_close(gate.usage, torch.tensor([2., 2, -2, -2]))
+    # batch 3: experts 0 and 1 masked -> expert 2
+    out = gate(x)
+    assert out.expert_mask.tolist() == [True, True, False, False]
+    assert out.indices.flatten().tolist() == [2] * 4
+    # eval: no masking, no update
+    usage = gate.usage.clone()
+    gate.eval()
+    assert gate(x).indices.flatten().tolist() == [0] * 4
+    assert torch.equal(gate.usage, usage)
+
+
+def test_hard_constraint_keeps_top_k_experts_available():
+    gate = RelativeImportanceGate(4, 4, 2, threshold=0.3)
+    gate.usage.copy_(torch.tensor([1., 2., 3., -6.]))  # three over τ, only N-k = 2 may go
+    mask = gate.train().expert_mask()
+    assert mask.tolist() == [False, True, True, False]
+
+
+def test_hard_constraint_warmup_and_state_dict_round_trip():
+    gate = biased_gate(RelativeImportanceGate, warmup_iters=2)
+    x = torch.randn(4, 4, 3, 3)
+    gate(x), gate(x)
+    assert gate.usage.abs().sum() == 0 and gate.num_iters.item() == 2
+    gate(x)  # first counted batch
+    gate(x)  # expert 0 masked now
+    restored = biased_gate(RelativeImportanceGate, warmup_iters=2)
+    restored.load_state_dict(gate.state_dict())
+    assert torch.equal(restored.usage, gate.usage)
+    assert restored.num_iters.item() == 4
+    assert torch.equal(restored.expert_mask(), gate.expert_mask())
+
+
+def test_absolute_importance_running_mean():
+    gate = biased_gate(AbsoluteImportanceGate)
+    x = torch.randn(4, 4, 3, 3)
+    gate(x)  # m = [1, 0, 0, 0]; 1 - 1/4 > 0.3 -> expert 0 masked next
+    torch.testing.assert_close(gate.usage, torch.tensor([1., 0, 0, 0]))
+    out = gate(x)  # all on expert 1: m = [.5, .5, 0, 0]
+    assert out.expert_mask.tolist() == [True, False, False, False]
+    torch.testing.assert_close(gate.usage, torch.tensor([.5, .5, 0, 0]))
+    # .5 - .25 = .25 < .3: nobody masked
+    assert gate.expert_mask() is None
