@@ -1,4 +1,12 @@
-"""mmdet-moe: sparsely-gated Mixture-of-Experts layers for MMDetection 3.x."""
+"""mmdet-moe: sparsely-gated Mixture-of-Experts layers for MMDetection 3.x.
+
+Importing the package registers its components into mmdet's registries (use
+``custom_imports = dict(imports=['mmdet_moe'])`` in a config) and lets
+mmengine's checkpoints load under torch >= 2.6 with the safe loader.
+"""
+from .compat import allow_mmengine_checkpoints
 from .version import __version__
+
+allow_mmengine_checkpoints()
 
 __all__ = ['__version__']

@@ -1,0 +1,11 @@
+# The README's commands. `make test` and `make demo` set up .venv first (idempotent).
+PYTHON_VENV := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: env test demo
+
+env:
+	bash tools/setup_env.sh
+
+test: env
+	$(PYTHON_VENV) -m pytest -q $(PYTEST_ARGS) tests

@@ -1,0 +1,85 @@
+"""Shared test helpers: tiny toy datasets, config overrides, running the tools."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import torch
+from mmengine.config import Config
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOOLS = osp.join(ROOT, 'tools')
+CONFIGS = osp.join(ROOT, 'configs')
+TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_toy.py')
+
+
+def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0):
+    """A tiny toy COCO dataset written by the project's own generator."""
+    sys.path.insert(0, TOOLS)
+    try:
+        import make_toy_coco
+    finally:
+        sys.path.remove(TOOLS)
+    make_toy_coco.main([str(out_dir), '--train', str(train), '--val', str(val),
+                        '--size', str(size), '--seed', str(seed)])
+    return str(out_dir)
+
+
+def toy_overrides(data_root, max_epochs=1, batch_size=2):
+    """``--cfg-options`` that point a toy config at ``data_root`` and make it tiny."""
+    root = str(data_root).rstrip('/') + '/'
+    options = {
+        'train_cfg.max_epochs': max_epochs, 'train_cfg.val_interval': max_epochs,
+        'default_hooks.checkpoint.interval': 1, 'default_hooks.logger.interval': 1,
+        'train_dataloader.batch_size': batch_size,
+        'val_evaluator.ann_file': root + 'val.json',
+        'test_evaluator.ann_file': root + 'val.json',
+    }
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        options[f'{loader}.dataset.data_root'] = root
+        options[f'{loader}.num_workers'] = 0
+        options[f'{loader}.persistent_workers'] = False
+    return options
+
+
+def as_cli_options(options):
+    return ['--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
+
+
+def run_tool(script, *args, cwd=None, timeout=600):
+    """Run ``tools/<script>`` with the venv's Python; returns the finished process."""
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    proc = subprocess.run([sys.executable, osp.join(TOOLS, script), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def load_config(path, **overrides):
+    cfg = Config.fromfile(path)
+    cfg.merge_from_dict(overrides)
+    return cfg
+
+
+def one_training_step(model, batch_size=2, image_size=128, num_classes=5):
+    """Loss dict (after backward) of one step on random images with random boxes."""
+    from mmdet.testing import demo_mm_inputs
+    packed = demo_mm_inputs(batch_size, [[3, image_size, image_size]] * batch_size,
+                            num_items=[3] * batch_size, num_classes=num_classes)
+    data = model.data_preprocessor(packed, True)
+    model.train()
+    losses = model(**data, mode='loss')
+    total = sum(sum(v) if isinstance(v, list) else v
+                for k, v in losses.items() if 'loss' in k)
+    total.backward()
+    return losses, data
+
+
+def predict(model, batch_size=2, image_size=128, num_classes=5):
+    from mmdet.testing import demo_mm_inputs
+    packed = demo_mm_inputs(batch_size, [[3, image_size, image_size]] * batch_size,
+                            num_items=[3] * batch_size, num_classes=num_classes)
+    data = model.data_preprocessor(packed, False)
+    model.eval()
+    with torch.no_grad():
+        return model(**data, mode='predict')

@@ -1,0 +1,192 @@
+"""Generate a small COCO-format detection dataset that needs no download.
+
+    python tools/make_toy_coco.py data/toy_coco [--train 400 --val 100 --size 256]
+
+Writes ``{out}/train.json``, ``{out}/val.json`` and ``{out}/images/{train,val}/*.png``:
+textured shapes of several classes on cluttered backgrounds, with sizes spread over
+COCO's small / medium / large buckets (areas < 32², < 96², ≥ 96² in pixels) in
+about COCO's proportions, some overlapping. ``area`` is the shape's pixel count
+(as in COCO, the mask area, not the box's w·h). Deterministic for a seed.
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import shutil
+import tempfile
+
+import cv2
+import numpy as np
+
+CLASSES = ('circle', 'square', 'triangle', 'star', 'ring')
+# COCO train2017: 41 % small, 34 % medium, 24 % large objects; sqrt(area) ranges
+SIZE_BUCKETS = (('small', 0.41, 6, 32), ('medium', 0.34, 32, 96), ('large', 0.25, 96, 180))
+# mask area / side² of each shape (side = diameter of its circumscribed circle)
+FILL_RATIO = dict(circle=0.785, square=0.5, triangle=0.325, star=0.33, ring=0.63)
+
+
+def shape_polygon(cls: str, cx: float, cy: float, side: float, rng) -> np.ndarray:
+    """Outline points of a shape that fits in a circle of diameter ``side``."""
+    r = side / 2
+    angle = rng.uniform(0, 2 * math.pi)
+    if cls == 'square':
+        t = angle + np.arange(4) * math.pi / 2
+    elif cls == 'triangle':
+        t = angle + np.arange(3) * 2 * math.pi / 3
+    elif cls == 'star':
+        t = angle + np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        return np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], 1)
+    else:  # circle, ring
+        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def shape_mask(cls: str, poly: np.ndarray, height: int, width: int, side: float):
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [np.round(poly * 16).astype(np.int32)], 1, cv2.LINE_8, shift=4)
+    if cls == 'ring':
+        centre = poly.mean(0)
+        cv2.circle(mask, tuple(int(v) for v in np.round(centre)),
+                   max(1, int(side * 0.22)), 0, -1)
+    return mask.astype(bool)
+
+
+def texture(height: int, width: int, rng) -> np.ndarray:
+    """A coloured texture: base colour plus stripes or noise."""
+    colour = rng.uniform(40, 255, 3)
+    img = np.broadcast_to(colour, (height, width, 3)).copy()
+    kind = rng.integers(3)
+    if kind == 0:
+        yy, xx = np.mgrid[:height, :width]
+        period, direction = rng.uniform(4, 14), rng.uniform(0, math.pi)
+        stripes = np.sin((xx * math.cos(direction) + yy * math.sin(direction)) / period * 2 * math.pi)
+        img += stripes[..., None] * rng.uniform(20, 60)
+    elif kind == 1:
+        img += rng.normal(0, 25, (height, width, 1))
+    return img
+
+
+def background(height: int, width: int, rng) -> np.ndarray:
+    """Gradient plus clutter (lines, blobs) that look like, but are not, objects."""
+    yy, xx = np.mgrid[:height, :width] / max(height, width)
+    c0, c1 = rng.uniform(0, 180, 3), rng.uniform(0, 180, 3)
+    w = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+    img = c0 + (c1 - c0) * (w - w.min()) / (np.ptp(w) + 1e-6)
+    for _ in range(rng.integers(4, 12)):
+        colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        p1 = tuple(int(v) for v in rng.integers(0, [width, height]))
+        p2 = tuple(int(v) for v in rng.integers(0, [width, height]))
+        if rng.random() < 0.5:
+            cv2.line(img, p1, p2, colour, int(rng.integers(1, 4)))
+        else:
+            cv2.ellipse(img, p1, tuple(int(v) for v in rng.integers(2, 10, 2)),
+                        float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return img + rng.normal(0, 6, img.shape)
+
+
+def sample_side(rng, cls: str, image_size: int) -> float:
+    """Side of a shape whose area falls in a COCO bucket chosen with COCO's odds."""
+    probs = np.array([bucket[1] for bucket in SIZE_BUCKETS])
+    _, _, lo, hi = SIZE_BUCKETS[rng.choice(len(SIZE_BUCKETS), p=probs / probs.sum())]
+    # uniform in log-area within the bucket, like natural size distributions
+    root_area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return min(root_area / math.sqrt(FILL_RATIO[cls]), image_size * 0.9)
+
+
+def make_image(rng, size: int, max_objects: int, max_occlusion: float = 0.3, tries: int = 10):
+    """One image and its annotations; no object is more than ``max_occlusion`` hidden.
+
+    Box and area are those of the visible part, as COCO annotates them.
+    """
+    img = background(size, size, rng)
+    owner = np.full((size, size), -1, np.int32)  # which object each pixel shows
+    full_areas, labels = [], []
+    objects = []
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        cls = int(rng.integers(len(CLASSES)))
+        objects.append((sample_side(rng, CLASSES[cls], size), cls))
+    # big objects first, so the small ones in front rarely hide them
+    for side, cls in sorted(objects, reverse=True):
+        for _ in range(tries):
+            cx, cy = rng.uniform(side / 2, size - side / 2, 2)
+            mask = shape_mask(CLASSES[cls], shape_polygon(CLASSES[cls], cx, cy, side, rng),
+                              size, size, side)
+            hidden = np.bincount(owner[mask & (owner >= 0)], minlength=len(full_areas))
+            visible = np.bincount(owner[owner >= 0], minlength=len(full_areas))
+            if mask.sum() >= 16 and all(visible - hidden >= (1 - max_occlusion) *
+                                        np.array(full_areas, dtype=float)):
+                break
+        else:
+            continue
+        img[mask] = texture(size, size, rng)[mask]
+        owner[mask] = len(full_areas)
+        full_areas.append(int(mask.sum()))
+        labels.append(cls)
+    annotations = []
+    for index, cls in enumerate(labels):
+        ys, xs = np.nonzero(owner == index)
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        annotations.append(dict(category_id=cls + 1, iscrowd=0, area=float(len(xs)),
+                                bbox=[float(x0), float(y0), float(x1 - x0), float(y1 - y0)]))
+    return np.clip(img, 0, 255).astype(np.uint8), annotations
+
+
+def write_split(out_dir: str, split: str, count: int, size: int, max_objects: int, rng):
+    os.makedirs(osp.join(out_dir, 'images', split), exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(1, count + 1):
+        img, anns = make_image(rng, size, max_objects)
+        file_name = f'{split}/{image_id:06d}.png'
+        cv2.imwrite(osp.join(out_dir, 'images', file_name), img)
+        images.append(dict(id=image_id, file_name=file_name, height=size, width=size))
+        for ann in anns:
+            annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
+    categories = [dict(id=i + 1, name=name, supercategory='shape')
+                  for i, name in enumerate(CLASSES)]
+    with open(osp.join(out_dir, f'{split}.json'), 'w') as f:
+        json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+    return len(images), len(annotations)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Generate the toy COCO dataset')
+    parser.add_argument('out_dir', nargs='?', default='data/toy_coco')
+    parser.add_argument('--train', type=int, default=400, help='training images')
+    parser.add_argument('--val', type=int, default=100, help='validation images')
+    parser.add_argument('--size', type=int, default=256, help='image side in pixels')
+    parser.add_argument('--max-objects', type=int, default=6, help='objects per image, at most')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ('train', 'val', 'max_objects'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.size < 64:
+        parser.error(f'--size must be >= 64 pixels, got {args.size}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    # build in a temporary folder and move it in place: never a half-written dataset
+    parent = osp.dirname(osp.abspath(args.out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.toy_coco-', dir=parent)
+    try:
+        for split in ('train', 'val'):
+            n_img, n_ann = write_split(tmp, split, getattr(args, split), args.size,
+                                       args.max_objects, rng)
+            print(f'{split}: {n_img} images, {n_ann} objects')
+        if osp.exists(args.out_dir):
+            shutil.rmtree(args.out_dir)
+        os.replace(tmp, args.out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f'wrote {args.out_dir}')
+
+
+if __name__ == '__main__':
+    main()
