@@ -83,3 +83,29 @@ def predict(model, batch_size=2, image_size=128, num_classes=5):
     model.eval()
     with torch.no_grad():
         return model(**data, mode='predict')
+
+
+def with_resnet18(model_cfg):
+    """A detector config with a ResNet-18 backbone (no pretrained weights); for a
+    ``MoEDetector`` the inner detector is changed."""
+    cfg = model_cfg.detector if model_cfg.type == 'MoEDetector' else model_cfg
+    cfg.backbone.update(depth=18, init_cfg=None)
+    cfg.neck.in_channels = [64, 128, 256, 512]
+    return model_cfg
+
+
+def build_model(model_cfg):
+    """Build as the Runner does, under mmdet's default registry scope."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    import mmdet_moe  # noqa: F401
+    init_default_scope('mmdet')
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    return model
+
+
+def all_finite(losses):
+    values = [v for value in losses.values()
+              for v in (value if isinstance(value, list) else [value])]
+    return all(bool(torch.isfinite(v).all()) for v in values)

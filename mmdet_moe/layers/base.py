@@ -58,3 +58,9 @@ class MoEModuleMixin:
             return {}
         self._collected = True
         return self.balance_losses(GateOutput.cat(self._gate_outputs))
+
+    def pop_aux_losses(self) -> Dict[str, Tensor]:
+        """:meth:`aux_losses`, then forget the rows (a detector collects them once)."""
+        losses = self.aux_losses()
+        self._gate_outputs.clear()
+        return losses

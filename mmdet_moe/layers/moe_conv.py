@@ -38,6 +38,8 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         gate_cfg: gate config, e.g. ``dict(type='TopKGate', noisy=True)`` or
             ``dict(type='RelativeImportanceGate', threshold=0.3)``.
         balance_cfg: auxiliary losses and weights, e.g. ``dict(importance=0.5)``.
+        upcycle_noise_std: noise (relative to the dense weights' std) added to each
+            expert when a dense conv's weights are loaded into this layer.
         impl: ``'fused'`` (one grouped conv with the mixed kernel, ≈ one dense
             conv), ``'dispatch'`` (each image through its k experts, ≈ k convs),
             ``'dense'`` (all N experts, reference) or ``'auto'`` (= fused, which is
@@ -53,7 +55,8 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size,
                  stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
                  num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
-                 balance_cfg: Optional[dict] = None, impl: str = 'auto'):
+                 balance_cfg: Optional[dict] = None, impl: str = 'auto',
+                 upcycle_noise_std: float = 0.0):
         super().__init__()
         check_num_experts(num_experts, top_k)
         check_choice('impl', impl, IMPLS)
@@ -64,12 +67,31 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.groups, self.num_experts, self.top_k, self.impl = groups, num_experts, top_k, impl
+        if upcycle_noise_std < 0:
+            raise ValueError(f'upcycle_noise_std must be >= 0, got {upcycle_noise_std!r}')
+        self.upcycle_noise_std = upcycle_noise_std
         self.gate = build_gate(gate_cfg, in_channels, num_experts, top_k)
         self._init_moe(balance_cfg, noisy=self.gate.noisy)
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels,
                                                in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
         self.reset_parameters()
+
+    def init_weights(self) -> None:
+        """Same as :meth:`reset_parameters`. Having it also tells mmcv's ConvModule not
+        to apply ``kaiming_init`` to the 5-D expert tensor, whose fans it gets wrong."""
+        self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Upcycling: a dense conv's (out, in, kh, kw) weight / (out,) bias at this
+        # module's keys (e.g. a stock checkpoint) becomes N copies of it.
+        for name in ('weight', 'bias'):
+            key, param = prefix + name, getattr(self, name)
+            if param is not None and key in state_dict \
+                    and tuple(state_dict[key].shape) == tuple(param.shape[1:]):
+                state_dict[key] = copy_with_noise(state_dict[key], self.num_experts,
+                                                  self.upcycle_noise_std)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         """Each expert initialised like a fresh ``nn.Conv2d``."""
@@ -98,10 +120,9 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
                   conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                   num_experts=num_experts, top_k=top_k, **kwargs)
         moe.to(conv.weight.device, conv.weight.dtype)
-        with torch.no_grad():
-            moe.weight.copy_(copy_with_noise(conv.weight, num_experts, noise_std))
-            if conv.bias is not None:
-                moe.bias.copy_(copy_with_noise(conv.bias, num_experts, noise_std))
+        moe.upcycle_noise_std = noise_std
+        missing, unexpected = moe.load_state_dict(conv.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith('gate.') for k in missing)
         return moe
 
     def expert_forward(self, n: int, x: Tensor) -> Tensor:

@@ -29,11 +29,13 @@ class GateRecord:
         call: index of this call of the module since the recorder was cleared.
         level: FPN level of the rows when the caller knows it, else ``None``.
         weights: (B, N) gate weights, detached.
+        module: the MoE module itself.
     """
     name: str
     call: int
     level: Optional[int]
     weights: Tensor
+    module: Optional[nn.Module] = None
 
 
 class GateRecorder:
@@ -43,8 +45,10 @@ class GateRecorder:
         self.records: List[GateRecord] = []
         self._calls: Counter = Counter()
 
-    def add(self, name: str, weights: Tensor, level: Optional[int] = None) -> None:
-        self.records.append(GateRecord(name, self._calls[name], level, weights.detach()))
+    def add(self, name: str, weights: Tensor, level: Optional[int] = None,
+            module: Optional[nn.Module] = None) -> None:
+        self.records.append(GateRecord(name, self._calls[name], level, weights.detach(),
+                                       module))
         self._calls[name] += 1
 
     def clear(self) -> None:
@@ -86,7 +90,7 @@ def record_gate(module: nn.Module, weights: Tensor, level: Optional[int] = None)
         return
     name = getattr(module, 'moe_name', None) or type(module).__name__
     for recorder in _ACTIVE_RECORDERS:
-        recorder.add(name, weights, level)
+        recorder.add(name, weights, level, module)
 
 
 @contextmanager

@@ -1,0 +1,13 @@
+# MoE anywhere: Faster R-CNN whose RPN conv is a MoEConv2d (one gate per FPN level
+# call, shared over levels as the RPN head is).
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
+
+model = dict(
+    _delete_=True,
+    type='MoEDetector',
+    detector={{_base_.model}},
+    moe_layers=[
+        dict(paths='rpn_head.rpn_conv', num_experts=4, top_k=2,
+             balance_cfg=dict(importance=0.5))
+    ])

@@ -1,0 +1,12 @@
+# MoE anywhere: FCOS with the 4th conv of both head towers as MoEConv2d experts.
+_base_ = 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'
+custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
+
+model = dict(
+    _delete_=True,
+    type='MoEDetector',
+    detector={{_base_.model}},
+    moe_layers=[
+        dict(paths=['bbox_head.cls_convs.3.conv', 'bbox_head.reg_convs.3.conv'],
+             num_experts=4, top_k=2, balance_cfg=dict(importance=0.5))
+    ])

@@ -1,0 +1,20 @@
+# MoE RetinaNet head (Pavlitska et al.): the classification branch (4 conv3×3+ReLU and
+# the output conv) becomes N=4 whole-subnet experts, k=2 per (image, FPN level), one
+# noisy top-k gate shared by all levels, soft constraint: importance loss (w=0.5).
+_base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
+
+model = dict(
+    type='MoERetinaNet',
+    bbox_head=dict(
+        type='MoERetinaHead',
+        moe_branches='cls',
+        expert_type='subnet',
+        experts_include_output=True,
+        num_experts=4,
+        top_k=2,
+        gate_cfg=dict(type='TopKGate', noisy=True),
+        balance_cfg=dict(importance=0.5)))
+
+# sparse routing leaves some experts without gradient in a step
+find_unused_parameters = True

@@ -1,0 +1,175 @@
+"""RetinaNet head whose classification and/or regression towers are MoE layers."""
+import copy
+from typing import Optional, Sequence, Tuple
+
+import torch.nn as nn
+from mmcv.cnn import ConvModule
+from mmengine.model import bias_init_with_prob, normal_init
+from torch import Tensor
+
+from mmdet.models.dense_heads import RetinaHead
+from mmdet.registry import MODELS
+
+from ...layers import MoE, MoEConv2d
+from ...layers._checks import check_choice, check_num_experts
+from ..moe_losses import collect_moe_losses, merge_losses
+from ..upcycling import expand_dense_keys
+from .expert_tagging import ExpertTaggingMixin
+
+BRANCHES = {'cls': ('cls',), 'reg': ('reg',), 'both': ('cls', 'reg'), 'shared': ('cls', 'reg')}
+
+
+class TowerExpert(nn.Module):
+    """One expert = a whole RetinaNet branch: its conv tower (and output conv).
+
+    Children keep the dense head's names (``cls_convs``, ``retina_cls``, ...), so a
+    dense checkpoint maps onto every expert by a key prefix (see upcycling).
+    """
+
+    def __init__(self, convs_name: str, convs: nn.ModuleList,
+                 out_name: Optional[str] = None, out_conv: Optional[nn.Module] = None):
+        super().__init__()
+        self.convs_name, self.out_name = convs_name, out_name
+        self.add_module(convs_name, convs)
+        if out_name is not None:
+            self.add_module(out_name, out_conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in getattr(self, self.convs_name):
+            x = conv(x)
+        return x if self.out_name is None else getattr(self, self.out_name)(x)
+
+
+@MODELS.register_module()
+class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
+    r"""RetinaHead with Mixture-of-Experts towers (Pavlitska et al.).
+
+    Args:
+        moe_branches: ``'cls'``, ``'reg'``, ``'both'`` (two MoEs with their own
+            gates, "mixed") or ``'shared'`` (two MoEs, one gate routes both).
+        expert_type: ``'subnet'``: an expert is a whole branch (stacked convs, plus
+            the output conv if ``experts_include_output``); routing is per
+            (image, FPN level) by one gate shared over all levels. ``'conv'``:
+            the tower convs listed in ``moe_convs`` become :class:`MoEConv2d`
+            experts (the paper's conv4 variant; fused, ≈ dense cost).
+        num_experts, top_k: N experts, k per (image, level).
+        gate_cfg: e.g. ``dict(type='TopKGate', noisy=True)`` or
+            ``dict(type='RelativeImportanceGate', threshold=0.3)``.
+        balance_cfg: soft constraints, e.g. ``dict(importance=0.5)``; their values
+            appear in the loss dict as ``loss_moe_<name>``.
+        moe_convs: tower indices made MoE for ``expert_type='conv'``.
+        experts_include_output: subnet experts include the output conv.
+        upcycle_noise_std: noise (× std of the dense weights) added to each expert
+            when a dense checkpoint is loaded (upcycling).
+        impl: MoE implementation (``'auto'``, ``'dispatch'``, ``'dense'``, ...).
+
+    ``predict`` adds ``levels`` and ``expert_weights`` (num_dets, M, N) to each
+    image's ``pred_instances`` (M = number of MoE modules in the head).
+    """
+
+    def __init__(self, *args, moe_branches: str = 'cls', expert_type: str = 'subnet',
+                 num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
+                 balance_cfg: Optional[dict] = None, moe_convs: Sequence[int] = (3,),
+                 experts_include_output: bool = True, upcycle_noise_std: float = 0.0,
+                 impl: str = 'auto',
+                 init_cfg=dict(type='Normal', layer=['Conv2d', 'MoEConv2d'], std=0.01),
+                 **kwargs):
+        check_choice('moe_branches', moe_branches, set(BRANCHES))
+        check_choice('expert_type', expert_type, {'subnet', 'conv'})
+        check_num_experts(num_experts, top_k)
+        if moe_branches == 'shared' and expert_type != 'subnet':
+            raise ValueError("moe_branches='shared' needs expert_type='subnet' (conv "
+                             'experts of the two towers see different inputs)')
+        self.moe_branches, self.expert_type = moe_branches, expert_type
+        self.moe_kwargs = dict(num_experts=num_experts, top_k=top_k, gate_cfg=gate_cfg,
+                               balance_cfg=balance_cfg, impl=impl)
+        self.moe_convs = tuple(moe_convs)
+        self.experts_include_output = experts_include_output
+        self.upcycle_noise_std = upcycle_noise_std
+        super().__init__(*args, init_cfg=init_cfg, **kwargs)
+
+    def _init_layers(self) -> None:
+        super()._init_layers()
+        for branch in BRANCHES[self.moe_branches]:
+            if self.expert_type == 'conv':
+                self._make_conv_experts(branch)
+            else:
+                self._make_subnet_experts(branch)
+
+    def _make_conv_experts(self, branch: str) -> None:
+        convs = getattr(self, f'{branch}_convs')
+        for index in self.moe_convs:
+            if not 0 <= index < len(convs):
+                raise ValueError(f'moe_convs index {index} is out of range for '
+                                 f'{branch}_convs with {len(convs)} convs (stacked_convs)')
+            dense = convs[index].conv
+            convs[index].conv = MoEConv2d(
+                dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride,
+                dense.padding, dense.dilation, dense.groups, dense.bias is not None,
+                upcycle_noise_std=self.upcycle_noise_std, **self.moe_kwargs)
+
+    @staticmethod
+    def _out_name(branch: str) -> str:
+        return 'retina_cls' if branch == 'cls' else 'retina_reg'
+
+    def _expert_children(self, branch: str) -> Tuple[str, Optional[str]]:
+        return (f'{branch}_convs',
+                self._out_name(branch) if self.experts_include_output else None)
+
+    def _make_subnet_experts(self, branch: str) -> None:
+        convs_name, out_name = self._expert_children(branch)
+        kwargs = dict(self.moe_kwargs)
+        num_experts = kwargs.pop('num_experts')
+        if self.moe_branches == 'shared' and branch == 'reg':
+            # one gate routes both branches; it is balanced once, through cls_moe
+            kwargs.update(gate=self.cls_moe.gate, gate_cfg=None, balance_cfg=None)
+        else:
+            kwargs['in_channels'] = self.in_channels
+        experts = [TowerExpert(convs_name, copy.deepcopy(getattr(self, convs_name)), out_name,
+                               copy.deepcopy(getattr(self, out_name)) if out_name else None)
+                   for _ in range(num_experts)]
+        setattr(self, f'{branch}_moe', MoE(experts, **kwargs))
+        delattr(self, convs_name)
+        if out_name is not None:
+            delattr(self, out_name)
+
+    def init_weights(self) -> None:
+        super().init_weights()
+        # focal-loss prior on every classification output conv (dense or expert)
+        bias_cls = bias_init_with_prob(0.01)
+        for name, module in self.named_modules():
+            if name.endswith('retina_cls'):
+                normal_init(module, std=0.01, bias=bias_cls)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.expert_type == 'subnet':
+            for branch in BRANCHES[self.moe_branches]:
+                moe = getattr(self, f'{branch}_moe')
+                children = [c for c in self._expert_children(branch) if c]
+                expand_dense_keys(state_dict, prefix, f'{branch}_moe', children,
+                                  moe.num_experts, self.upcycle_noise_std)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _branch_forward(self, branch: str, x: Sequence[Tensor], routing=None):
+        """Per-level outputs of one branch: (MoE) tower, then the output conv."""
+        out_conv = getattr(self, self._out_name(branch), None)
+        moe = getattr(self, f'{branch}_moe', None)
+        if moe is not None:
+            feats = moe(list(x), gate_output=routing)
+        else:
+            feats = []
+            for level in x:
+                for conv in getattr(self, f'{branch}_convs'):
+                    level = conv(level)
+                feats.append(level)
+        return feats if out_conv is None else [out_conv(f) for f in feats]
+
+    def forward(self, x: Tuple[Tensor]) -> Tuple[list, list]:
+        """x: L maps (B, C, H_l, W_l) → (cls_scores, bbox_preds), L maps each."""
+        routing = None
+        if self.moe_branches == 'shared' and self.expert_type == 'subnet':
+            routing = self.cls_moe.route(list(x))
+        return self._branch_forward('cls', x, routing), self._branch_forward('reg', x, routing)
+
+    def loss_by_feat(self, *args, **kwargs) -> dict:
+        return merge_losses(super().loss_by_feat(*args, **kwargs), collect_moe_losses(self))

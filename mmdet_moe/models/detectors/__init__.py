@@ -1,0 +1,3 @@
+from .moe_retinanet import MoERetinaNet
+
+__all__ = ['MoERetinaNet']

@@ -1,0 +1,3 @@
+from .moe_fpn import MoEFPN
+
+__all__ = ['MoEFPN']

@@ -1,0 +1,54 @@
+"""Start MoE layers from a trained dense model, and train only the MoE parts."""
+import re
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..layers import is_moe_module
+from ..layers.moe_conv import copy_with_noise
+
+
+def expand_dense_keys(state_dict: dict, prefix: str, moe_name: str,
+                      children: Iterable[str], num_experts: int, noise_std: float) -> None:
+    """Upcycle dense keys into expert keys, in place.
+
+    ``prefix + child + '.' + rest`` (a dense child module's parameters) becomes
+    ``prefix + moe_name + '.experts.<n>.' + child + '.' + rest`` for every expert n,
+    plus Gaussian noise of ``noise_std × std(parameter)`` on float parameters.
+    Nothing happens if the state dict already holds expert keys.
+    """
+    pattern = re.compile(re.escape(prefix) + '(' + '|'.join(map(re.escape, children)) +
+                         r')\.(.+)$')
+    for key in [k for k in state_dict if pattern.match(k)]:
+        child, rest = pattern.match(key).groups()
+        value = state_dict.pop(key)
+        for n in range(num_experts):
+            expert_key = f'{prefix}{moe_name}.experts.{n}.{child}.{rest}'
+            if expert_key in state_dict:
+                continue
+            is_float = torch.is_floating_point(value) and value.numel() > 1
+            state_dict[expert_key] = (copy_with_noise(value, 1, noise_std)[0]
+                                      if is_float else value.clone())
+
+
+def moe_parameters(model: nn.Module):
+    """Parameters of all MoE modules (experts and gates) in ``model``."""
+    seen = set()
+    for module in model.modules():
+        if is_moe_module(module):
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+
+def freeze_all_but_moe(model: nn.Module) -> int:
+    """``requires_grad=False`` on every non-MoE parameter (the paper fine-tunes only
+    the MoE parts of a trained detector). Returns the number of trainable tensors."""
+    trainable = {id(p) for p in moe_parameters(model)}
+    if not trainable:
+        raise ValueError('freeze_all_but_moe: the model has no MoE layer to train')
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return len(trainable)

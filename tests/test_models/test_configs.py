@@ -1,0 +1,39 @@
+"""Every shipped COCO config loads, builds (ResNet-18 override) and trains a step."""
+import glob
+import os.path as osp
+
+import pytest
+
+from helpers import (CONFIGS, all_finite, build_model, load_config, one_training_step,
+                     with_resnet18)
+from mmdet_moe.models import moe_parameters
+
+COCO_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
+                      glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')))
+
+
+def test_configs_are_named_the_openmmlab_way():
+    assert len(COCO_CONFIGS) >= 12
+    for path in COCO_CONFIGS:
+        name = osp.basename(path)
+        assert name.split('_')[0] in ('retinanet', 'fcos', 'faster-rcnn')
+        assert 'coco' in name and '_r50_' in name
+
+
+@pytest.mark.parametrize('path', COCO_CONFIGS, ids=osp.basename)
+def test_config_builds_and_trains_one_step(path):
+    cfg = load_config(path)
+    model = build_model(with_resnet18(cfg.model))
+    losses, _ = one_training_step(model, image_size=96, num_classes=80)
+    assert all_finite(losses)
+    head = cfg.model.get('bbox_head', {})
+    has_balance = 'importance' in str(cfg.model)
+    assert any(k.startswith('loss_moe_') for k in losses) == has_balance
+    if 'ft-from-dense' in path:
+        moe_ids = {id(p) for p in moe_parameters(model)}
+        frozen = [p for p in model.parameters() if id(p) not in moe_ids]
+        assert frozen and not any(p.requires_grad for p in frozen)
+        assert all(p.grad is None for p in frozen)
+        assert head.upcycle_noise_std > 0
+    if head.get('expert_type') == 'subnet':  # sparse dispatch: DDP must allow it
+        assert cfg.find_unused_parameters is True

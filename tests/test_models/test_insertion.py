@@ -1,0 +1,99 @@
+"""MoE anywhere by config: RetinaNet, FCOS, ATSS and Faster R-CNN."""
+import pytest
+import torch
+from mmengine.config import ConfigDict
+
+from helpers import all_finite, build_model, load_config, one_training_step, predict, with_resnet18
+from mmdet_moe.layers import CPMuMoEConv2d, MoEConv2d
+from mmdet_moe.models import insert_moe_layers, match_module_paths
+
+MIM = 'mmdet::'
+DETECTORS = {
+    'retinanet': ('retinanet/retinanet_r50_fpn_1x_coco.py',
+                  ['bbox_head.cls_convs.3.conv', 'neck.fpn_convs.*.conv']),
+    'fcos': ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
+             ['bbox_head.reg_convs.*.conv']),
+    'atss': ('atss/atss_r50_fpn_1x_coco.py', ['bbox_head.cls_convs.3.conv']),
+    'faster-rcnn': ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', ['rpn_head.rpn_conv']),
+}
+
+
+def stock_detector_cfg(name):
+    from mmengine.config import Config
+    import mmdet
+    import os.path as osp
+    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', DETECTORS[name][0])
+    cfg = Config.fromfile(path)
+    return with_resnet18(cfg.model)
+
+
+def moe_detector_cfg(name, **spec):
+    return ConfigDict(type='MoEDetector', detector=stock_detector_cfg(name),
+                      moe_layers=[dict(paths=DETECTORS[name][1], num_experts=4, top_k=2,
+                                       balance_cfg=dict(importance=0.5), **spec)])
+
+
+@pytest.mark.parametrize('name', sorted(DETECTORS))
+def test_insertion_trains_predicts_and_keeps_stock_keys(name):
+    dense = build_model(stock_detector_cfg(name))
+    moe = build_model(moe_detector_cfg(name))
+    replaced = [n for n, m in moe.named_modules() if isinstance(m, MoEConv2d)]
+    assert replaced and type(moe).__name__ == type(dense).__name__
+    # every non-MoE key is unchanged; a stock checkpoint loads with only gates missing
+    moe_keys, dense_keys = set(moe.state_dict()), set(dense.state_dict())
+    assert dense_keys <= moe_keys
+    assert all('.gate.' in k for k in moe_keys - dense_keys)
+    missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
+    assert unexpected == [] and all('.gate.' in k for k in missing)
+    for path in replaced:  # upcycled: every expert is the dense conv
+        layer = moe.get_submodule(path)
+        for n in range(layer.num_experts):
+            assert torch.equal(layer.weight[n], dense.get_submodule(path).weight)
+    losses, _ = one_training_step(moe, num_classes=80)
+    assert 'loss_moe_importance' in losses and all_finite(losses)
+    assert predict(moe, num_classes=80)
+
+
+def test_upcycled_retinanet_predicts_like_the_dense_one():
+    dense = build_model(stock_detector_cfg('retinanet')).eval()
+    moe = build_model(moe_detector_cfg('retinanet')).eval()
+    moe.load_state_dict(dense.state_dict(), strict=False)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        for got, want in zip(moe.bbox_head(moe.extract_feat(x)),
+                             dense.bbox_head(dense.extract_feat(x))):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_mumoe_and_shared_gate_insertion():
+    model = build_model(stock_detector_cfg('retinanet'))
+    insert_moe_layers(model, [
+        dict(paths='bbox_head.cls_convs.3.conv', type='CPMuMoEConv2d', num_experts=64,
+             rank=16),
+        dict(paths='neck.fpn_convs.[0-2].conv', shared_gate=True)])  # not the C5 extra
+    assert isinstance(model.bbox_head.cls_convs[3].conv, CPMuMoEConv2d)
+    gates = {id(model.neck.fpn_convs[i].conv.gate) for i in range(3)}
+    assert len(gates) == 1
+    assert type(model.neck.fpn_convs[3].conv) is torch.nn.Conv2d
+
+
+def test_pattern_matching_is_per_component():
+    model = build_model(stock_detector_cfg('retinanet'))
+    assert match_module_paths(model, 'neck.fpn_convs.*.conv') == [
+        f'neck.fpn_convs.{i}.conv' for i in range(5)]
+    assert match_module_paths(model, 'neck.*.conv') == []
+
+
+@pytest.mark.parametrize('spec, match', [
+    (dict(paths='bbox_head.cls_convs.9.conv'), r"moe_layers\[0\].paths: 'bbox_head.cls_convs.9.conv' matches no module"),
+    (dict(paths='bbox_head.cls_convs.0'), r"'bbox_head.cls_convs.0' is a ConvModule, not an nn.Conv2d"),
+    (dict(paths='bbox_head.cls_convs.0.conv', type='MoELinear'), "'MoELinear' is unknown"),
+    (dict(paths='bbox_head.cls_convs.0.conv', num_experts=2, top_k=3), r"moe_layers\[0\] at 'bbox_head.cls_convs.0.conv'.*top_k"),
+    (dict(paths=['neck.lateral_convs.*.conv'], shared_gate=True), 'shared_gate'),
+    (dict(num_experts=4), 'paths'),
+])
+def test_bad_specs_name_the_key_and_the_module(spec, match):
+    model = build_model(stock_detector_cfg('retinanet'))
+    with pytest.raises(ValueError, match=match):
+        insert_moe_layers(model, [spec])

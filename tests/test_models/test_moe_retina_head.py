@@ -1,0 +1,112 @@
+"""MoERetinaHead: routing, gradients, per-detection expert tags, upcycling, state dicts."""
+import copy
+
+import pytest
+import torch
+
+from helpers import (TOY_BASE_CONFIG, build_model, load_config, one_training_step)
+from mmdet_moe.layers import RelativeImportanceGate
+
+VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared', 'subnet'),
+            ('cls', 'conv'), ('both', 'conv')]
+
+
+def moe_model(branches='cls', expert_type='subnet', **head):
+    cfg = load_config(TOY_BASE_CONFIG)
+    cfg.model.type = 'MoERetinaNet'
+    cfg.model.test_cfg.score_thr = 0.0  # untrained scores are tiny; keep detections
+    cfg.model.bbox_head.update(type='MoERetinaHead', moe_branches=branches,
+                               expert_type=expert_type)
+    cfg.model.bbox_head.update(head)
+    return build_model(cfg.model)
+
+
+def dense_model():
+    cfg = load_config(TOY_BASE_CONFIG)
+    cfg.model.test_cfg.score_thr = 0.0
+    return build_model(cfg.model)
+
+
+def features(model, batch=2, size=128):
+    torch.manual_seed(1)
+    return model.extract_feat(torch.randn(batch, 3, size, size))
+
+
+@pytest.mark.parametrize('branches, expert_type', VARIANTS)
+def test_upcycled_head_equals_the_dense_head(branches, expert_type):
+    dense = dense_model().eval()
+    moe = moe_model(branches, expert_type).eval()
+    missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
+    assert unexpected == [] and missing and all('.gate.' in k for k in missing)
+    x = features(dense)
+    with torch.no_grad():
+        for got, want in zip(moe.bbox_head(x), dense.bbox_head(x)):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('branches, expert_type', VARIANTS)
+def test_loss_keys_and_predictions_carry_levels_and_expert_weights(branches, expert_type):
+    model = moe_model(branches, expert_type, balance_cfg=dict(importance=0.5, kl_uniform=0.1))
+    losses, data = one_training_step(model)
+    assert {'loss_cls', 'loss_bbox', 'loss_moe_importance', 'loss_moe_kl_uniform'} <= set(losses)
+    model.eval()
+    with torch.no_grad():
+        results = model.predict(data['inputs'], data['data_samples'])
+    num_moes = {'cls': 1, 'reg': 1, 'both': 2, 'shared': 1}[branches]
+    x = model.extract_feat(data['inputs'])
+    head = model.bbox_head
+    for b, result in enumerate(results):
+        pred = result.pred_instances
+        assert len(pred) > 0
+        assert pred.expert_weights.shape == (len(pred), num_moes, 4)
+        assert pred.levels.shape == (len(pred),) and pred.levels.max() < len(x)
+        torch.testing.assert_close(pred.expert_weights.sum(-1),
+                                   torch.ones(len(pred), num_moes))
+        if expert_type == 'subnet':  # each detection carries its (image, level) gate row
+            gate = (head.cls_moe if branches != 'reg' else head.reg_moe).gate
+            for det in range(0, len(pred), 17):
+                level = int(pred.levels[det])
+                want = gate(x[level]).weights[b]
+                torch.testing.assert_close(pred.expert_weights[det, 0], want)
+
+
+def test_gradients_reach_the_gate_and_only_routed_experts():
+    model = moe_model('cls', 'subnet', num_experts=4, top_k=2,
+                      gate_cfg=dict(type='TopKGate', noisy=False))
+    gate = model.bbox_head.cls_moe.gate
+    with torch.no_grad():
+        gate.w_gate.weight.zero_()
+        gate.w_gate.bias.copy_(torch.tensor([2., 1., -5., -5.]))  # everyone → experts 0, 1
+    one_training_step(model)
+    experts = model.bbox_head.cls_moe.experts
+    assert gate.w_gate.bias.grad.abs().sum() > 0
+    for n in (0, 1):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in experts[n].parameters())
+    for n in (2, 3):
+        assert all(p.grad is None for p in experts[n].parameters())
+
+
+def test_state_dict_round_trip_keeps_hard_constraint_buffers():
+    gate_cfg = dict(type='RelativeImportanceGate', threshold=0.3)
+    model = moe_model('both', 'subnet', gate_cfg=gate_cfg)
+    one_training_step(model)
+    gate = model.bbox_head.cls_moe.gate
+    assert isinstance(gate, RelativeImportanceGate) and gate.num_iters.item() == 1
+    restored = moe_model('both', 'subnet', gate_cfg=gate_cfg)
+    restored.load_state_dict(copy.deepcopy(model.state_dict()))
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    assert restored.bbox_head.cls_moe.gate.usage.abs().sum() > 0
+
+
+@pytest.mark.parametrize('head, match', [
+    (dict(moe_branches='box'), "'box'"),
+    (dict(expert_type='conv', moe_convs=[7]), 'moe_convs index 7'),
+    (dict(num_experts=4, top_k=5), 'top_k'),
+    (dict(moe_branches='shared', expert_type='conv'), 'shared'),
+    (dict(balance_cfg=dict(importanse=1.0)), "'importanse'"),
+])
+def test_bad_head_configs_fail_at_build(head, match):
+    with pytest.raises(ValueError, match=match):
+        moe_model(**head)
