@@ -9,6 +9,6 @@ from .version import __version__
 
 allow_mmengine_checkpoints()
 
-from . import layers, models  # noqa: E402  (registers the components)
+from . import analysis, engine, layers, models  # noqa: E402  (registers the components)
 
 __all__ = ['__version__']

@@ -10,7 +10,8 @@ from mmengine.config import Config
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 CONFIGS = osp.join(ROOT, 'configs')
-TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_toy.py')
+TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_12e_toy-coco.py')
+TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_12e_toy-coco.py')
 
 
 def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0):

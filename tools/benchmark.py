@@ -1,11 +1,21 @@
 """Benchmarks (scripts, not tests): forward+backward time of MoE layers and detectors.
 
     python tools/benchmark.py layers [--batch 8 --size 64 --channels 256 --repeats 5]
+    python tools/benchmark.py detectors [--batch 4 --size 256 --repeats 10]
 
-Prints a table of median times and ratios to the plain dense layer.
+``layers`` prints median times and ratios to a plain dense conv. ``detectors`` runs
+each RetinaNet variant of the toy config (ResNet-18, random images) in its own
+process and prints the median time of a training iteration (forward, backward,
+SGD step), the process's peak memory, and ratios to the stock detector (and, for
+whole-subnet experts, to running k subnets densely).
 """
 import argparse
+import json
+import os.path as osp
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -64,6 +74,104 @@ def bench_layers(args):
     print_table(rows, rows[0][2])
 
 
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TOY_CONFIG = osp.join(ROOT, 'configs', 'toy', 'retinanet_r18_fpn_12e_toy-coco.py')
+SUBNET = dict(type='MoERetinaHead', expert_type='subnet', balance_cfg=dict(importance=0.5))
+# name: (model changes, name of the variant it is compared with besides the stock one)
+DETECTOR_VARIANTS = {
+    'stock RetinaNet': ({}, None),
+    'conv4 experts N=4 k=2 (fused)': (dict(bbox_head=dict(
+        type='MoERetinaHead', expert_type='conv', moe_branches='both', moe_convs=[3],
+        impl='fused', balance_cfg=dict(importance=0.5))), None),
+    'MoE FPN N=4 k=2 (fused)': (dict(neck=dict(
+        type='MoEFPN', moe_parts=['output', 'extra'], balance_cfg=dict(importance=0.5))),
+        None),
+    'k=2 cls subnets, dense': (dict(bbox_head=dict(
+        SUBNET, moe_branches='cls', num_experts=2, top_k=2, impl='dense')), None),
+    'cls subnet experts N=4 k=2': (dict(bbox_head=dict(SUBNET, moe_branches='cls')),
+                                   'k=2 cls subnets, dense'),
+    'k=2 cls+reg subnets, dense': (dict(bbox_head=dict(
+        SUBNET, moe_branches='both', num_experts=2, top_k=2, impl='dense')), None),
+    'mixed subnet experts N=4 k=2': (dict(bbox_head=dict(SUBNET, moe_branches='both')),
+                                     'k=2 cls+reg subnets, dense'),
+    'CP μMoE conv4 N=256': (dict(type='MoEDetector', moe_layers=[dict(
+        paths=['bbox_head.cls_convs.3.conv', 'bbox_head.reg_convs.3.conv'],
+        type='CPMuMoEConv2d', num_experts=256)]), None),  # rank matched to dense
+}
+
+
+def build_detector(variant: str):
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    import mmdet_moe  # noqa: F401
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(TOY_CONFIG)
+    changes = dict(DETECTOR_VARIANTS[variant][0])
+    if changes.get('type') == 'MoEDetector':
+        model_cfg = dict(type='MoEDetector', detector=cfg.model,
+                         moe_layers=changes['moe_layers'])
+    else:
+        cfg.merge_from_dict(dict(model=dict(changes, type='MoERetinaNet') if changes else {}))
+        model_cfg = cfg.model
+    model = MODELS.build(model_cfg)
+    model.init_weights()
+    return model.train()
+
+
+def time_detector(variant: str, batch: int, size: int, repeats: int, warmup: int = 3):
+    """Median seconds of one training iteration and peak RSS (MiB) of this process."""
+    from mmdet.testing import demo_mm_inputs
+    model = build_detector(variant)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    packed = demo_mm_inputs(batch, [[3, size, size]] * batch, num_items=[4] * batch,
+                            num_classes=5)
+    data = model.data_preprocessor(packed, True)
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        losses = model(**data, mode='loss')
+        loss, _ = model.parse_losses(losses)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return statistics.median(times), peak_mib
+
+
+def bench_detectors(args):
+    if args.variant:  # child process: measure one variant, print JSON
+        seconds, peak = time_detector(args.variant, args.batch, args.size, args.repeats)
+        print(json.dumps(dict(seconds=seconds, peak_mib=peak)))
+        return
+    print(f'training iteration (forward, backward, SGD step), toy RetinaNet R-18, '
+          f'B={args.batch}, {args.size}×{args.size} random images, '
+          f'{torch.get_num_threads()} threads, median of {args.repeats}; one process each')
+    results = {}
+    for variant in DETECTOR_VARIANTS:
+        out = subprocess.run(
+            [sys.executable, __file__, 'detectors', '--variant', variant, '--batch',
+             str(args.batch), '--size', str(args.size), '--repeats', str(args.repeats)],
+            capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f'variant {variant!r} failed:\n{out.stderr[-2000:]}')
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f'  {variant}: {results[variant]["seconds"] * 1e3:.0f} ms', flush=True)
+    stock = results['stock RetinaNet']['seconds']
+    print(f'| {"variant":32s} | {"median ms":>9s} | {"peak MiB":>8s} | '
+          f'{"× stock":>7s} | {"× reference":>20s} |')
+    print(f'|{"-" * 34}|{"-" * 11}|{"-" * 10}|{"-" * 9}|{"-" * 22}|')
+    for variant, result in results.items():
+        reference = DETECTOR_VARIANTS[variant][1]
+        vs_ref = (f'{result["seconds"] / results[reference]["seconds"]:.2f} × k dense'
+                  if reference else '')
+        print(f'| {variant:32s} | {result["seconds"] * 1e3:9.0f} | '
+              f'{result["peak_mib"]:8.0f} | {result["seconds"] / stock:7.2f} | '
+              f'{vs_ref:>20s} |')
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description='Benchmark MoE layers and detectors')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -77,6 +185,13 @@ def parse_args():
                         help='experts of the CP μMoE conv (parameters matched to dense)')
     layers.add_argument('--repeats', type=int, default=5)
     layers.set_defaults(func=bench_layers)
+    detectors = sub.add_parser('detectors', help='MoE RetinaNet variants against stock')
+    detectors.add_argument('--batch', type=int, default=4)
+    detectors.add_argument('--size', type=int, default=256, help='image height/width')
+    detectors.add_argument('--repeats', type=int, default=10)
+    detectors.add_argument('--variant', choices=sorted(DETECTOR_VARIANTS),
+                           help=argparse.SUPPRESS)  # internal: one variant per process
+    detectors.set_defaults(func=bench_detectors)
     return parser.parse_args()
 
 

@@ -1,0 +1,22 @@
+# Toy MoE RetinaNet, soft constraint: the classification branch (4 convs + output
+# conv) as N=4 whole-subnet experts, k=2 per (image, FPN level), one noisy gate shared
+# over levels, importance loss w=0.5. Gate statistics against object sizes are
+# written after validation (ExpertSizeStatsHook); expert usage is logged in training.
+_base_ = './_base_/retinanet_r18_fpn_toy.py'
+
+model = dict(
+    type='MoERetinaNet',
+    bbox_head=dict(
+        type='MoERetinaHead',
+        moe_branches='cls',
+        expert_type='subnet',
+        num_experts=4,
+        top_k=2,
+        gate_cfg=dict(type='TopKGate', noisy=True),
+        balance_cfg=dict(importance=0.5)))
+find_unused_parameters = True
+
+custom_hooks = [
+    dict(type='ExpertSizeStatsHook', score_thr=0.3),
+    dict(type='ExpertUtilisationHook', interval=50),
+]

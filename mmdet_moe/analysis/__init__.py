@@ -1,0 +1,11 @@
+"""Specialisation metrics and report rendering (numpy / matplotlib; no model code)."""
+from .metrics import (dominant, entropy, importance_cv, layer_summary, living_experts,
+                      normalise_columns, normalise_rows, normalised_mutual_information,
+                      shuffled_nmi)
+from .size_buckets import AREA_RANGES, BUCKET_NAMES, bucket_membership
+
+__all__ = [
+    'AREA_RANGES', 'BUCKET_NAMES', 'bucket_membership', 'dominant', 'entropy',
+    'importance_cv', 'layer_summary', 'living_experts', 'normalise_columns',
+    'normalise_rows', 'normalised_mutual_information', 'shuffled_nmi'
+]

@@ -1,0 +1,5 @@
+from .expert_size_stats_hook import SCHEMA, SCHEMA_VERSION, ExpertSizeStatsHook, write_stats
+from .expert_utilisation_hook import ExpertUtilisationHook
+
+__all__ = ['ExpertSizeStatsHook', 'ExpertUtilisationHook', 'SCHEMA', 'SCHEMA_VERSION',
+           'write_stats']

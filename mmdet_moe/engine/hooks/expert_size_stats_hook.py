@@ -1,0 +1,229 @@
+"""ExpertSizeStatsHook: per-expert gate statistics against object sizes (val / test)."""
+import json
+import os
+import os.path as osp
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+from mmengine.dist import collect_results, is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+
+from mmdet.registry import HOOKS
+
+from ...analysis import (AREA_RANGES, BUCKET_NAMES, bucket_membership, layer_summary,
+                         shuffled_nmi)
+from ...layers import assign_moe_names, record_gates
+from .gate_rows import rows_by_layer
+from .ground_truth import GroundTruth
+
+SCHEMA = 'mmdet_moe/expert_size_stats'
+SCHEMA_VERSION = 1
+
+
+def unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, 4) × (m, 4) xyxy boxes → (n, m) IoU."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
+
+
+def match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, iou_thr) -> np.ndarray:
+    """Greedy by score, one GT per detection and per class, as COCOeval: index or -1."""
+    matched = np.full(len(boxes), -1)
+    if not len(boxes) or not len(gt_boxes):
+        return matched
+    iou = box_iou(boxes, gt_boxes)
+    taken = np.zeros(len(gt_boxes), bool)
+    for d in np.argsort(-scores, kind='stable'):
+        candidates = np.where(~taken & (gt_labels == labels[d]) & (iou[d] >= iou_thr))[0]
+        if len(candidates):
+            g = candidates[iou[d, candidates].argmax()]
+            taken[g] = True
+            matched[d] = g
+    return matched
+
+
+@HOOKS.register_module()
+class ExpertSizeStatsHook(Hook):
+    """Which experts detect which object sizes (COCO small / medium / large).
+
+    Active in the val and test loops only. For every MoE layer it accumulates
+
+    - detection view: the gate weights that produced each kept detection
+      (``score ≥ score_thr``), by the detection's size bucket (or, with
+      ``match_gt``, only detections matching a GT box with IoU ≥ ``iou_thr``, by
+      that box's bucket and class); mass (Σ weights) and counts (experts in the
+      top-k);
+    - class view: the same by class; image view: per-image gates × the image's
+      GT size histogram; level view: gate rows per FPN level (shared heads);
+    - importance (Σ gate rows) for the importance CV and the living experts;
+    - the normalised mutual information expert ↔ size and its chance level with
+      the gate weights shuffled across detections.
+
+    Sums are gathered over ranks with images padded in by the sampler dropped, and
+    written to ``<work_dir>/expert_size_stats/{val_epoch_<e>,test}.json`` and
+    ``<work_dir>/expert_size_stats.json`` (latest); headline scalars go to the
+    message hub (``val/moe/<layer>/nmi``, ``.../living_experts``,
+    ``.../importance_cv``) for LoggerHook and the visualizer backends.
+    """
+    priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) prints the epoch's scalars
+
+    def __init__(self, score_thr: float = 0.3, match_gt: bool = False,
+                 iou_thr: float = 0.5, shuffle_permutations: int = 20, seed: int = 0):
+        if not 0 <= score_thr <= 1:
+            raise ValueError(f'score_thr must be in [0, 1], got {score_thr!r}')
+        if not 0 < iou_thr <= 1:
+            raise ValueError(f'iou_thr must be in (0, 1], got {iou_thr!r}')
+        self.score_thr, self.match_gt, self.iou_thr = score_thr, match_gt, iou_thr
+        self.shuffle_permutations, self.seed = shuffle_permutations, seed
+        self._context = self._recorder = None
+        self._images: List[dict] = []
+
+    def before_run(self, runner) -> None:
+        self.layer_names = assign_moe_names(unwrap(runner.model))
+        if not self.layer_names:
+            raise ValueError(f'ExpertSizeStatsHook: the model ({type(unwrap(runner.model)).__name__}) '
+                             'has no MoE layer; remove the hook or add MoE layers')
+
+    # loop plumbing ---------------------------------------------------------------
+    def before_val_epoch(self, runner) -> None:
+        self._start(runner, runner.val_loop.dataloader.dataset)
+
+    def before_test_epoch(self, runner) -> None:
+        self._start(runner, runner.test_loop.dataloader.dataset)
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
+        self._recorder.clear()
+
+    before_test_iter = before_val_iter
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._collect(outputs)
+
+    after_test_iter = after_val_iter
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._finish(runner, f'val_epoch_{runner.epoch}', 'val')
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._finish(runner, 'test', 'test')
+
+    def _start(self, runner, dataset) -> None:
+        self._dataset = dataset
+        self._classes = list(dataset.metainfo.get('classes', ()))
+        self._gt = GroundTruth(dataset)
+        self._images = []
+        self._context = record_gates(unwrap(runner.model))
+        self._recorder = self._context.__enter__()
+
+    # per batch -------------------------------------------------------------------
+    def _collect(self, outputs) -> None:
+        layers = rows_by_layer(self._recorder)
+        for b, sample in enumerate(outputs):
+            self._images.append(self._image_record(b, sample, layers))
+
+    def _image_record(self, b: int, sample, layers) -> dict:
+        gt_boxes, gt_areas, gt_labels = self._gt(sample)
+        pred = sample.pred_instances
+        keep = (pred.scores >= self.score_thr).cpu().numpy()
+        boxes = pred.bboxes.cpu().numpy()[keep].astype(np.float64)
+        scores = pred.scores.cpu().numpy()[keep]
+        labels = pred.labels.cpu().numpy()[keep]
+        levels = pred.levels.cpu().numpy()[keep] if 'levels' in pred else None
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        if self.match_gt:
+            matched = match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, self.iou_thr)
+            hit = matched >= 0
+            areas, labels = gt_areas[matched[hit]], gt_labels[matched[hit]]
+            levels = None if levels is None else levels[hit]
+        else:
+            hit = np.ones(len(boxes), bool)
+        record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
+                      gt_buckets=bucket_membership(gt_areas).sum(0),
+                      det_buckets=bucket_membership(areas), det_labels=labels, layers={})
+        for name, layer in layers.items():
+            record['layers'][name] = dict(
+                det_weights=layer.detection_rows(b, levels, len(areas)).astype(np.float32),
+                image_row=layer.image_row(b), level_rows=layer.rows[:, b])
+        return record
+
+    # per epoch -------------------------------------------------------------------
+    def _finish(self, runner, tag: str, mode: str) -> None:
+        try:
+            images = collect_results(self._images, len(self._dataset), device='cpu')
+        finally:
+            self._context.__exit__(None, None, None)
+            self._context = self._recorder = None
+            self._images = []
+        if not is_main_process():
+            return
+        unique = {}
+        for image in images:  # the sampler may pad the last batch with repeats
+            unique.setdefault(image['img_id'], image)
+        stats = self.summarise(list(unique.values()), mode, runner.epoch, runner.iter)
+        write_stats(stats, runner.work_dir, tag)
+        for name, layer in stats['layers'].items():
+            summary = layer_summary(layer, BUCKET_NAMES)
+            for key in ('nmi', 'living_experts', 'importance_cv'):
+                runner.message_hub.update_scalar(f'{mode}/moe/{name}/{key}', summary[key])
+
+    def summarise(self, images: List[dict], mode: str, epoch: int, iteration: int) -> dict:
+        """Sum per-image records into the ``expert_size_stats.json`` structure."""
+        num_classes = len(self._classes)
+        layers = {}
+        for name in self.layer_names:
+            per_image = [img['layers'][name] for img in images]
+            if not per_image:
+                continue
+            weights = np.concatenate([p['det_weights'] for p in per_image]).astype(np.float64)
+            buckets = np.concatenate([img['det_buckets'] for img in images]).astype(np.float64)
+            labels = np.concatenate([img['det_labels'] for img in images]).astype(np.int64)
+            one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
+            level_rows = np.stack([p['level_rows'] for p in per_image])  # (images, calls, N)
+            gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
+            image_rows = np.stack([p['image_row'] for p in per_image])
+            layers[name] = dict(
+                num_experts=int(image_rows.shape[1]),
+                detection=dict(mass=(weights.T @ buckets).tolist(),
+                               count=((weights > 0).T.astype(np.float64) @ buckets).tolist()),
+                classes=dict(mass=(weights.T @ one_hot).tolist(),
+                             count=((weights > 0).T.astype(np.float64) @ one_hot).tolist()),
+                image=dict(mass=(image_rows.T @ gt_hist).tolist()),
+                levels=(dict(mass=level_rows.sum(0).T.tolist(), rows=int(len(level_rows)))
+                        if level_rows.shape[1] > 1 else None),
+                importance=level_rows.sum((0, 1)).tolist(),
+                rows=int(level_rows.shape[0] * level_rows.shape[1]),
+                nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
+                                          self.shuffle_permutations, self.seed))
+        return dict(
+            schema=SCHEMA, version=SCHEMA_VERSION, mode=mode, epoch=epoch, iter=iteration,
+            size_buckets=dict(names=list(BUCKET_NAMES), area_ranges=[list(r) for r in AREA_RANGES],
+                              inclusive='both ends, as pycocotools areaRng'),
+            classes=self._classes, score_thr=self.score_thr, match_gt=self.match_gt,
+            iou_thr=self.iou_thr, num_images=len(images),
+            num_detections=int(sum(img['num_detections'] for img in images)),
+            gt_per_bucket=np.sum([img['gt_buckets'] for img in images], axis=0).tolist()
+            if images else [0, 0, 0],
+            layers=layers)
+
+
+def write_stats(stats: dict, work_dir: str, tag: str) -> str:
+    """Write atomically to ``expert_size_stats/<tag>.json`` and the latest copy."""
+    out_dir = osp.join(work_dir, 'expert_size_stats')
+    os.makedirs(out_dir, exist_ok=True)
+    path = osp.join(out_dir, f'{tag}.json')
+    for target in (path, osp.join(work_dir, 'expert_size_stats.json')):
+        tmp = target + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(stats, f, indent=1)
+        os.replace(tmp, target)
+    return path

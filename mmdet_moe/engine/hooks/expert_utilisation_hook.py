@@ -1,0 +1,103 @@
+"""ExpertUtilisationHook: expert usage during training, and router-collapse warnings."""
+from collections import defaultdict
+
+import numpy as np
+from mmengine.hooks import Hook
+
+from mmdet.registry import HOOKS
+
+from ...analysis import living_experts
+from ...layers import assign_moe_names, record_gates
+from .expert_size_stats_hook import unwrap
+
+MAX_EXPERTS_LOGGED_ONE_BY_ONE = 16
+
+
+@HOOKS.register_module()
+class ExpertUtilisationHook(Hook):
+    """Logs each MoE layer's importance share per expert and its living experts.
+
+    The gate weights are computed by training anyway; the hook only sums their
+    columns. Every ``interval`` iterations it puts ``train/moe/<layer>/share_e<i>``
+    (layers with at most 16 experts; else the min / max share) and
+    ``train/moe/<layer>/living_experts`` (mean gate weight > 0.01) in the message
+    hub, for LoggerHook and the visualizer backends. An expert whose share stays
+    below ``collapse_share`` for ``collapse_intervals`` intervals in a row is named
+    in a warning (router collapse), once until it recovers.
+    """
+    priority = 'NORMAL'
+
+    def __init__(self, interval: int = 50, collapse_share: float = 0.01,
+                 collapse_intervals: int = 5):
+        if interval < 1 or collapse_intervals < 1:
+            raise ValueError(f'interval and collapse_intervals must be >= 1, got '
+                             f'{interval!r} and {collapse_intervals!r}')
+        self.interval, self.collapse_share = interval, collapse_share
+        self.collapse_intervals = collapse_intervals
+        self._context = self._recorder = None
+        self._training = False
+
+    def before_train(self, runner) -> None:
+        if not assign_moe_names(unwrap(runner.model)):
+            raise ValueError('ExpertUtilisationHook: the model has no MoE layer; remove '
+                             'the hook or add MoE layers')
+        self._importance = defaultdict(float)
+        self._rows = defaultdict(int)
+        self._low_streak = defaultdict(int)
+        self._training = True
+        self._resume(runner)
+
+    def _resume(self, runner) -> None:
+        self._context = record_gates(unwrap(runner.model))
+        self._recorder = self._context.__enter__()
+
+    def _pause(self) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = self._recorder = None
+
+    def before_val_epoch(self, runner) -> None:
+        self._pause()  # validation gates are not training utilisation
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        if self._training:
+            self._resume(runner)
+
+    def after_train(self, runner) -> None:
+        self._training = False
+        self._pause()
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if self._recorder is None:
+            return
+        for record in self._recorder.records:
+            self._importance[record.name] = (self._importance[record.name] +
+                                             record.weights.float().sum(0).cpu().numpy())
+            self._rows[record.name] += record.weights.shape[0]
+        self._recorder.clear()
+        if self.every_n_train_iters(runner, self.interval):
+            self._report(runner)
+
+    def _report(self, runner) -> None:
+        for name, importance in self._importance.items():
+            share = importance / max(importance.sum(), 1e-12)
+            prefix = f'train/moe/{name}'
+            if len(share) <= MAX_EXPERTS_LOGGED_ONE_BY_ONE:
+                for i, value in enumerate(share):
+                    runner.message_hub.update_scalar(f'{prefix}/share_e{i}', float(value))
+            else:
+                runner.message_hub.update_scalar(f'{prefix}/share_min', float(share.min()))
+                runner.message_hub.update_scalar(f'{prefix}/share_max', float(share.max()))
+            runner.message_hub.update_scalar(f'{prefix}/living_experts',
+                                             living_experts(importance, self._rows[name]))
+            for i, value in enumerate(share):
+                key = (name, i)
+                self._low_streak[key] = self._low_streak[key] + 1 if value < self.collapse_share else 0
+                if self._low_streak[key] == self.collapse_intervals:
+                    runner.logger.warning(
+                        f'MoE layer {name}: expert {i} got {value:.2%} of the gate weight '
+                        f'(< {self.collapse_share:.0%}) for {self.collapse_intervals} '
+                        f'intervals of {self.interval} iterations: the router may be '
+                        'collapsing; consider a balance loss or a hard constraint')
+        self._importance.clear()
+        self._rows.clear()
