@@ -12,6 +12,7 @@ from .moe import MoE
 from .moe_conv import MoEConv2d
 from .multilinear import (CPMuMoE, CPMuMoEConv2d, TRMuMoE, TRMuMoEConv2d,
                           rank_for_params)
+from .routing_override import override_routing
 from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_module,
                         record_gate, record_gates)
 

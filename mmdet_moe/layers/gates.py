@@ -66,6 +66,7 @@ class TopKGate(nn.Module):
         self.in_channels, self.num_experts, self.top_k = in_channels, num_experts, top_k
         self.noisy, self.gate_type, self.noise_epsilon = noisy, gate_type, noise_epsilon
         self.moe_name = None  # set by assign_moe_names(); used in error messages
+        self.forced_expert = None  # set by override_routing() for analysis
         features = in_channels
         if gate_type == 'conv':
             self.conv = nn.Conv2d(in_channels, conv_channels, 3, padding=1)
@@ -109,6 +110,10 @@ class TopKGate(nn.Module):
             noise_std = F.softplus(self.w_noise(feats)) + self.noise_epsilon
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             routing = noisy_logits
+        if self.forced_expert is not None:
+            indices = logits.new_full((len(logits), 1), self.forced_expert, dtype=torch.long)
+            weights = torch.zeros_like(logits).scatter(1, indices, 1.0)
+            return GateOutput(weights, indices, logits)
         expert_mask = self.expert_mask() if self.training else None
         if expert_mask is not None:
             routing = routing.masked_fill(expert_mask, float('-inf'))

@@ -97,6 +97,7 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
                         f'needs "same" padding = dilation·(k−1)/2; got kernel_size='
                         f'{self.kernel_size}, padding={self.padding}, dilation={self.dilation}')
         self._init_moe(None)
+        self.forced_expert = None  # set by override_routing() for analysis
         self.gate_weight = nn.Parameter(torch.zeros(num_experts, in_channels))
         self.gate_norm = _GateNorm(norm, num_experts)
         self.input_factor = nn.Conv2d(in_channels, factor_channels, kernel_size, stride,
@@ -113,6 +114,9 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         else:
             logits = x.mean(dim=(2, 3)) @ self.gate_weight.t()
         logits = self.gate_norm(logits)
+        if self.forced_expert is not None:
+            forced = torch.full_like(logits[:, 0], self.forced_expert, dtype=torch.long)
+            return F.one_hot(forced, self.num_experts).movedim(-1, 1).to(logits.dtype)
         if self.gate_act == 'softmax':
             return F.softmax(logits, dim=1)
         return entmax15(logits, dim=1)

@@ -27,3 +27,28 @@ def test_records_name_call_level_and_weights():
     rec.clear()
     assert rec.records == []
     assert not recording._ACTIVE_RECORDERS
+
+
+def test_override_routing_forces_one_expert_or_another_k():
+    from mmdet_moe.layers import override_routing
+    import pytest
+    model = nn.ModuleDict(dict(
+        conv=MoEConv2d(4, 4, 3, padding=1, num_experts=3, top_k=1),
+        mu=CPMuMoEConv2d(4, 4, 3, padding=1, num_experts=5, rank=3))).eval()
+    x = torch.randn(2, 4, 6, 6)
+    before = model['conv'](x)
+    with override_routing(model, expert=2):
+        out = model['conv'].gate(x)
+        assert out.weights.tolist() == [[0, 0, 1], [0, 0, 1]]
+        torch.testing.assert_close(model['conv'](x), model['conv'].mix(x, out.weights))
+        assert (model['mu'].gate_weights(x)[:, 2] == 1).all()
+    torch.testing.assert_close(model['conv'](x), before)  # restored
+    with override_routing(model['conv'], top_k=3):
+        assert (model['conv'].gate(x).weights > 0).all()
+    assert model['conv'].gate.top_k == 1
+    with pytest.raises(ValueError, match='expert 4 is out of range'):
+        with override_routing(model, expert=4):
+            pass
+    with pytest.raises(ValueError, match='μMoE'):
+        with override_routing(model, top_k=2):
+            pass

@@ -2,8 +2,7 @@
 import json
 import os
 import os.path as osp
-from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 from mmengine.dist import collect_results, is_main_process
@@ -159,22 +158,35 @@ class ExpertSizeStatsHook(Hook):
     # per epoch -------------------------------------------------------------------
     def _finish(self, runner, tag: str, mode: str) -> None:
         try:
-            images = collect_results(self._images, len(self._dataset), device='cpu')
+            stats = self.gather_and_summarise(mode, runner.epoch, runner.iter)
         finally:
             self._context.__exit__(None, None, None)
             self._context = self._recorder = None
             self._images = []
-        if not is_main_process():
+        if stats is None:  # not the main process
             return
-        unique = {}
-        for image in images:  # the sampler may pad the last batch with repeats
-            unique.setdefault(image['img_id'], image)
-        stats = self.summarise(list(unique.values()), mode, runner.epoch, runner.iter)
+        if stats['num_images'] == 0:
+            runner.logger.warning('ExpertSizeStatsHook: the dataset has no image; the '
+                                  'statistics are empty')
+        elif stats['num_detections'] == 0:
+            runner.logger.warning(f'ExpertSizeStatsHook: no detection with score >= '
+                                  f'{self.score_thr}; only the image view has data')
         write_stats(stats, runner.work_dir, tag)
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
             for key in ('nmi', 'living_experts', 'importance_cv'):
                 runner.message_hub.update_scalar(f'{mode}/moe/{name}/{key}', summary[key])
+
+    def gather_and_summarise(self, mode: str, epoch: int, iteration: int) -> Optional[dict]:
+        """Gather the per-image records of all ranks (dropping images the sampler
+        padded in) and sum them; returns None on ranks other than the main one."""
+        images = collect_results(self._images, len(self._dataset), device='cpu')
+        if not is_main_process():
+            return None
+        unique = {}
+        for image in images:
+            unique.setdefault(image['img_id'], image)
+        return self.summarise(list(unique.values()), mode, epoch, iteration)
 
     def summarise(self, images: List[dict], mode: str, epoch: int, iteration: int) -> dict:
         """Sum per-image records into the ``expert_size_stats.json`` structure."""

@@ -1,0 +1,131 @@
+"""ExpertSizeStatsHook on hand-made DetDataSamples with known gates and boxes."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from mmdet.structures import DetDataSample
+from mmengine.structures import InstanceData
+
+from mmdet_moe.engine.hooks import ExpertSizeStatsHook
+from mmdet_moe.engine.hooks.ground_truth import GroundTruth
+from mmdet_moe.layers import GateRecorder
+
+
+class FakeDataset:
+    metainfo = dict(classes=('a', 'b'))
+
+
+def sample(img_id, det_boxes, det_scores, det_labels, det_levels, gt_boxes, gt_labels,
+           scale=(2.0, 2.0)):
+    s = DetDataSample(metainfo=dict(img_id=img_id, scale_factor=scale))
+    s.pred_instances = InstanceData(
+        bboxes=torch.tensor(det_boxes, dtype=torch.float).reshape(-1, 4),
+        scores=torch.tensor(det_scores, dtype=torch.float),
+        labels=torch.tensor(det_labels, dtype=torch.long),
+        levels=torch.tensor(det_levels, dtype=torch.long))
+    # gt in the resized image: the hook rescales by 1 / scale_factor
+    gt = torch.tensor(gt_boxes, dtype=torch.float).reshape(-1, 4) * scale[0]
+    s.gt_instances = InstanceData(bboxes=gt, labels=torch.tensor(gt_labels, dtype=torch.long))
+    return s
+
+
+def make_hook(**kwargs):
+    hook = ExpertSizeStatsHook(**kwargs)
+    hook.layer_names = ['head', 'neck']
+    hook._classes = ['a', 'b']
+    hook._gt = GroundTruth(FakeDataset())
+    return hook
+
+
+def batch():
+    """Two images; head gates per (image, level) for 2 levels, neck gates per image."""
+    recorder = GateRecorder()
+    recorder.add('head', torch.tensor([[1., 0.], [0., 1.]]), level=0)   # level 0
+    recorder.add('head', torch.tensor([[.5, .5], [.25, .75]]), level=1)  # level 1
+    recorder.add('neck', torch.tensor([[0., 1.], [1., 0.]]))
+    samples = [
+        # image 1: a small det at level 0 (area 100), a large one at level 1 (100²),
+        # and one below the score threshold
+        sample(1, [[0, 0, 10, 10], [0, 0, 100, 100], [0, 0, 50, 50]], [.9, .8, .1],
+               [0, 1, 0], [0, 1, 1], gt_boxes=[[0, 0, 10, 10], [0, 0, 40, 40]],
+               gt_labels=[0, 1]),
+        # image 2: one medium det (40×40) at level 1; no GT
+        sample(2, [[0, 0, 40, 40]], [.95], [1], [1], gt_boxes=[], gt_labels=[]),
+    ]
+    return recorder, samples
+
+
+def test_known_gates_and_boxes_give_a_known_matrix():
+    hook = make_hook(score_thr=0.5, shuffle_permutations=3)
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    recorder, samples = batch()
+    layers = rows_by_layer(recorder)
+    images = [hook._image_record(b, s, layers) for b, s in enumerate(samples)]
+    stats = hook.summarise(images, 'test', 0, 0)
+    head, neck = stats['layers']['head'], stats['layers']['neck']
+    # head: img1 small det gets level-0 row [1, 0]; img1 large det gets [.5, .5];
+    # img2 medium det gets image 2's level-1 row [.25, .75]
+    np.testing.assert_allclose(head['detection']['mass'], [[1, .25, .5], [0, .75, .5]])
+    np.testing.assert_allclose(head['detection']['count'], [[1, 1, 1], [0, 1, 1]])
+    # neck: one row per image for all its detections
+    np.testing.assert_allclose(neck['detection']['mass'], [[0, 1, 0], [1, 0, 1]])
+    # classes: labels of kept detections a (small), b (large), b (medium)
+    np.testing.assert_allclose(head['classes']['mass'], [[1, .75], [0, 1.25]])
+    # image view: image 1's mean head row [.75, .25] × its GT histogram
+    # (10×10 small, 40×40 medium, in original pixels); image 2 has no GT
+    np.testing.assert_allclose(head['image']['mass'], [[.75, .75, 0], [.25, .25, 0]])
+    np.testing.assert_allclose(head['levels']['mass'], [[1, .75], [1, 1.25]])
+    assert neck['levels'] is None
+    np.testing.assert_allclose(head['importance'], [1.75, 2.25])
+    assert head['rows'] == 4 and neck['rows'] == 2
+    assert stats['num_detections'] == 3 and stats['gt_per_bucket'] == [1, 1, 0]
+    assert stats['version'] == 1 and stats['size_buckets']['names'] == ['small', 'medium', 'large']
+    json.dumps(stats)  # serialisable
+
+
+def test_match_gt_keeps_matched_detections_bucketed_by_their_gt():
+    hook = make_hook(score_thr=0.5, match_gt=True, shuffle_permutations=1)
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    recorder, samples = batch()
+    images = [hook._image_record(b, s, rows_by_layer(recorder)) for b, s in enumerate(samples)]
+    stats = hook.summarise(images, 'test', 0, 0)
+    # only the 10×10 detection of image 1 matches a GT (same class, IoU 1)
+    assert stats['num_detections'] == 1
+    np.testing.assert_allclose(stats['layers']['head']['detection']['mass'], [[1, 0, 0], [0, 0, 0]])
+
+
+def test_no_detection_and_no_ground_truth():
+    hook = make_hook(score_thr=0.99, shuffle_permutations=1)
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    recorder, samples = batch()
+    images = [hook._image_record(b, s, rows_by_layer(recorder)) for b, s in enumerate(samples)]
+    stats = hook.summarise(images, 'val', 1, 10)
+    assert stats['num_detections'] == 0
+    assert np.sum(stats['layers']['head']['detection']['mass']) == 0
+    assert stats['layers']['head']['nmi_shuffled']['mean'] == 0
+
+
+def test_coco_annotation_area_is_used(tmp_path):
+    ann = dict(images=[dict(id=7, width=100, height=100, file_name='x.png')],
+               categories=[dict(id=3, name='a')],
+               annotations=[dict(id=1, image_id=7, category_id=3, iscrowd=0, area=1024.0,
+                                 bbox=[0, 0, 40, 40]),
+                            dict(id=2, image_id=7, category_id=3, iscrowd=1, area=5.0,
+                                 bbox=[0, 0, 1, 5])])
+    path = tmp_path / 'ann.json'
+    path.write_text(json.dumps(ann))
+
+    class CocoLike:
+        ann_file = str(path)
+        cat2label = {3: 0}
+    boxes, areas, labels = GroundTruth(CocoLike())(DetDataSample(metainfo=dict(img_id=7)))
+    assert areas.tolist() == [1024.0] and labels.tolist() == [0]  # crowd left out
+    assert boxes.tolist() == [[0, 0, 40, 40]]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='score_thr'):
+        ExpertSizeStatsHook(score_thr=1.5)
+    with pytest.raises(ValueError, match='iou_thr'):
+        ExpertSizeStatsHook(iou_thr=0)
