@@ -11,15 +11,11 @@ from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
 
-from ...analysis import (AREA_RANGES, BUCKET_NAMES, bucket_membership, layer_summary,
-                         shuffled_nmi)
+from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
+                         bucket_membership, layer_summary, shuffled_nmi)
 from ...layers import assign_moe_names, record_gates
 from .gate_rows import rows_by_layer
 from .ground_truth import GroundTruth
-
-SCHEMA = 'mmdet_moe/expert_size_stats'
-SCHEMA_VERSION = 1
-
 
 def unwrap(model):
     return model.module if is_model_wrapper(model) else model

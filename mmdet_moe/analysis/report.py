@@ -1,0 +1,187 @@
+"""Render an ``expert_size_stats.json`` into a report folder.
+
+``report.md`` (tables per MoE layer), CSV files, and PNG heatmaps (expert × size,
+expert × FPN level). The folder is written aside and moved into place when
+complete, so a failed run never leaves a partial report that looks finished.
+"""
+import csv
+import os
+import os.path as osp
+import re
+import shutil
+import tempfile
+from typing import List, Optional
+
+import numpy as np
+
+from .metrics import (dominant, layer_summary, normalise_columns, normalise_rows,
+                      normalised_mutual_information)
+
+SCHEMA = 'mmdet_moe/expert_size_stats'
+SCHEMA_VERSION = 1
+
+
+class ReportError(ValueError):
+    """The input cannot make a report (the message says why)."""
+
+
+def check_stats(stats: dict) -> None:
+    if stats.get('schema') != SCHEMA:
+        raise ReportError(f'not an expert size statistics file (schema '
+                          f'{stats.get("schema")!r}, expected {SCHEMA!r})')
+    if stats.get('version') != SCHEMA_VERSION:
+        raise ReportError(f'statistics schema version {stats.get("version")!r} is not '
+                          f'supported; this mmdet_moe reads version {SCHEMA_VERSION}')
+    if not stats.get('layers'):
+        raise ReportError('the statistics hold no MoE layer')
+    if stats.get('num_images', 0) == 0:
+        raise ReportError('the statistics were taken on an empty dataset (0 images)')
+
+
+def safe_name(layer: str) -> str:
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', layer)
+
+
+def markdown_table(header: List[str], rows: List[list], digits: int = 3) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f'{v:.{digits}f}'
+        return '–' if v is None else str(v).replace('|', '\\|')
+    lines = ['| ' + ' | '.join(fmt(h) for h in header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def write_csv(path: str, header: List[str], rows: List[list]) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def heatmap(path: str, table: np.ndarray, row_names, col_names, title: str,
+            value_label: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(col_names), 1.0 + 0.5 * len(row_names)))
+    image = ax.imshow(table, cmap='viridis', vmin=0, vmax=max(float(table.max()), 1e-9),
+                      aspect='auto')
+    ax.set_xticks(range(len(col_names)), col_names)
+    ax.set_yticks(range(len(row_names)), row_names)
+    for (i, j), value in np.ndenumerate(table):
+        ax.text(j, i, f'{value:.2f}', ha='center', va='center',
+                color='white' if value < 0.6 * table.max() else 'black', fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=value_label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _layer_section(name: str, layer: dict, sizes: List[str], classes: List[str],
+                   out_dir: str) -> List[str]:
+    experts = [f'expert {i}' for i in range(layer['num_experts'])]
+    summary = layer_summary(layer, sizes)
+    mass = np.asarray(layer['detection']['mass'])
+    view = 'detection'
+    if mass.sum() == 0:
+        mass, view = np.asarray(layer['image']['mass']), 'image (no detection above threshold)'
+    given_expert, given_size = normalise_rows(mass), normalise_columns(mass)
+    stem = safe_name(name)
+    counts = np.asarray(layer['detection']['count'])
+    rows = [[e, *map(float, given_expert[i]), summary['dominant_size'][i],
+             int(counts[i].sum())] for i, e in enumerate(experts)]
+    header = ['expert', *[f'P({s} | expert)' for s in sizes], 'dominant', 'detections routed']
+    write_csv(osp.join(out_dir, f'{stem}_size_given_expert.csv'), header, rows)
+    rows2 = [[e, *map(float, given_size[i])] for i, e in enumerate(experts)]
+    header2 = ['expert', *[f'P(expert | {s})' for s in sizes]]
+    write_csv(osp.join(out_dir, f'{stem}_expert_given_size.csv'), header2, rows2)
+    heatmap(osp.join(out_dir, f'{stem}_expert_size.png'), given_expert, experts, sizes,
+            f'{name}: P(size | expert), {view} view', 'P(size | expert)')
+    shuffled = layer.get('nmi_shuffled') or {}
+    lines = [f'## {name}', '',
+             f'- normalised mutual information I(expert; size) / H(size): '
+             f'**{summary["nmi"]:.4f}** ({view} view); with the gate weights shuffled '
+             f'across detections: {shuffled.get("mean", 0):.4f} ± {shuffled.get("std", 0):.4f} '
+             f'({shuffled.get("permutations", 0)} permutations)',
+             f'- living experts (mean gate weight > 0.01): {summary["living_experts"]} of '
+             f'{summary["num_experts"]}; importance CV: {summary["importance_cv"]:.3f}', '',
+             markdown_table(header, rows), '', markdown_table(header2, rows2), '',
+             f'![{name} expert × size]({stem}_expert_size.png)', '']
+    if layer.get('levels'):
+        level_mass = np.asarray(layer['levels']['mass'])
+        levels = [f'P{3 + i}' for i in range(level_mass.shape[1])]
+        given_level = normalise_columns(level_mass)
+        header3 = ['expert', *[f'P(expert | {lv})' for lv in levels]]
+        rows3 = [[e, *map(float, given_level[i])] for i, e in enumerate(experts)]
+        write_csv(osp.join(out_dir, f'{stem}_levels.csv'), header3, rows3)
+        heatmap(osp.join(out_dir, f'{stem}_expert_level.png'), given_level, experts, levels,
+                f'{name}: P(expert | FPN level)', 'P(expert | level)')
+        lines += ['Routing per FPN level (gate rows of all images):', '',
+                  markdown_table(header3, rows3), '',
+                  f'![{name} expert × level]({stem}_expert_level.png)', '']
+    class_mass = np.asarray(layer['classes']['mass'])
+    if classes and class_mass.sum() > 0:
+        given_cls = normalise_rows(class_mass)
+        header4 = ['expert', *[f'P({c} | expert)' for c in classes], 'dominant class']
+        rows4 = [[e, *map(float, given_cls[i]), dom] for i, (e, dom) in
+                 enumerate(zip(experts, dominant(class_mass, classes)))]
+        write_csv(osp.join(out_dir, f'{stem}_classes.csv'), header4, rows4)
+        lines += [f'Class view (NMI expert ↔ class: '
+                  f'{normalised_mutual_information(class_mass):.4f}):', '',
+                  markdown_table(header4, rows4), '']
+    return lines
+
+
+def render_report(stats: dict, out_dir: str,
+                  forced_routing: Optional[List[dict]] = None) -> str:
+    """Write the report folder for ``stats``; returns the path of ``report.md``.
+
+    Args:
+        forced_routing: optional rows ``dict(routing=..., AP=..., AP_S=..., ...)`` of
+            evaluations with forced routing (each expert alone, k sweeps).
+    """
+    check_stats(stats)
+    sizes, classes = stats['size_buckets']['names'], stats.get('classes', [])
+    parent = osp.dirname(osp.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.report-', dir=parent)
+    try:
+        lines = ['# Expert specialisation report', '',
+                 f'{stats["mode"]} statistics, epoch {stats["epoch"]}, '
+                 f'{stats["num_images"]} images, {stats["num_detections"]} detections with '
+                 f'score ≥ {stats["score_thr"]}'
+                 f'{" matched to ground truth (IoU ≥ %s)" % stats["iou_thr"] if stats["match_gt"] else ""}; '
+                 f'ground-truth objects per size: ' +
+                 ', '.join(f'{s} {n}' for s, n in zip(sizes, stats['gt_per_bucket'])) + '.',
+                 '', 'COCO size buckets (areas in original pixels, both ends inclusive as in '
+                 'pycocotools): small [0, 32²], medium [32², 96²], large [96², ∞).', '']
+        summary_rows = []
+        for name, layer in stats['layers'].items():
+            s = layer_summary(layer, sizes)
+            shuffled = (layer.get('nmi_shuffled') or {}).get('mean')
+            summary_rows.append([name, s['num_experts'], s['living_experts'],
+                                 s['importance_cv'], s['nmi'], shuffled,
+                                 ', '.join(str(d) for d in s['dominant_size'])])
+        header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
+                  'NMI shuffled', 'dominant size per expert']
+        write_csv(osp.join(tmp, 'summary.csv'), header, summary_rows)
+        lines += ['## Summary', '', markdown_table(header, summary_rows, digits=4), '']
+        if forced_routing:
+            keys = [k for k in forced_routing[0] if k != 'routing']
+            rows = [[r['routing'], *[r[k] for k in keys]] for r in forced_routing]
+            write_csv(osp.join(tmp, 'forced_routing.csv'), ['routing', *keys], rows)
+            lines += ['## Forced routing (COCO bbox AP)', '',
+                      markdown_table(['routing', *keys], rows), '']
+        for name, layer in stats['layers'].items():
+            lines += _layer_section(name, layer, sizes, classes, tmp)
+        with open(osp.join(tmp, 'report.md'), 'w') as f:
+            f.write('\n'.join(lines))
+        if osp.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return osp.join(out_dir, 'report.md')
