@@ -9,3 +9,6 @@ env:
 
 test: env
 	$(PYTHON_VENV) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: env
+	$(PYTHON_VENV) tools/demo.py

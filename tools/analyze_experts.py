@@ -81,19 +81,34 @@ def build_runner(args):
     hooks = [h for h in cfg.get('custom_hooks', []) if h['type'] != 'ExpertSizeStatsHook']
     cfg.custom_hooks = hooks + [dict(type='ExpertSizeStatsHook', score_thr=args.score_thr,
                                      match_gt=args.match_gt)]
-    return Runner.from_cfg(cfg)
+    runner = Runner.from_cfg(cfg)
+    check_checkpoint(runner.model, checkpoint)
+    return runner
+
+
+def check_checkpoint(model, checkpoint: str) -> None:
+    """mmengine loads ``load_from`` non-strictly (mismatches are only logged); the
+    analysis of an unrelated checkpoint would be meaningless, so check it first."""
+    import copy
+    import torch
+    state = torch.load(checkpoint, map_location='cpu')
+    state = state.get('state_dict', state)
+    try:
+        missing, unexpected = copy.deepcopy(model).load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ReportError(f'the checkpoint {checkpoint} does not match the config: '
+                          f'{str(err).splitlines()[1:3]}') from err
+    if missing or unexpected:
+        raise ReportError(f'the checkpoint {checkpoint} does not match the config: '
+                          f'{len(missing)} keys missing (e.g. {missing[:3]}), '
+                          f'{len(unexpected)} unexpected (e.g. {unexpected[:3]})')
 
 
 def evaluate(runner, args):
     """Test with the learned routing, then forced routings; returns stats and AP rows."""
     from mmdet_moe.layers import override_routing
     from mmdet_moe.engine.hooks.expert_size_stats_hook import unwrap, write_stats
-    try:
-        metrics = runner.test()
-    except RuntimeError as err:
-        if 'size mismatch' in str(err) or 'Missing key' in str(err):
-            raise ReportError(f'the checkpoint does not match the config: {err}') from err
-        raise
+    metrics = runner.test()
     stats = load_stats(osp.join(runner.work_dir, 'expert_size_stats', 'test.json'))
     rows = [dict(routing='learned', **{k: metrics.get(v) for k, v in AP_KEYS.items()})]
     model = unwrap(runner.model)
@@ -119,7 +134,7 @@ def main(argv=None) -> int:
         else:
             stats, forced = evaluate(build_runner(args), args)
         report = render_report(stats, args.out_dir, forced)
-        if forced:
+        if forced is not None:
             with open(osp.join(args.out_dir, 'metrics.json'), 'w') as f:
                 json.dump(forced, f, indent=1)
     except ReportError as err:

@@ -82,6 +82,19 @@ def dominant(table: np.ndarray, names) -> list:
     return [names[int(row.argmax())] if row.sum() > 0 else None for row in table]
 
 
+def most_over_represented(table: np.ndarray, names) -> list:
+    """Per expert, the category with the largest lift ``P(s | expert) / P(s)``.
+
+    Unlike :func:`dominant`, it is not biased towards the most frequent category
+    (e.g. large objects, which get the most confident detections).
+    """
+    table = np.asarray(table, dtype=np.float64)
+    prior = table.sum(axis=0) / max(table.sum(), EPS)
+    lift = np.divide(normalise_rows(table), prior, out=np.zeros_like(table), where=prior > 0)
+    return [names[int(row.argmax())] if table[i].sum() > 0 else None
+            for i, row in enumerate(lift)]
+
+
 def layer_summary(layer: dict, size_names, shuffled: Optional[dict] = None) -> dict:
     """Headline numbers of one layer of an ``expert_size_stats.json``."""
     table = np.asarray(layer['detection']['mass'])
@@ -93,4 +106,5 @@ def layer_summary(layer: dict, size_names, shuffled: Optional[dict] = None) -> d
         living_experts=living_experts(layer['importance'], layer['rows']),
         num_experts=len(layer['importance']),
         importance_cv=importance_cv(layer['importance']),
-        dominant_size=dominant(table, size_names))
+        dominant_size=dominant(table, size_names),
+        over_represented_size=most_over_represented(table, size_names))

@@ -91,8 +91,10 @@ def _layer_section(name: str, layer: dict, sizes: List[str], classes: List[str],
     stem = safe_name(name)
     counts = np.asarray(layer['detection']['count'])
     rows = [[e, *map(float, given_expert[i]), summary['dominant_size'][i],
-             int(counts[i].sum())] for i, e in enumerate(experts)]
-    header = ['expert', *[f'P({s} | expert)' for s in sizes], 'dominant', 'detections routed']
+             summary['over_represented_size'][i], int(counts[i].sum())]
+            for i, e in enumerate(experts)]
+    header = ['expert', *[f'P({s} | expert)' for s in sizes], 'dominant',
+              'most over-represented', 'detections routed']
     write_csv(osp.join(out_dir, f'{stem}_size_given_expert.csv'), header, rows)
     rows2 = [[e, *map(float, given_size[i])] for i, e in enumerate(experts)]
     header2 = ['expert', *[f'P(expert | {s})' for s in sizes]]
@@ -149,7 +151,8 @@ def render_report(stats: dict, out_dir: str,
     tmp = tempfile.mkdtemp(prefix='.report-', dir=parent)
     try:
         lines = ['# Expert specialisation report', '',
-                 f'{stats["mode"]} statistics, epoch {stats["epoch"]}, '
+                 (f'val statistics after epoch {stats["epoch"]}, ' if stats['mode'] == 'val'
+                  else 'test statistics, ') +
                  f'{stats["num_images"]} images, {stats["num_detections"]} detections with '
                  f'score ≥ {stats["score_thr"]}'
                  f'{" matched to ground truth (IoU ≥ %s)" % stats["iou_thr"] if stats["match_gt"] else ""}; '
@@ -163,9 +166,11 @@ def render_report(stats: dict, out_dir: str,
             shuffled = (layer.get('nmi_shuffled') or {}).get('mean')
             summary_rows.append([name, s['num_experts'], s['living_experts'],
                                  s['importance_cv'], s['nmi'], shuffled,
-                                 ', '.join(str(d) for d in s['dominant_size'])])
+                                 ', '.join(str(d) for d in s['dominant_size']),
+                                 ', '.join(str(d) for d in s['over_represented_size'])])
         header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
-                  'NMI shuffled', 'dominant size per expert']
+                  'NMI shuffled', 'dominant size per expert',
+                  'most over-represented size per expert']
         write_csv(osp.join(tmp, 'summary.csv'), header, summary_rows)
         lines += ['## Summary', '', markdown_table(header, summary_rows, digits=4), '']
         if forced_routing:

@@ -70,3 +70,11 @@ def test_shuffled_nmi_is_near_zero_for_a_specialised_but_shuffled_layer():
     assert normalised_mutual_information(weights.T @ buckets) == pytest.approx(1.0)
     chance = shuffled_nmi(weights, buckets, 3, permutations=10)
     assert chance['mean'] < 0.02 and chance['permutations'] == 10
+
+
+def test_over_representation_corrects_for_frequent_sizes():
+    from mmdet_moe.analysis import dominant, most_over_represented
+    # both experts see mostly large objects, but expert 1 twice the share of small ones
+    table = np.array([[1., 9.], [2., 8.]])
+    assert dominant(table, ['small', 'large']) == ['large', 'large']
+    assert most_over_represented(table, ['small', 'large']) == ['large', 'small']

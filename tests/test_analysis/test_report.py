@@ -1,0 +1,86 @@
+"""The report renders known statistics into the expected tables, CSVs and images."""
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from mmdet_moe.analysis import ReportError, render_report
+
+
+def known_stats():
+    return dict(
+        schema='mmdet_moe/expert_size_stats', version=1, mode='test', epoch=3, iter=30,
+        size_buckets=dict(names=['small', 'medium', 'large'],
+                          area_ranges=[[0, 1024], [1024, 9216], [9216, 1e10]]),
+        classes=['a', 'b'], score_thr=0.3, match_gt=False, iou_thr=0.5, num_images=4,
+        num_detections=10, gt_per_bucket=[5, 3, 2],
+        layers={'bbox_head.cls_moe': dict(
+            num_experts=2,
+            detection=dict(mass=[[6.0, 2.0, 0.0], [0.0, 0.0, 2.0]],
+                           count=[[7, 3, 0], [0, 1, 2]]),
+            classes=dict(mass=[[4.0, 4.0], [0.0, 2.0]], count=[[5, 5], [0, 3]]),
+            image=dict(mass=[[3.0, 1.0, 1.0], [2.0, 2.0, 1.0]]),
+            levels=dict(mass=[[3.0, 1.0], [1.0, 3.0]], rows=4),
+            importance=[4.0, 4.0], rows=8,
+            nmi_shuffled=dict(mean=0.01, std=0.005, permutations=20))})
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def test_report_files_and_numbers(tmp_path):
+    out = tmp_path / 'report'
+    forced = [dict(routing='learned', AP=0.5, AP_S=0.4, AP_M=0.5, AP_L=0.6)]
+    render_report(known_stats(), str(out), forced)
+    names = {p.name for p in out.iterdir()}
+    stem = 'bbox_head.cls_moe'
+    assert {'report.md', 'summary.csv', 'forced_routing.csv', f'{stem}_size_given_expert.csv',
+            f'{stem}_expert_given_size.csv', f'{stem}_levels.csv', f'{stem}_classes.csv',
+            f'{stem}_expert_size.png', f'{stem}_expert_level.png'} <= names
+    given_expert = read_csv(out / f'{stem}_size_given_expert.csv')
+    assert [float(v) for v in given_expert[1][1:4]] == [0.75, 0.25, 0.0]
+    assert given_expert[1][4] == 'small' and given_expert[2][4] == 'large'
+    assert given_expert[1][6] == '10'  # detections routed to expert 0
+    given_size = read_csv(out / f'{stem}_expert_given_size.csv')
+    assert [float(v) for v in given_size[1][1:]] == [1.0, 1.0, 0.0]
+    levels = read_csv(out / f'{stem}_levels.csv')
+    assert [float(v) for v in levels[1][1:]] == [0.75, 0.25]
+    # NMI of [[6, 2, 0], [0, 0, 2]] computed independently
+    joint = np.array([[6, 2, 0], [0, 0, 2]]) / 10
+    h = lambda p: -sum(x * np.log(x) for x in p.ravel() if x > 0)  # noqa: E731
+    nmi = (h(joint.sum(0)) + h(joint.sum(1)) - h(joint)) / h(joint.sum(0))
+    summary = read_csv(out / 'summary.csv')
+    assert float(summary[1][4]) == pytest.approx(nmi)
+    assert summary[1][2] == '2'  # living experts
+    text = (out / 'report.md').read_text()
+    assert f'{nmi:.4f}' in text and 'Forced routing' in text
+    assert 'P(small \\| expert)' in text  # pipes escaped in markdown tables
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(schema='other'), 'not an expert size statistics file'),
+    (dict(version=2), 'version 2 is not supported'),
+    (dict(layers={}), 'no MoE layer'),
+    (dict(num_images=0), 'empty dataset'),
+])
+def test_bad_statistics_leave_no_report(tmp_path, change, match):
+    stats = dict(copy.deepcopy(known_stats()), **change)
+    out = tmp_path / 'report'
+    with pytest.raises(ReportError, match=match):
+        render_report(stats, str(out))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_detection_falls_back_to_the_image_view(tmp_path):
+    stats = known_stats()
+    stats['num_detections'] = 0
+    layer = stats['layers']['bbox_head.cls_moe']
+    layer['detection'] = dict(mass=[[0, 0, 0], [0, 0, 0]], count=[[0, 0, 0], [0, 0, 0]])
+    layer['classes'] = dict(mass=[[0, 0], [0, 0]], count=[[0, 0], [0, 0]])
+    render_report(stats, str(tmp_path / 'r'))
+    text = (tmp_path / 'r' / 'report.md').read_text()
+    assert 'image (no detection above threshold)' in text
