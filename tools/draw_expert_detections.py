@@ -71,7 +71,7 @@ def draw(image_path: str, pred, moe_index: int, score_thr: float, out_path: str)
                                face_colors=colour(e), alpha=1.0)
         visualizer.draw_texts(f'expert {e}', np.array([18, y - 1]), colors=colour(e),
                               font_sizes=9)
-    mmcv.imwrite(visualizer.get_image(), out_path, auto_mkdir=True)
+    mmcv.imwrite(mmcv.rgb2bgr(visualizer.get_image()), out_path, auto_mkdir=True)
     return len(boxes)
 
 
