@@ -134,9 +134,6 @@ def main(argv=None) -> int:
         else:
             stats, forced = evaluate(build_runner(args), args)
         report = render_report(stats, args.out_dir, forced)
-        if forced is not None:
-            with open(osp.join(args.out_dir, 'metrics.json'), 'w') as f:
-                json.dump(forced, f, indent=1)
     except ReportError as err:
         print(f'analyze_experts: error: {err}', file=sys.stderr)
         return 2

@@ -3,11 +3,12 @@
     python tools/benchmark.py layers [--batch 8 --size 64 --channels 256 --repeats 5]
     python tools/benchmark.py detectors [--batch 4 --size 256 --repeats 10]
 
-``layers`` prints median times and ratios to a plain dense conv. ``detectors`` runs
-each RetinaNet variant of the toy config (ResNet-18, random images) in its own
-process and prints the median time of a training iteration (forward, backward,
-SGD step), the process's peak memory, and ratios to the stock detector (and, for
-whole-subnet experts, to running k subnets densely).
+``layers`` prints median times and ratios to a plain dense conv. ``detectors`` times
+a training iteration (forward, backward, SGD step) of each RetinaNet variant of the
+toy config (ResNet-18, random images), round-robin in one process so that every
+variant sees the same machine state, measures each variant's peak memory in a
+process of its own, and prints ratios to the stock detector (and, for whole-subnet
+experts, to running k subnets densely).
 """
 import argparse
 import json
@@ -102,6 +103,7 @@ DETECTOR_VARIANTS = {
 
 def build_detector(variant: str):
     from mmengine.config import Config
+    from mmengine.logging import MMLogger
     from mmengine.registry import init_default_scope
     from mmdet.registry import MODELS
     import mmdet_moe  # noqa: F401
@@ -115,61 +117,82 @@ def build_detector(variant: str):
         cfg.merge_from_dict(dict(model=dict(changes, type='MoERetinaNet') if changes else {}))
         model_cfg = cfg.model
     model = MODELS.build(model_cfg)
+    # init_weights logs every parameter at INFO: keep the benchmark output readable
+    MMLogger.get_instance('benchmark', log_level='WARNING')
     model.init_weights()
     return model.train()
 
 
-def time_detector(variant: str, batch: int, size: int, repeats: int, warmup: int = 3):
-    """Median seconds of one training iteration and peak RSS (MiB) of this process."""
-    from mmdet.testing import demo_mm_inputs
-    model = build_detector(variant)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    packed = demo_mm_inputs(batch, [[3, size, size]] * batch, num_items=[4] * batch,
-                            num_classes=5)
-    data = model.data_preprocessor(packed, True)
-    times = []
-    for i in range(warmup + repeats):
+class DetectorStep:
+    """One training iteration (forward, backward, SGD step) of a variant on fixed data."""
+
+    def __init__(self, variant: str, batch: int, size: int):
+        from mmdet.testing import demo_mm_inputs
+        self.model = build_detector(variant)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        packed = demo_mm_inputs(batch, [[3, size, size]] * batch, num_items=[4] * batch,
+                                num_classes=5)
+        self.data = self.model.data_preprocessor(packed, True)
+
+    def __call__(self) -> float:
         start = time.perf_counter()
-        losses = model(**data, mode='loss')
-        loss, _ = model.parse_losses(losses)
-        optimizer.zero_grad()
+        loss, _ = self.model.parse_losses(self.model(**self.data, mode='loss'))
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return statistics.median(times), peak_mib
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def own_peak_rss_mib() -> float:
+    """This process's peak resident memory. ``ru_maxrss`` is not used: on Linux it
+    keeps the parent's high-water mark across fork + exec."""
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(variant: str, batch: int, size: int) -> float:
+    """Peak RSS of a fresh process running 3 iterations of ``variant``."""
+    out = subprocess.run(
+        [sys.executable, __file__, 'detectors', '--memory-of', variant, '--batch',
+         str(batch), '--size', str(size)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f'variant {variant!r} failed:\n{out.stderr[-2000:]}')
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_detectors(args):
-    if args.variant:  # child process: measure one variant, print JSON
-        seconds, peak = time_detector(args.variant, args.batch, args.size, args.repeats)
-        print(json.dumps(dict(seconds=seconds, peak_mib=peak)))
+    if args.memory_of:  # child process: peak memory of one variant
+        step = DetectorStep(args.memory_of, args.batch, args.size)
+        for _ in range(3):
+            step()
+        print(own_peak_rss_mib())
         return
     print(f'training iteration (forward, backward, SGD step), toy RetinaNet R-18, '
           f'B={args.batch}, {args.size}×{args.size} random images, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats}; one process each')
-    results = {}
-    for variant in DETECTOR_VARIANTS:
-        out = subprocess.run(
-            [sys.executable, __file__, 'detectors', '--variant', variant, '--batch',
-             str(args.batch), '--size', str(args.size), '--repeats', str(args.repeats)],
-            capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f'variant {variant!r} failed:\n{out.stderr[-2000:]}')
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f'  {variant}: {results[variant]["seconds"] * 1e3:.0f} ms', flush=True)
-    stock = results['stock RetinaNet']['seconds']
+          f'{torch.get_num_threads()} threads; median of {args.repeats} rounds, the '
+          f'variants timed round-robin in one process; peak memory: one process each')
+    steps = {variant: DetectorStep(variant, args.batch, args.size)
+             for variant in DETECTOR_VARIANTS}
+    times = {variant: [] for variant in steps}
+    for round_ in range(args.warmup + args.repeats):
+        for variant, step in steps.items():
+            seconds = step()
+            if round_ >= args.warmup:
+                times[variant].append(seconds)
+    median = {v: statistics.median(t) for v, t in times.items()}
+    stock = median['stock RetinaNet']
     print(f'| {"variant":32s} | {"median ms":>9s} | {"peak MiB":>8s} | '
           f'{"× stock":>7s} | {"× reference":>20s} |')
     print(f'|{"-" * 34}|{"-" * 11}|{"-" * 10}|{"-" * 9}|{"-" * 22}|')
-    for variant, result in results.items():
+    for variant, seconds in median.items():
         reference = DETECTOR_VARIANTS[variant][1]
-        vs_ref = (f'{result["seconds"] / results[reference]["seconds"]:.2f} × k dense'
-                  if reference else '')
-        print(f'| {variant:32s} | {result["seconds"] * 1e3:9.0f} | '
-              f'{result["peak_mib"]:8.0f} | {result["seconds"] / stock:7.2f} | '
-              f'{vs_ref:>20s} |')
+        vs_ref = f'{seconds / median[reference]:.2f} × k dense' if reference else ''
+        print(f'| {variant:32s} | {seconds * 1e3:9.0f} | '
+              f'{peak_memory_mib(variant, args.batch, args.size):8.0f} | '
+              f'{seconds / stock:7.2f} | {vs_ref:>20s} |', flush=True)
 
 
 def parse_args():
@@ -189,7 +212,8 @@ def parse_args():
     detectors.add_argument('--batch', type=int, default=4)
     detectors.add_argument('--size', type=int, default=256, help='image height/width')
     detectors.add_argument('--repeats', type=int, default=10)
-    detectors.add_argument('--variant', choices=sorted(DETECTOR_VARIANTS),
+    detectors.add_argument('--warmup', type=int, default=2)
+    detectors.add_argument('--memory-of', choices=sorted(DETECTOR_VARIANTS),
                            help=argparse.SUPPRESS)  # internal: one variant per process
     detectors.set_defaults(func=bench_detectors)
     return parser.parse_args()

@@ -5,6 +5,7 @@ expert × FPN level). The folder is written aside and moved into place when
 complete, so a failed run never leaves a partial report that looks finished.
 """
 import csv
+import json
 import os
 import os.path as osp
 import re
@@ -142,7 +143,8 @@ def render_report(stats: dict, out_dir: str,
 
     Args:
         forced_routing: optional rows ``dict(routing=..., AP=..., AP_S=..., ...)`` of
-            evaluations with forced routing (each expert alone, k sweeps).
+            evaluations (learned routing, each expert alone, k sweeps); also
+            written to ``metrics.json``.
     """
     check_stats(stats)
     sizes, classes = stats['size_buckets']['names'], stats.get('classes', [])
@@ -177,6 +179,8 @@ def render_report(stats: dict, out_dir: str,
             keys = [k for k in forced_routing[0] if k != 'routing']
             rows = [[r['routing'], *[r[k] for k in keys]] for r in forced_routing]
             write_csv(osp.join(tmp, 'forced_routing.csv'), ['routing', *keys], rows)
+            with open(osp.join(tmp, 'metrics.json'), 'w') as f:
+                json.dump(forced_routing, f, indent=1)
             lines += ['## Forced routing (COCO bbox AP)', '',
                       markdown_table(['routing', *keys], rows), '']
         for name, layer in stats['layers'].items():
