@@ -11,7 +11,6 @@ process of its own, and prints ratios to the stock detector (and, for whole-subn
 experts, to running k subnets densely).
 """
 import argparse
-import json
 import os.path as osp
 import resource
 import statistics

@@ -13,7 +13,6 @@ Every step is the same command a user would run; the options shrink it for tests
 """
 import argparse
 import json
-import os
 import os.path as osp
 import subprocess
 import sys

@@ -61,7 +61,8 @@ def texture(height: int, width: int, rng) -> np.ndarray:
     if kind == 0:
         yy, xx = np.mgrid[:height, :width]
         period, direction = rng.uniform(4, 14), rng.uniform(0, math.pi)
-        stripes = np.sin((xx * math.cos(direction) + yy * math.sin(direction)) / period * 2 * math.pi)
+        phase = (xx * math.cos(direction) + yy * math.sin(direction)) / period
+        stripes = np.sin(phase * 2 * math.pi)
         img += stripes[..., None] * rng.uniform(20, 60)
     elif kind == 1:
         img += rng.normal(0, 25, (height, width, 1))

@@ -129,12 +129,22 @@ def _layer_section(name: str, layer: dict, sizes: List[str], classes: List[str],
         given_cls = normalise_rows(class_mass)
         header4 = ['expert', *[f'P({c} | expert)' for c in classes], 'dominant class']
         rows4 = [[e, *map(float, given_cls[i]), dom] for i, (e, dom) in
-                 enumerate(zip(experts, dominant(class_mass, classes)))]
+                 enumerate(zip(experts, dominant(class_mass, classes), strict=True))]
         write_csv(osp.join(out_dir, f'{stem}_classes.csv'), header4, rows4)
         lines += [f'Class view (NMI expert ↔ class: '
                   f'{normalised_mutual_information(class_mass):.4f}):', '',
                   markdown_table(header4, rows4), '']
     return lines
+
+
+def _header(stats: dict, sizes: List[str]) -> str:
+    scope = (f'val statistics after epoch {stats["epoch"]}' if stats['mode'] == 'val'
+             else 'test statistics')
+    matched = (f' matched to ground truth (IoU ≥ {stats["iou_thr"]})'
+               if stats['match_gt'] else '')
+    gt = ', '.join(f'{s} {n}' for s, n in zip(sizes, stats['gt_per_bucket'], strict=True))
+    return (f'{scope}, {stats["num_images"]} images, {stats["num_detections"]} detections '
+            f'with score ≥ {stats["score_thr"]}{matched}; ground-truth objects per size: {gt}.')
 
 
 def render_report(stats: dict, out_dir: str,
@@ -152,14 +162,7 @@ def render_report(stats: dict, out_dir: str,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.report-', dir=parent)
     try:
-        lines = ['# Expert specialisation report', '',
-                 (f'val statistics after epoch {stats["epoch"]}, ' if stats['mode'] == 'val'
-                  else 'test statistics, ') +
-                 f'{stats["num_images"]} images, {stats["num_detections"]} detections with '
-                 f'score ≥ {stats["score_thr"]}'
-                 f'{" matched to ground truth (IoU ≥ %s)" % stats["iou_thr"] if stats["match_gt"] else ""}; '
-                 f'ground-truth objects per size: ' +
-                 ', '.join(f'{s} {n}' for s, n in zip(sizes, stats['gt_per_bucket'])) + '.',
+        lines = ['# Expert specialisation report', '', _header(stats, sizes),
                  '', 'COCO size buckets (areas in original pixels, both ends inclusive as in '
                  'pycocotools): small [0, 32²], medium [32², 96²], large [96², ∞).', '']
         summary_rows = []

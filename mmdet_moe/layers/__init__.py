@@ -22,6 +22,7 @@ __all__ = [
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
     'cv_squared', 'dense_mixture', 'dispatch', 'global_importance', 'importance_loss',
-    'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mixed_conv2d', 'prob_in_top_k',
+    'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mixed_conv2d', 'override_routing',
+    'prob_in_top_k',
     'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'
 ]

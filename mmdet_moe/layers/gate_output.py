@@ -42,7 +42,7 @@ class GateOutput:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         fields = [part(getattr(self, n)) for n in
                   ('weights', 'indices', 'logits', 'noisy_logits', 'noise_std')]
-        return [GateOutput(*row, expert_mask=self.expert_mask) for row in zip(*fields)]
+        return [GateOutput(*row, expert_mask=self.expert_mask) for row in zip(*fields, strict=True)]
 
     @staticmethod
     def cat(outputs: Sequence['GateOutput']) -> 'GateOutput':

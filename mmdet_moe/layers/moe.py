@@ -144,7 +144,7 @@ class MoE(MoEModuleMixin, nn.Module):
         if not isinstance(x, (list, tuple)):
             return self.mix(x, gate_output.weights)
         parts = gate_output.split([level.shape[0] for level in x])
-        return [self.mix(level, part.weights) for level, part in zip(x, parts)]
+        return [self.mix(level, part.weights) for level, part in zip(x, parts, strict=True)]
 
     def extra_repr(self):
         return f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}'

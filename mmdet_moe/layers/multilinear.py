@@ -90,7 +90,7 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.gate_mode, self.gate_act = gate_mode, gate_act
         if gate_mode == 'pixel':
-            for k, p, d in zip(self.kernel_size, self.padding, self.dilation):
+            for k, p, d in zip(self.kernel_size, self.padding, self.dilation, strict=True):
                 if 2 * p != d * (k - 1):
                     raise ValueError(
                         "gate_mode='pixel' gates each output pixel on its patch centre and "

@@ -15,7 +15,7 @@ other keys of the spec go to that layer. State-dict keys stay where they were
 MoE keys missing, and ``MoEConv2d`` upcycles the dense weights into its experts.
 """
 import fnmatch
-from typing import List, Sequence, Union
+from typing import List, Sequence
 
 import torch.nn as nn
 
@@ -33,7 +33,7 @@ def match_module_paths(model: nn.Module, pattern: str) -> List[str]:
     parts = pattern.split('.')
     return [name for name, _ in model.named_modules()
             if name and len(name.split('.')) == len(parts)
-            and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name.split('.'), parts))]
+            and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name.split('.'), parts, strict=True))]
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

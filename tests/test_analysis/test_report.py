@@ -1,7 +1,6 @@
 """The report renders known statistics into the expected tables, CSVs and images."""
 import copy
 import csv
-import json
 
 import numpy as np
 import pytest

@@ -29,7 +29,7 @@ def pycocotools_membership(areas):
     for rng in ev.params.areaRng[1:]:  # small, medium, large
         img = ev.evaluateImg(1, 1, rng, 100)
         order = img['gtIds']
-        ignored = dict(zip(order, img['gtIgnore']))
+        ignored = dict(zip(order, img['gtIgnore'], strict=True))
         rows.append([not ignored[i + 1] for i in range(len(areas))])
     return np.array(rows).T
 

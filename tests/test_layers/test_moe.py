@@ -30,7 +30,7 @@ def test_levels_share_one_gate_and_route_separately():
     levels = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)]
     moe.eval()
     outs = moe(levels)
-    for level, out in zip(levels, outs):
+    for level, out in zip(levels, outs, strict=True):
         torch.testing.assert_close(out, reference(moe, level, moe.gate(level).weights),
                                    atol=1e-6, rtol=1e-5)
     moe.train()

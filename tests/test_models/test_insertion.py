@@ -3,7 +3,7 @@ import pytest
 import torch
 from mmengine.config import ConfigDict
 
-from helpers import all_finite, build_model, load_config, one_training_step, predict, with_resnet18
+from helpers import all_finite, build_model, one_training_step, predict, with_resnet18
 from mmdet_moe.layers import CPMuMoEConv2d, MoEConv2d
 from mmdet_moe.models import insert_moe_layers, match_module_paths
 
@@ -61,8 +61,8 @@ def test_upcycled_retinanet_predicts_like_the_dense_one():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         for got, want in zip(moe.bbox_head(moe.extract_feat(x)),
-                             dense.bbox_head(dense.extract_feat(x))):
-            for g, w in zip(got, want):
+                             dense.bbox_head(dense.extract_feat(x)), strict=True):
+            for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 

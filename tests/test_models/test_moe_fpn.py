@@ -10,7 +10,7 @@ FPN = dict(in_channels=[8, 16, 32], out_channels=8, num_outs=5, add_extra_convs=
 
 
 def inputs():
-    return [torch.randn(2, c, s, s) for c, s in zip((8, 16, 32), (32, 16, 8))]
+    return [torch.randn(2, c, s, s) for c, s in zip((8, 16, 32), (32, 16, 8), strict=True)]
 
 
 @pytest.mark.parametrize('parts', [['output'], ['lateral', 'output', 'extra']])
@@ -23,7 +23,7 @@ def test_upcycled_moe_fpn_equals_fpn(parts):
     assert n_moe == {1: 3, 3: 3 + 3 + 2}[len(parts)]
     x = inputs()
     with torch.no_grad():
-        for got, want in zip(moe(x), dense(x)):
+        for got, want in zip(moe(x), dense(x), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

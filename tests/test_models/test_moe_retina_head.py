@@ -40,8 +40,8 @@ def test_upcycled_head_equals_the_dense_head(branches, expert_type):
     assert unexpected == [] and missing and all('.gate.' in k for k in missing)
     x = features(dense)
     with torch.no_grad():
-        for got, want in zip(moe.bbox_head(x), dense.bbox_head(x)):
-            for g, w in zip(got, want):
+        for got, want in zip(moe.bbox_head(x), dense.bbox_head(x), strict=True):
+            for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 

@@ -1,8 +1,6 @@
 """The toy COCO generator: deterministic, COCO-loadable, sizes across buckets."""
 import hashlib
-import json
 
-import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
@@ -21,8 +19,8 @@ def digest(folder):
 
 def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
     a = make_tiny_coco(tmp_path / 'a', train=6, val=2, size=96, seed=3)
-    b = make_tiny_coco(tmp_path / 'b', train=6, val=2, size=96, seed=3)
-    c = make_tiny_coco(tmp_path / 'c', train=6, val=2, size=96, seed=4)
+    make_tiny_coco(tmp_path / 'b', train=6, val=2, size=96, seed=3)
+    make_tiny_coco(tmp_path / 'c', train=6, val=2, size=96, seed=4)
     assert digest(tmp_path / 'a') == digest(tmp_path / 'b') != digest(tmp_path / 'c')
     assert a.endswith('a')
 

@@ -86,8 +86,9 @@ class ExpertSizeStatsHook(Hook):
     def before_run(self, runner) -> None:
         self.layer_names = assign_moe_names(unwrap(runner.model))
         if not self.layer_names:
-            raise ValueError(f'ExpertSizeStatsHook: the model ({type(unwrap(runner.model)).__name__}) '
-                             'has no MoE layer; remove the hook or add MoE layers')
+            raise ValueError(f'ExpertSizeStatsHook: the model '
+                             f'({type(unwrap(runner.model)).__name__}) has no MoE layer; '
+                             'remove the hook or add MoE layers')
 
     # loop plumbing ---------------------------------------------------------------
     def before_val_epoch(self, runner) -> None:

@@ -1,7 +1,6 @@
 """ExpertUtilisationHook: expert usage during training, and router-collapse warnings."""
 from collections import defaultdict
 
-import numpy as np
 from mmengine.hooks import Hook
 
 from mmdet.registry import HOOKS
@@ -92,7 +91,8 @@ class ExpertUtilisationHook(Hook):
                                              living_experts(importance, self._rows[name]))
             for i, value in enumerate(share):
                 key = (name, i)
-                self._low_streak[key] = self._low_streak[key] + 1 if value < self.collapse_share else 0
+                low = value < self.collapse_share
+                self._low_streak[key] = self._low_streak[key] + 1 if low else 0
                 if self._low_streak[key] == self.collapse_intervals:
                     runner.logger.warning(
                         f'MoE layer {name}: expert {i} got {value:.2%} of the gate weight '

@@ -3,7 +3,6 @@ import copy
 from typing import Optional, Sequence, Tuple
 
 import torch.nn as nn
-from mmcv.cnn import ConvModule
 from mmengine.model import bias_init_with_prob, normal_init
 from torch import Tensor
 
