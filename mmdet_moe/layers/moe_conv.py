@@ -103,6 +103,17 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
+    def like(cls, conv: nn.Conv2d, **kwargs) -> 'MoEConv2d':
+        """A freshly initialised MoE layer with the geometry of ``conv``."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f'needs an nn.Conv2d, got {type(conv).__name__}')
+        if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+            raise ValueError(f'supports numeric zero padding only, got '
+                             f'padding={conv.padding!r}, padding_mode={conv.padding_mode!r}')
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                   conv.padding, conv.dilation, conv.groups, conv.bias is not None, **kwargs)
+
+    @classmethod
     def from_dense(cls, conv: nn.Conv2d, num_experts: int = 4, top_k: int = 2,
                    noise_std: float = 0.0, **kwargs) -> 'MoEConv2d':
         """Upcycle a dense conv: every expert starts as a copy of it.
@@ -111,14 +122,7 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         weights sum to 1); otherwise each expert gets Gaussian noise of
         ``noise_std × std(dense weight)``.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f'from_dense needs an nn.Conv2d, got {type(conv).__name__}')
-        if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
-            raise ValueError(f'from_dense supports numeric zero padding only, got '
-                             f'padding={conv.padding!r}, padding_mode={conv.padding_mode!r}')
-        moe = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                  num_experts=num_experts, top_k=top_k, **kwargs)
+        moe = cls.like(conv, num_experts=num_experts, top_k=top_k, **kwargs)
         moe.to(conv.weight.device, conv.weight.dtype)
         moe.upcycle_noise_std = noise_std
         missing, unexpected = moe.load_state_dict(conv.state_dict(), strict=False)

@@ -42,14 +42,13 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _moe_from_conv(layer_type: str, conv: nn.Conv2d, kwargs: dict) -> nn.Module:
-    geometry = dict(in_channels=conv.in_channels, out_channels=conv.out_channels,
-                    kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, bias=conv.bias is not None)
     if layer_type == 'MoEConv2d':
-        geometry['groups'] = conv.groups
-    elif conv.groups != 1:
+        return MoEConv2d.like(conv, **kwargs)
+    if conv.groups != 1:
         raise ValueError(f'{layer_type} supports groups=1 only, got groups={conv.groups}')
-    return LAYER_TYPES[layer_type](**geometry, **kwargs)
+    return LAYER_TYPES[layer_type](
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, bias=conv.bias is not None, **kwargs)
 
 
 def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],

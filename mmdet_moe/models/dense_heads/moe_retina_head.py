@@ -101,11 +101,8 @@ class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
             if not 0 <= index < len(convs):
                 raise ValueError(f'moe_convs index {index} is out of range for '
                                  f'{branch}_convs with {len(convs)} convs (stacked_convs)')
-            dense = convs[index].conv
-            convs[index].conv = MoEConv2d(
-                dense.in_channels, dense.out_channels, dense.kernel_size, dense.stride,
-                dense.padding, dense.dilation, dense.groups, dense.bias is not None,
-                upcycle_noise_std=self.upcycle_noise_std, **self.moe_kwargs)
+            convs[index].conv = MoEConv2d.like(
+                convs[index].conv, upcycle_noise_std=self.upcycle_noise_std, **self.moe_kwargs)
 
     @staticmethod
     def _out_name(branch: str) -> str:
