@@ -10,6 +10,7 @@ from mmdet_moe.models import moe_parameters
 
 COCO_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
                       glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')))
+TOY_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*.py')))
 
 
 def test_configs_are_named_the_openmmlab_way():
@@ -37,3 +38,21 @@ def test_config_builds_and_trains_one_step(path):
         assert head.upcycle_noise_std > 0
     if head.get('expert_type') == 'subnet':  # sparse dispatch: DDP must allow it
         assert cfg.find_unused_parameters is True
+
+
+@pytest.mark.parametrize('path', TOY_CONFIGS, ids=osp.basename)
+def test_toy_config_builds_and_trains_one_step(path):
+    cfg = load_config(path)
+    assert osp.basename(path).startswith('retinanet_r18_fpn_') and 'toy-coco' in path
+    model = build_model(cfg.model)
+    losses, _ = one_training_step(model, num_classes=5)
+    assert all_finite(losses)
+    if 'moe' in path:
+        hooks = {h['type'] for h in cfg.custom_hooks}
+        assert hooks == {'ExpertSizeStatsHook', 'ExpertUtilisationHook'}
+        gate = model.bbox_head.cls_moe.gate
+        hard = 'hard' in path
+        assert type(gate).__name__ == ('RelativeImportanceGate' if hard else 'TopKGate')
+        assert ('loss_moe_importance' in losses) != hard
+        if hard:
+            assert gate.num_iters.item() == 1 and gate.threshold == 0.3
