@@ -1,10 +1,13 @@
 """Shared test helpers: tiny toy datasets, config overrides, running the tools."""
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from mmengine.config import Config
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -110,3 +113,23 @@ def all_finite(losses):
     values = [v for value in losses.values()
               for v in (value if isinstance(value, list) else [value])]
     return all(bool(torch.isfinite(v).all()) for v in values)
+
+
+def _gloo_rank(rank, port, fn, args):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_gloo_ranks(fn, *args):
+    """Run ``fn(rank, *args)`` in two CPU processes joined by a gloo process group.
+
+    ``fn`` must be a module-level function (it is pickled into the children).
+    """
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(port, fn, args), nprocs=2)

@@ -1,16 +1,14 @@
 """Two ranks (gloo) give the same totals as one process, with an odd image count."""
 import json
 import os
-import socket
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmdet.structures import DetDataSample
 from mmengine.dataset import DefaultSampler
 from mmengine.structures import InstanceData
 
+from helpers import run_on_two_gloo_ranks
 from mmdet_moe.engine.hooks import ExpertSizeStatsHook
 from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
 from mmdet_moe.engine.hooks.ground_truth import GroundTruth
@@ -55,9 +53,7 @@ def run_hook(indices):
     return hook.gather_and_summarise('test', 0, 0)
 
 
-def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=2)
+def worker(rank, out_dir):
     sampler = DefaultSampler(Dataset(), shuffle=False)  # reads rank/world from dist
     stats = run_hook(list(sampler))
     if rank == 0:
@@ -65,14 +61,10 @@ def worker(rank, port, out_dir):
             json.dump(stats, f)
     else:
         assert stats is None
-    dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=2)
+    run_on_two_gloo_ranks(worker, str(tmp_path))
     with open(tmp_path / 'stats.json') as f:
         two = json.load(f)
     one = json.loads(json.dumps(run_hook(range(NUM_IMAGES))))

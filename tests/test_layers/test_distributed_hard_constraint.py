@@ -1,11 +1,9 @@
 """Hard-constraint state under DDP: importance is reduced over ranks (gloo, 2 processes)."""
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from helpers import run_on_two_gloo_ranks
 from mmdet_moe.layers import RelativeImportanceGate
 
 
@@ -19,21 +17,15 @@ def batches():
     return [torch.randn(6, 4, 3, 3) * 3 for _ in range(3)]
 
 
-def worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=2)
+def worker(rank, out_dir):
     gate = make_gate()
     for x in batches():
         gate(x[rank * 3:(rank + 1) * 3])  # each rank sees half of every batch
     torch.save(gate.usage, os.path.join(out_dir, f'usage{rank}.pt'))
-    dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path)), nprocs=2)
+    run_on_two_gloo_ranks(worker, str(tmp_path))
     single = make_gate()
     for x in batches():
         single(x)
