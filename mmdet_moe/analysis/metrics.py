@@ -8,7 +8,7 @@ A table ``M`` (N experts × S categories) holds gate mass (or counts). With the 
 - normalised mutual information ``NMI = I(E; S) / H(S)`` in [0, 1]: the fraction of
   the size entropy explained by the expert; 0 = no specialisation.
 """
-from typing import Dict, Optional
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def normalised_mutual_information(table: np.ndarray) -> float:
     h_size = entropy(joint.sum(axis=0))
     if h_size <= EPS:
         return 0.0
-    mutual = entropy(joint.sum(axis=0)) + entropy(joint.sum(axis=1)) - entropy(joint)
+    mutual = h_size + entropy(joint.sum(axis=1)) - entropy(joint)
     return float(max(mutual, 0.0) / h_size)
 
 
@@ -95,14 +95,21 @@ def most_over_represented(table: np.ndarray, names) -> list:
             for i, row in enumerate(lift)]
 
 
-def layer_summary(layer: dict, size_names, shuffled: Optional[dict] = None) -> dict:
+def size_table(layer: dict) -> Tuple[np.ndarray, str]:
+    """The expert × size mass table of one layer of an ``expert_size_stats.json`` and
+    its view: ``'detection'``, or ``'image'`` when no detection was counted."""
+    table = np.asarray(layer['detection']['mass'], dtype=np.float64)
+    if table.sum() > 0:
+        return table, 'detection'
+    return np.asarray(layer['image']['mass'], dtype=np.float64), 'image'
+
+
+def layer_summary(layer: dict, size_names) -> dict:
     """Headline numbers of one layer of an ``expert_size_stats.json``."""
-    table = np.asarray(layer['detection']['mass'])
-    if table.sum() == 0:  # no detection: fall back to the image view
-        table = np.asarray(layer['image']['mass'])
+    table, _ = size_table(layer)
     return dict(
         nmi=normalised_mutual_information(table),
-        nmi_shuffled=(shuffled or layer.get('nmi_shuffled') or {}).get('mean'),
+        nmi_shuffled=(layer.get('nmi_shuffled') or {}).get('mean'),
         living_experts=living_experts(layer['importance'], layer['rows']),
         num_experts=len(layer['importance']),
         importance_cv=importance_cv(layer['importance']),

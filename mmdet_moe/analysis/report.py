@@ -16,7 +16,7 @@ from typing import List, Optional
 import numpy as np
 
 from .metrics import (dominant, layer_summary, normalise_columns, normalise_rows,
-                      normalised_mutual_information)
+                      normalised_mutual_information, size_table)
 
 SCHEMA = 'mmdet_moe/expert_size_stats'
 SCHEMA_VERSION = 1
@@ -80,14 +80,14 @@ def heatmap(path: str, table: np.ndarray, row_names, col_names, title: str,
     plt.close(fig)
 
 
-def _layer_section(name: str, layer: dict, sizes: List[str], classes: List[str],
-                   out_dir: str) -> List[str]:
+VIEW_LABELS = dict(detection='detection', image='image (no detection above threshold)')
+
+
+def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
+                   classes: List[str], out_dir: str) -> List[str]:
     experts = [f'expert {i}' for i in range(layer['num_experts'])]
-    summary = layer_summary(layer, sizes)
-    mass = np.asarray(layer['detection']['mass'])
-    view = 'detection'
-    if mass.sum() == 0:
-        mass, view = np.asarray(layer['image']['mass']), 'image (no detection above threshold)'
+    mass, view = size_table(layer)
+    view = VIEW_LABELS[view]
     given_expert, given_size = normalise_rows(mass), normalise_columns(mass)
     stem = safe_name(name)
     counts = np.asarray(layer['detection']['count'])
@@ -165,12 +165,12 @@ def render_report(stats: dict, out_dir: str,
         lines = ['# Expert specialisation report', '', _header(stats, sizes),
                  '', 'COCO size buckets (areas in original pixels, both ends inclusive as in '
                  'pycocotools): small [0, 32²], medium [32², 96²], large [96², ∞).', '']
+        summaries = {name: layer_summary(layer, sizes)
+                     for name, layer in stats['layers'].items()}
         summary_rows = []
-        for name, layer in stats['layers'].items():
-            s = layer_summary(layer, sizes)
-            shuffled = (layer.get('nmi_shuffled') or {}).get('mean')
+        for name, s in summaries.items():
             summary_rows.append([name, s['num_experts'], s['living_experts'],
-                                 s['importance_cv'], s['nmi'], shuffled,
+                                 s['importance_cv'], s['nmi'], s['nmi_shuffled'],
                                  ', '.join(str(d) for d in s['dominant_size']),
                                  ', '.join(str(d) for d in s['over_represented_size'])])
         header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
@@ -187,7 +187,7 @@ def render_report(stats: dict, out_dir: str,
             lines += ['## Forced routing (COCO bbox AP)', '',
                       markdown_table(['routing', *keys], rows), '']
         for name, layer in stats['layers'].items():
-            lines += _layer_section(name, layer, sizes, classes, tmp)
+            lines += _layer_section(name, layer, summaries[name], sizes, classes, tmp)
         with open(osp.join(tmp, 'report.md'), 'w') as f:
             f.write('\n'.join(lines))
         if osp.exists(out_dir):
