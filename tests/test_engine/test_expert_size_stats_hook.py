@@ -8,6 +8,7 @@ from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData
 
 from mmdet_moe.engine.hooks import ExpertSizeStatsHook
+from mmdet_moe.engine.hooks.expert_size_stats_hook import match_to_gt
 from mmdet_moe.engine.hooks.ground_truth import GroundTruth
 from mmdet_moe.layers import GateRecorder
 
@@ -93,6 +94,21 @@ def test_match_gt_keeps_matched_detections_bucketed_by_their_gt():
     # only the 10×10 detection of image 1 matches a GT (same class, IoU 1)
     assert stats['num_detections'] == 1
     np.testing.assert_allclose(stats['layers']['head']['detection']['mass'], [[1, 0, 0], [0, 0, 0]])
+
+
+def test_matching_is_greedy_by_score_with_iou_threshold_inclusive():
+    gt = np.array([[0, 0, 10, 20], [0, 0, 10, 21], [50, 50, 60, 60]], dtype=float)
+    gt_labels = np.array([0, 0, 1])
+    dets = np.array([[0, 0, 10, 10],     # IoU 100/200 = 0.5 with gt 0, 100/210 with gt 1
+                     [0, 0, 10, 10],     # same box, lower score: gt 0 is taken, 1 too small
+                     [0, 0, 10, 21],     # IoU 1 with gt 1
+                     [50, 50, 60, 60]])  # right box, wrong class
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    labels = np.array([0, 0, 0, 0])
+    assert match_to_gt(dets, scores, labels, gt, gt_labels, 0.5).tolist() == [0, -1, 1, -1]
+    # the lower-scored duplicate would match gt 0 if it came first
+    assert match_to_gt(dets, scores[::-1].copy(), labels, gt, gt_labels, 0.5).tolist() == \
+        [-1, 0, 1, -1]
 
 
 def test_no_detection_and_no_ground_truth():

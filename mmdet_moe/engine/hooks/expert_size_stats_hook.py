@@ -8,6 +8,7 @@ import numpy as np
 from mmengine.dist import collect_results, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
+from pycocotools import mask as mask_utils
 
 from mmdet.registry import HOOKS
 
@@ -17,18 +18,13 @@ from ...layers import assign_moe_names, record_gates
 from .gate_rows import rows_by_layer
 from .ground_truth import GroundTruth
 
+
 def unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, 4) × (m, 4) xyxy boxes → (n, m) IoU."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
 def match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, iou_thr) -> np.ndarray:
@@ -36,7 +32,8 @@ def match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, iou_thr) -> np.ndarr
     matched = np.full(len(boxes), -1)
     if not len(boxes) or not len(gt_boxes):
         return matched
-    iou = box_iou(boxes, gt_boxes)
+    # COCOeval's own box IoU (no ground truth here is a crowd region)
+    iou = mask_utils.iou(xyxy_to_xywh(boxes), xyxy_to_xywh(gt_boxes), [0] * len(gt_boxes))
     taken = np.zeros(len(gt_boxes), bool)
     for d in np.argsort(-scores, kind='stable'):
         candidates = np.where(~taken & (gt_labels == labels[d]) & (iou[d] >= iou_thr))[0]
@@ -187,18 +184,31 @@ class ExpertSizeStatsHook(Hook):
 
     def summarise(self, images: List[dict], mode: str, epoch: int, iteration: int) -> dict:
         """Sum per-image records into the ``expert_size_stats.json`` structure."""
+        layers = self._layer_tables(images) if images else {}
+        return dict(
+            schema=SCHEMA, version=SCHEMA_VERSION, mode=mode, epoch=epoch, iter=iteration,
+            size_buckets=dict(names=list(BUCKET_NAMES), area_ranges=[list(r) for r in AREA_RANGES],
+                              inclusive='both ends, as pycocotools areaRng'),
+            classes=self._classes, score_thr=self.score_thr, match_gt=self.match_gt,
+            iou_thr=self.iou_thr, num_images=len(images),
+            num_detections=int(sum(img['num_detections'] for img in images)),
+            gt_per_bucket=np.sum([img['gt_buckets'] for img in images], axis=0).tolist()
+            if images else [0, 0, 0],
+            layers=layers)
+
+    def _layer_tables(self, images: List[dict]) -> dict:
+        """Expert × size / class / level tables of every MoE layer (images non-empty)."""
+        # per detection, the same for every layer
+        buckets = np.concatenate([img['det_buckets'] for img in images]).astype(np.float64)
+        labels = np.concatenate([img['det_labels'] for img in images]).astype(np.int64)
         num_classes = len(self._classes)
+        one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
+        gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
         layers = {}
         for name in self.layer_names:
             per_image = [img['layers'][name] for img in images]
-            if not per_image:
-                continue
             weights = np.concatenate([p['det_weights'] for p in per_image]).astype(np.float64)
-            buckets = np.concatenate([img['det_buckets'] for img in images]).astype(np.float64)
-            labels = np.concatenate([img['det_labels'] for img in images]).astype(np.int64)
-            one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
             level_rows = np.stack([p['level_rows'] for p in per_image])  # (images, calls, N)
-            gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
             image_rows = np.stack([p['image_row'] for p in per_image])
             layers[name] = dict(
                 num_experts=int(image_rows.shape[1]),
@@ -213,16 +223,7 @@ class ExpertSizeStatsHook(Hook):
                 rows=int(level_rows.shape[0] * level_rows.shape[1]),
                 nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
                                           self.shuffle_permutations, self.seed))
-        return dict(
-            schema=SCHEMA, version=SCHEMA_VERSION, mode=mode, epoch=epoch, iter=iteration,
-            size_buckets=dict(names=list(BUCKET_NAMES), area_ranges=[list(r) for r in AREA_RANGES],
-                              inclusive='both ends, as pycocotools areaRng'),
-            classes=self._classes, score_thr=self.score_thr, match_gt=self.match_gt,
-            iou_thr=self.iou_thr, num_images=len(images),
-            num_detections=int(sum(img['num_detections'] for img in images)),
-            gt_per_bucket=np.sum([img['gt_buckets'] for img in images], axis=0).tolist()
-            if images else [0, 0, 0],
-            layers=layers)
+        return layers
 
 
 def write_stats(stats: dict, work_dir: str, tag: str) -> str:
