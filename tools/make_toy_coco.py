@@ -13,11 +13,11 @@ import json
 import math
 import os
 import os.path as osp
-import shutil
-import tempfile
 
 import cv2
 import numpy as np
+
+from mmdet_moe.atomic_output import atomic_directory
 
 CLASSES = ('circle', 'square', 'triangle', 'star', 'ring')
 # COCO train2017: 41 % small, 34 % medium, 24 % large objects; sqrt(area) ranges
@@ -171,21 +171,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    # build in a temporary folder and move it in place: never a half-written dataset
-    parent = osp.dirname(osp.abspath(args.out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.toy_coco-', dir=parent)
-    try:
+    with atomic_directory(args.out_dir) as tmp:  # never a half-written dataset
         for split in ('train', 'val'):
             n_img, n_ann = write_split(tmp, split, getattr(args, split), args.size,
                                        args.max_objects, rng)
             print(f'{split}: {n_img} images, {n_ann} objects')
-        if osp.exists(args.out_dir):
-            shutil.rmtree(args.out_dir)
-        os.replace(tmp, args.out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f'wrote {args.out_dir}')
 
 

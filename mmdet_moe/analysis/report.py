@@ -6,15 +6,13 @@ complete, so a failed run never leaves a partial report that looks finished.
 """
 import csv
 import json
-import os
 import os.path as osp
 import re
-import shutil
-import tempfile
 from typing import List, Optional
 
 import numpy as np
 
+from ..atomic_output import atomic_directory
 from .metrics import (dominant, layer_summary, normalise_columns, normalise_rows,
                       normalised_mutual_information, size_table)
 
@@ -158,10 +156,7 @@ def render_report(stats: dict, out_dir: str,
     """
     check_stats(stats)
     sizes, classes = stats['size_buckets']['names'], stats.get('classes', [])
-    parent = osp.dirname(osp.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.report-', dir=parent)
-    try:
+    with atomic_directory(out_dir) as tmp:
         lines = ['# Expert specialisation report', '', _header(stats, sizes),
                  '', 'COCO size buckets (areas in original pixels, both ends inclusive as in '
                  'pycocotools): small [0, 32²], medium [32², 96²], large [96², ∞).', '']
@@ -190,10 +185,4 @@ def render_report(stats: dict, out_dir: str,
             lines += _layer_section(name, layer, summaries[name], sizes, classes, tmp)
         with open(osp.join(tmp, 'report.md'), 'w') as f:
             f.write('\n'.join(lines))
-        if osp.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return osp.join(out_dir, 'report.md')
