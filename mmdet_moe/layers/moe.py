@@ -11,7 +11,7 @@ from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, dispatch, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import TopKGate, build_gate
-from .moe_conv import IMPLS, copy_with_noise
+from .moe_conv import IMPLS, noisy_copy
 
 _CONV_GEOMETRY = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
                   'dilation', 'groups', 'padding_mode')
@@ -107,8 +107,7 @@ class MoE(MoEModuleMixin, nn.Module):
             if noise_std > 0:
                 with torch.no_grad():
                     for p in expert.parameters():
-                        if p.numel() > 1:
-                            p.copy_(copy_with_noise(p, 1, noise_std)[0])
+                        p.copy_(noisy_copy(p, noise_std))
             experts.append(expert)
         return cls(experts, top_k=top_k, **kwargs)
 

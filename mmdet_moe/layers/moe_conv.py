@@ -24,6 +24,15 @@ def copy_with_noise(dense: Tensor, copies: int, noise_std: float) -> Tensor:
     return stacked
 
 
+def noisy_copy(tensor: Tensor, noise_std: float) -> Tensor:
+    """One copy of a trained tensor for a new expert: a float tensor of more than one
+    value gets noise as in :func:`copy_with_noise`; others (e.g. BN's
+    ``num_batches_tracked``) are copied as they are."""
+    if torch.is_floating_point(tensor) and tensor.numel() > 1:
+        return copy_with_noise(tensor, 1, noise_std)[0]
+    return tensor.detach().clone()
+
+
 class MoEConv2d(MoEModuleMixin, nn.Module):
     r"""Sparsely-gated mixture of N single-conv experts with per-image top-k gates.
 

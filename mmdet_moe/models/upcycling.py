@@ -2,11 +2,10 @@
 import re
 from typing import Iterable
 
-import torch
 import torch.nn as nn
 
 from ..layers import is_moe_module
-from ..layers.moe_conv import copy_with_noise
+from ..layers.moe_conv import noisy_copy
 
 
 def expand_dense_keys(state_dict: dict, prefix: str, moe_name: str,
@@ -15,7 +14,8 @@ def expand_dense_keys(state_dict: dict, prefix: str, moe_name: str,
 
     ``prefix + child + '.' + rest`` (a dense child module's parameters) becomes
     ``prefix + moe_name + '.experts.<n>.' + child + '.' + rest`` for every expert n,
-    plus Gaussian noise of ``noise_std × std(parameter)`` on float parameters.
+    plus Gaussian noise of ``noise_std × std(parameter)`` on float parameters
+    (see :func:`~mmdet_moe.layers.moe_conv.noisy_copy`).
     Nothing happens if the state dict already holds expert keys.
     """
     pattern = re.compile(re.escape(prefix) + '(' + '|'.join(map(re.escape, children)) +
@@ -27,9 +27,7 @@ def expand_dense_keys(state_dict: dict, prefix: str, moe_name: str,
             expert_key = f'{prefix}{moe_name}.experts.{n}.{child}.{rest}'
             if expert_key in state_dict:
                 continue
-            is_float = torch.is_floating_point(value) and value.numel() > 1
-            state_dict[expert_key] = (copy_with_noise(value, 1, noise_std)[0]
-                                      if is_float else value.clone())
+            state_dict[expert_key] = noisy_copy(value, noise_std)
 
 
 def moe_parameters(model: nn.Module):
