@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _scale_rows(y: Tensor, row_weights: Tensor) -> Tensor:
+    """(B, ...) outputs times (B,) weights, one per row."""
+    return y * row_weights.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+
+
 def dispatch(x: Tensor, gates: Tensor,
              expert_forward: Callable[[int, Tensor], Tensor]) -> Tensor:
     """Route rows of ``x`` (B, ...) to experts with positive gate weight.
@@ -33,7 +38,7 @@ def dispatch(x: Tensor, gates: Tensor,
         if rows.numel() == 0:
             continue
         y = expert_forward(n, x.index_select(0, rows))
-        y = y * gates[rows, n].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        y = _scale_rows(y, gates[rows, n])
         if out is None:
             out = y.new_zeros((x.shape[0], *y.shape[1:]))
         elif y.shape[1:] != out.shape[1:]:
@@ -76,5 +81,5 @@ def dense_mixture(x: Tensor, gates: Tensor,
     out = 0
     for n in range(gates.shape[1]):
         y = expert_forward(n, x)
-        out = out + y * gates[:, n].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        out = out + _scale_rows(y, gates[:, n])
     return out
