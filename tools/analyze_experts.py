@@ -107,7 +107,8 @@ def check_checkpoint(model, checkpoint: str) -> None:
 def evaluate(runner, args):
     """Test with the learned routing, then forced routings; returns stats and AP rows."""
     from mmdet_moe.layers import override_routing
-    from mmdet_moe.engine.hooks.expert_size_stats_hook import unwrap, write_stats
+    from mmdet_moe.engine.hooks import write_stats
+    from mmdet_moe.engine.hooks.gate_recording import unwrap
     metrics = runner.test()
     stats = load_stats(osp.join(runner.work_dir, 'expert_size_stats', 'test.json'))
     rows = [dict(routing='learned', **{k: metrics.get(v) for k, v in AP_KEYS.items()})]

@@ -7,20 +7,16 @@ from typing import List, Optional
 import numpy as np
 from mmengine.dist import collect_results, is_main_process
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from pycocotools import mask as mask_utils
 
 from mmdet.registry import HOOKS
 
 from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
                          bucket_membership, layer_summary, shuffled_nmi)
-from ...layers import assign_moe_names, record_gates
+from ...layers import assign_moe_names
+from .gate_recording import GateRecordingMixin, unwrap
 from .gate_rows import rows_by_layer
 from .ground_truth import GroundTruth
-
-
-def unwrap(model):
-    return model.module if is_model_wrapper(model) else model
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
@@ -45,7 +41,7 @@ def match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, iou_thr) -> np.ndarr
 
 
 @HOOKS.register_module()
-class ExpertSizeStatsHook(Hook):
+class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     """Which experts detect which object sizes (COCO small / medium / large).
 
     Active in the val and test loops only. For every MoE layer it accumulates
@@ -77,7 +73,6 @@ class ExpertSizeStatsHook(Hook):
             raise ValueError(f'iou_thr must be in (0, 1], got {iou_thr!r}')
         self.score_thr, self.match_gt, self.iou_thr = score_thr, match_gt, iou_thr
         self.shuffle_permutations, self.seed = shuffle_permutations, seed
-        self._context = self._recorder = None
         self._images: List[dict] = []
 
     def before_run(self, runner) -> None:
@@ -95,7 +90,7 @@ class ExpertSizeStatsHook(Hook):
         self._start(runner, runner.test_loop.dataloader.dataset)
 
     def before_val_iter(self, runner, batch_idx, data_batch=None) -> None:
-        self._recorder.clear()
+        self.recorder.clear()
 
     before_test_iter = before_val_iter
 
@@ -115,12 +110,11 @@ class ExpertSizeStatsHook(Hook):
         self._classes = list(dataset.metainfo.get('classes', ()))
         self._gt = GroundTruth(dataset)
         self._images = []
-        self._context = record_gates(unwrap(runner.model))
-        self._recorder = self._context.__enter__()
+        self.start_recording(runner)
 
     # per batch -------------------------------------------------------------------
     def _collect(self, outputs) -> None:
-        layers = rows_by_layer(self._recorder)
+        layers = rows_by_layer(self.recorder)
         for b, sample in enumerate(outputs):
             self._images.append(self._image_record(b, sample, layers))
 
@@ -154,8 +148,7 @@ class ExpertSizeStatsHook(Hook):
         try:
             stats = self.gather_and_summarise(mode, runner.epoch, runner.iter)
         finally:
-            self._context.__exit__(None, None, None)
-            self._context = self._recorder = None
+            self.stop_recording()
             self._images = []
         if stats is None:  # not the main process
             return

@@ -6,14 +6,14 @@ from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 
 from ...analysis import living_experts
-from ...layers import assign_moe_names, record_gates
-from .expert_size_stats_hook import unwrap
+from ...layers import assign_moe_names
+from .gate_recording import GateRecordingMixin, unwrap
 
 MAX_EXPERTS_LOGGED_ONE_BY_ONE = 16
 
 
 @HOOKS.register_module()
-class ExpertUtilisationHook(Hook):
+class ExpertUtilisationHook(GateRecordingMixin, Hook):
     """Logs each MoE layer's importance share per expert and its living experts.
 
     The gate weights are computed by training anyway; the hook only sums their
@@ -33,7 +33,6 @@ class ExpertUtilisationHook(Hook):
                              f'{interval!r} and {collapse_intervals!r}')
         self.interval, self.collapse_share = interval, collapse_share
         self.collapse_intervals = collapse_intervals
-        self._context = self._recorder = None
         self._training = False
 
     def before_train(self, runner) -> None:
@@ -44,36 +43,27 @@ class ExpertUtilisationHook(Hook):
         self._rows = defaultdict(int)
         self._low_streak = defaultdict(int)
         self._training = True
-        self._resume(runner)
-
-    def _resume(self, runner) -> None:
-        self._context = record_gates(unwrap(runner.model))
-        self._recorder = self._context.__enter__()
-
-    def _pause(self) -> None:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            self._context = self._recorder = None
+        self.start_recording(runner)
 
     def before_val_epoch(self, runner) -> None:
-        self._pause()  # validation gates are not training utilisation
+        self.stop_recording()  # validation gates are not training utilisation
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         if self._training:
-            self._resume(runner)
+            self.start_recording(runner)
 
     def after_train(self, runner) -> None:
         self._training = False
-        self._pause()
+        self.stop_recording()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        if self._recorder is None:
+        if self.recorder is None:
             return
-        for record in self._recorder.records:
+        for record in self.recorder.records:
             self._importance[record.name] = (self._importance[record.name] +
                                              record.weights.float().sum(0).cpu().numpy())
             self._rows[record.name] += record.weights.shape[0]
-        self._recorder.clear()
+        self.recorder.clear()
         if self.every_n_train_iters(runner, self.interval):
             self._report(runner)
 
