@@ -5,6 +5,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+# fields with one row per gate row (all but the batch-wide expert_mask)
+ROW_FIELDS = ('weights', 'indices', 'logits', 'noisy_logits', 'noise_std')
+
 
 @dataclass
 class GateOutput:
@@ -40,8 +43,7 @@ class GateOutput:
         """Split the rows (e.g. per FPN level) into consecutive chunks."""
         def part(t):
             return [None] * len(sizes) if t is None else t.split(list(sizes))
-        fields = [part(getattr(self, n)) for n in
-                  ('weights', 'indices', 'logits', 'noisy_logits', 'noise_std')]
+        fields = [part(getattr(self, n)) for n in ROW_FIELDS]
         return [GateOutput(*row, expert_mask=self.expert_mask) for row in zip(*fields, strict=True)]
 
     @staticmethod
@@ -55,6 +57,4 @@ class GateOutput:
             if any(p is None for p in parts):
                 return None
             return torch.cat(parts)
-        return GateOutput(join('weights'), join('indices'), join('logits'),
-                          join('noisy_logits'), join('noise_std'),
-                          outputs[-1].expert_mask)
+        return GateOutput(*map(join, ROW_FIELDS), expert_mask=outputs[-1].expert_mask)
