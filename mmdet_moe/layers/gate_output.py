@@ -14,8 +14,9 @@ class GateOutput:
     """What a :class:`~mmdet_moe.layers.TopKGate` decided for a batch.
 
     Attributes:
-        weights: (B, N) dense gate weights; zero for unselected experts, each row
-            sums to 1 (softmax over the k kept logits only).
+        weights: (B, N) dense gate weights; zero for unselected experts; each row
+            sums to 1 (softmax over the k kept logits), or less with a gate's
+            ``renormalize=False`` (probabilities of the softmax over all N).
         indices: (B, k) selected experts, the largest weight first.
         logits: (B, N) clean logits ``h = W_g · GAP(x) + b`` (no noise, no mask).
         noisy_logits: (B, N) ``h + ε · σ`` when noise was applied (training with

@@ -7,9 +7,14 @@ experts per row (an image, or an (image, FPN level) pair)::
     h ← h + ε · (softplus(W_n · GAP(x)) + 0.01)    training only, ε ~ N(0, 1)
     G = softmax(KeepTopK(h, k))                     zeros outside the top k
 
+With ``renormalize=False`` the kept experts are weighted by their probability in
+the softmax over all N logits instead (Switch Transformer); the weights then sum
+to less than 1, and a top-1 gate still gets a gradient from the task loss.
+
 Hard constraints (:class:`RelativeImportanceGate`, :class:`AbsoluteImportanceGate`)
 switch over-used experts off (logit −∞ before top-k) instead of adding a loss.
 """
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
@@ -51,6 +56,12 @@ class TopKGate(nn.Module):
             GAP → linear), the two gates of Pavlitska et al.
         conv_channels: hidden channels of the ``'conv'`` gate.
         noise_epsilon: floor added to the noise std (keeps Φ in the load loss finite).
+        renormalize: ``True`` (the paper): softmax over the k kept logits, the
+            weights sum to 1. ``False`` (Switch Transformer): each kept expert
+            is weighted by its softmax probability over all N logits. With
+            ``top_k=1`` and ``True`` the single weight is always 1, so the gate
+            gets no gradient from the task loss (a warning says so); ``False``
+            is the usual remedy.
 
     ``forward(x)`` takes a (B, C, H, W) map, a (B, C) pooled vector, or a list of
     maps (FPN levels) that share this gate; rows of a list are concatenated level
@@ -59,11 +70,21 @@ class TopKGate(nn.Module):
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int,
                  noisy: bool = True, gate_type: str = 'linear',
-                 conv_channels: int = 64, noise_epsilon: float = 1e-2):
+                 conv_channels: int = 64, noise_epsilon: float = 1e-2,
+                 renormalize: bool = True):
         super().__init__()
         check_num_experts(num_experts, top_k)
         check_choice('gate_type', gate_type, {'linear', 'conv'})
+        check_choice('renormalize', renormalize, {True, False})
+        if top_k == 1 and renormalize:
+            warnings.warn('TopKGate(top_k=1, renormalize=True): the softmax over one '
+                          'kept logit is always 1, so the gate gets no gradient from '
+                          'the task loss (only from balance losses); pass '
+                          'renormalize=False to weight the chosen expert by its '
+                          'softmax probability over all experts (Switch Transformer)',
+                          stacklevel=2)
         self.in_channels, self.num_experts, self.top_k = in_channels, num_experts, top_k
+        self.renormalize = renormalize
         self.noisy, self.gate_type, self.noise_epsilon = noisy, gate_type, noise_epsilon
         self.moe_name = None  # set by assign_moe_names(); used in error messages
         self.forced_expert = None  # set by override_routing() for analysis
@@ -118,8 +139,11 @@ class TopKGate(nn.Module):
         if expert_mask is not None:
             routing = routing.masked_fill(expert_mask, float('-inf'))
         top_logits, indices = routing.topk(self.top_k, dim=1)
-        weights = torch.zeros_like(routing).scatter(1, indices,
-                                                    F.softmax(top_logits, dim=1))
+        if self.renormalize:
+            kept = F.softmax(top_logits, dim=1)
+        else:  # masked experts have logit -inf, hence probability 0
+            kept = F.softmax(routing, dim=1).gather(1, indices)
+        weights = torch.zeros_like(routing).scatter(1, indices, kept)
         if self.training:
             self.update_state(weights)
         return GateOutput(weights, indices, logits, noisy_logits, noise_std, expert_mask)
@@ -133,7 +157,8 @@ class TopKGate(nn.Module):
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, num_experts={self.num_experts}, '
-                f'top_k={self.top_k}, noisy={self.noisy}, gate_type={self.gate_type!r}')
+                f'top_k={self.top_k}, noisy={self.noisy}, gate_type={self.gate_type!r}, '
+                f'renormalize={self.renormalize}')
 
 
 class _HardConstraintGate(TopKGate):

@@ -138,3 +138,33 @@ def test_absolute_importance_running_mean():
     torch.testing.assert_close(gate.usage, torch.tensor([.5, .5, 0, 0]))
     # .5 - .25 = .25 < .3: nobody masked
     assert gate.expert_mask() is None
+
+
+def test_top1_renormalized_gate_gets_no_task_gradient_and_warns():
+    """Defect: with top_k=1 the softmax over one kept logit is 1: no gradient."""
+    with pytest.warns(UserWarning, match='renormalize=False'):
+        gate = TopKGate(4, 3, 1, noisy=False)
+    gate(torch.randn(5, 4, 3, 3)).weights.sum().backward()
+    assert gate.w_gate.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_switch_weighting_is_the_softmax_over_all_experts(top_k):
+    """renormalize=False: each kept expert weighs its probability in the softmax over
+    all N logits (Switch Transformer's formula); the gate gets a task gradient."""
+    gate = TopKGate(4, 5, top_k, noisy=False, renormalize=False)
+    x = torch.randn(6, 4, 3, 3)
+    out = gate(x)
+    probs = F.softmax(x.mean((2, 3)) @ gate.w_gate.weight.t() + gate.w_gate.bias, dim=1)
+    top = probs.topk(top_k, dim=1)
+    torch.testing.assert_close(out.weights,
+                               torch.zeros(6, 5).scatter(1, top.indices, top.values))
+    (out.weights * torch.randn(6, 5)).sum().backward()
+    assert gate.w_gate.weight.grad.abs().sum() > 0
+
+
+def test_switch_weighting_keeps_hard_constraint_masks():
+    gate = RelativeImportanceGate(4, 4, 1, threshold=0.3, renormalize=False)
+    gate.usage.copy_(torch.tensor([5., 0., 0., 0.]))  # expert 0 over-used: masked
+    out = gate(torch.randn(8, 4, 2, 2))
+    assert (out.weights[:, 0] == 0).all() and (out.weights.sum(1) < 1).all()
