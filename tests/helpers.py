@@ -89,6 +89,56 @@ def predict(model, batch_size=2, image_size=128, num_classes=5):
         return model(**data, mode='predict')
 
 
+def toy_retinanet(**moe_head):
+    """The toy RetinaNet config's model (score_thr 0: untrained scores are tiny); with
+    ``moe_head`` arguments, a MoERetinaNet whose head is a MoERetinaHead with them."""
+    model = load_config(TOY_BASE_CONFIG).model
+    model.test_cfg.score_thr = 0.0
+    if moe_head:
+        model.type = 'MoERetinaNet'
+        model.bbox_head.update(type='MoERetinaHead', **moe_head)
+    return model
+
+
+def stock_model_cfg(path, width=None):
+    """The ``model`` of mmdet's own config ``path`` (e.g.
+    ``'retinanet/retinanet_r50_fpn_1x_coco.py'``) with a ResNet-18 backbone; with
+    ``width``, FPN and head channels set to it (5 classes; Faster R-CNN's RoI head
+    becomes ``Shared4Conv1FCBBoxHead``, which has convs)."""
+    import mmdet
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', path))
+    model = with_resnet18(cfg.model)
+    if width is None:
+        return model
+    model.neck.out_channels = width
+    if 'bbox_head' in model:
+        model.bbox_head.update(in_channels=width, feat_channels=width, num_classes=5)
+    else:  # two-stage
+        model.rpn_head.update(in_channels=width, feat_channels=width)
+        model.roi_head.bbox_roi_extractor.out_channels = width
+        old = model.roi_head.bbox_head
+        model.roi_head.bbox_head = dict(
+            type='Shared4Conv1FCBBoxHead', in_channels=width, conv_out_channels=width,
+            fc_out_channels=64, roi_feat_size=7, num_classes=5, bbox_coder=old.bbox_coder,
+            reg_class_agnostic=False, loss_cls=old.loss_cls, loss_bbox=old.loss_bbox)
+    return model
+
+
+def redraw_parameters(model, seed=0):
+    """Weights at a 1/sqrt(fan_in) scale, biases small, per-level box scales 3: a
+    model whose scores spread over (0, 1) and whose boxes vary in size, unlike at
+    mmdet's initialisation, where no score passes ``score_thr``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif name.endswith('bias'):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.dim() == 0:
+                p.fill_(3.0)
+
+
 def with_resnet18(model_cfg):
     """A detector config with a ResNet-18 backbone (no pretrained weights); for a
     ``MoEDetector`` the inner detector is changed."""

@@ -49,8 +49,11 @@ class MoEModuleMixin:
         if len(self._gate_outputs) > MAX_UNCOLLECTED_CALLS:
             raise RuntimeError(
                 f'{self.moe_name or type(self).__name__}: {len(self._gate_outputs)} '
-                'training forwards without collecting the balance losses; call '
-                'aux_losses() each step (or set balance_cfg=None)')
+                'training forwards without collecting the balance losses. An mmdet '
+                "detector collects them in forward(..., mode='loss') (the runner's "
+                'path); a loop of your own must call '
+                'mmdet_moe.models.collect_moe_losses(model) or aux_losses() each step '
+                '(or set balance_cfg=None)')
 
     def aux_losses(self) -> Dict[str, Tensor]:
         """Weighted balance losses ``{name: scalar}`` of the last training forward(s)."""

@@ -1,6 +1,5 @@
 """MoEConv2d: a convolution whose kernel is a per-image mixture of N expert kernels."""
-import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -76,6 +75,8 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
         self.groups, self.num_experts, self.top_k, self.impl = groups, num_experts, top_k, impl
+        # read by mmcv's ConvModule, which exports its conv's geometry
+        self.transposed, self.output_padding = False, (0, 0)
         if upcycle_noise_std < 0:
             raise ValueError(f'upcycle_noise_std must be >= 0, got {upcycle_noise_std!r}')
         self.upcycle_noise_std = upcycle_noise_std
@@ -87,9 +88,34 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         self.reset_parameters()
 
     def init_weights(self) -> None:
-        """Same as :meth:`reset_parameters`. Having it also tells mmcv's ConvModule not
-        to apply ``kaiming_init`` to the 5-D expert tensor, whose fans it gets wrong."""
-        self.reset_parameters()
+        """Nothing: the experts keep their initialisation. Its presence tells mmcv's
+        ``ConvModule`` not to apply ``kaiming_init`` to the 5-D expert tensor (whose
+        fans it would get wrong), and a parent's ``init_weights`` calling it does not
+        undo that parent's ``init_cfg`` (which reaches every expert, see :meth:`apply`)."""
+
+    def expert_convs(self) -> List[nn.Conv2d]:
+        """Each expert as an ``nn.Conv2d`` whose weight and bias share storage with
+        expert n's slice of this layer's tensors: writing into it (e.g. an
+        initialiser) writes into that expert. Not registered: no parameters added."""
+        convs = []
+        for n in range(self.num_experts):
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                             self.stride, self.padding, self.dilation, self.groups,
+                             bias=self.bias is not None, device='meta')
+            conv.weight = nn.Parameter(self.weight.data[n], requires_grad=False)
+            if self.bias is not None:
+                conv.bias = nn.Parameter(self.bias.data[n], requires_grad=False)
+            convs.append(conv)
+        return convs
+
+    def apply(self, fn):
+        """:meth:`nn.Module.apply`, and ``fn`` on every expert as an ``nn.Conv2d``
+        (:meth:`expert_convs`) first. mmengine's initialisers (``init_cfg`` with
+        ``layer='Conv2d'``) work through ``apply``: each expert is then initialised
+        exactly as the dense conv it replaces, with that conv's fan-in and fan-out."""
+        for conv in self.expert_convs():
+            fn(conv)
+        return super().apply(fn)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Upcycling: a dense conv's (out, in, kh, kw) weight / (out,) bias at this
@@ -103,13 +129,9 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
-        """Each expert initialised like a fresh ``nn.Conv2d``."""
-        for n in range(self.num_experts):
-            nn.init.kaiming_uniform_(self.weight[n], a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel() // self.out_channels
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        """Each expert initialised like a fresh ``nn.Conv2d`` (by its own code)."""
+        for conv in self.expert_convs():
+            conv.reset_parameters()
 
     @classmethod
     def like(cls, conv: nn.Conv2d, **kwargs) -> 'MoEConv2d':

@@ -88,6 +88,8 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
             in_channels, out_channels, num_experts
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        # read by mmcv's ConvModule, which exports its conv's geometry
+        self.groups, self.transposed, self.output_padding = 1, False, (0, 0)
         self.gate_mode, self.gate_act = gate_mode, gate_act
         if gate_mode == 'pixel':
             for k, p, d in zip(self.kernel_size, self.padding, self.dilation, strict=True):

@@ -18,14 +18,13 @@ import fnmatch
 from typing import List, Sequence
 
 import torch.nn as nn
+from mmcv.cnn import ConvModule
 
 from mmdet.registry import MODELS
 
-from ..layers import CPMuMoEConv2d, MoEConv2d, TRMuMoEConv2d
-from .moe_losses import with_moe_losses
+from ..layers import MoEConv2d
+from .conv_types import LAYER_TYPES, build_moe_conv, check_servable
 from .upcycling import freeze_all_but_moe
-
-LAYER_TYPES = {cls.__name__: cls for cls in (MoEConv2d, CPMuMoEConv2d, TRMuMoEConv2d)}
 
 
 def match_module_paths(model: nn.Module, pattern: str) -> List[str]:
@@ -36,19 +35,28 @@ def match_module_paths(model: nn.Module, pattern: str) -> List[str]:
             and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name.split('.'), parts, strict=True))]
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition('.')
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _moe_from_conv(layer_type: str, conv: nn.Conv2d, kwargs: dict) -> nn.Module:
-    if layer_type == 'MoEConv2d':
-        return MoEConv2d.like(conv, **kwargs)
-    if conv.groups != 1:
-        raise ValueError(f'{layer_type} supports groups=1 only, got groups={conv.groups}')
-    return LAYER_TYPES[layer_type](
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, bias=conv.bias is not None, **kwargs)
+def _replace_conv(model: nn.Module, path: str, layer_type: str, kwargs: dict,
+                  where: str) -> nn.Module:
+    """Put a MoE layer with the geometry of the conv at ``path`` in its place."""
+    conv = model.get_submodule(path)
+    if type(conv) is not nn.Conv2d:
+        raise ValueError(f'{where}: {path!r} is a {type(conv).__name__}, not an nn.Conv2d; '
+                         f'name the conv inside it (e.g. {path}.conv)')
+    if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+        raise ValueError(f'{where}: {path!r} has padding={conv.padding!r}, padding_mode='
+                         f'{conv.padding_mode!r}; MoE convs support numeric zero padding')
+    parts = path.split('.')
+    for depth in range(len(parts)):  # every ancestor's forward must call the conv
+        check_servable(model.get_submodule('.'.join(parts[:depth])), parts[depth],
+                       f'{where} at {path!r}')
+    parent = model.get_submodule('.'.join(parts[:-1]))
+    layer = build_moe_conv(
+        layer_type, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+        conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+        where=f'{where} at {path!r}',
+        conv_module=parent if isinstance(parent, ConvModule) else None, **kwargs)
+    setattr(parent, parts[-1], layer)
+    return layer
 
 
 def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
@@ -80,17 +88,7 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
                                  f'{type(model).__name__}; conv paths include '
                                  f'{convs[:8]}{" ..." if len(convs) > 8 else ""}')
             for name in names:
-                module = model.get_submodule(name)
-                if type(module) is not nn.Conv2d:
-                    raise ValueError(f'{where}.paths: {name!r} is a {type(module).__name__}, '
-                                     'not an nn.Conv2d; name the conv inside it (e.g. '
-                                     f'{name}.conv)')
-                try:
-                    new = _moe_from_conv(layer_type, module, spec)
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f'{where} at {name!r}: {err}') from err
-                _set_module(model, name, new)
-                new_layers.append(new)
+                new_layers.append(_replace_conv(model, name, layer_type, spec, where))
                 replaced.append(name)
         if shared_gate:
             _share_gate(new_layers, where)
@@ -111,16 +109,16 @@ def _share_gate(layers: list, where: str) -> None:
 @MODELS.register_module()
 def MoEDetector(detector: dict, moe_layers: Sequence[dict] = (),
                 train_only_moe: bool = False) -> nn.Module:
-    """Build ``detector`` (any mmdet detector config), insert ``moe_layers`` and add
-    the MoE balance losses to its loss dict. With ``train_only_moe`` every non-MoE
-    parameter is frozen (fine-tuning MoE parts of a trained detector).
+    """Build ``detector`` (any mmdet detector config) and insert ``moe_layers``.
+    With ``train_only_moe`` every non-MoE parameter is frozen (fine-tuning MoE parts
+    of a trained detector).
 
-    The result is the detector itself (same state-dict keys), of a subclass whose
-    ``loss()`` also returns ``loss_moe_*``.
+    The result is the detector itself, of its own class, with the same state-dict
+    keys; like every detector once ``mmdet_moe`` is imported, its loss dict has the
+    ``loss_moe_*`` of its MoE layers.
     """
     model = MODELS.build(detector)
     insert_moe_layers(model, moe_layers)
-    model.__class__ = with_moe_losses(type(model))
     if train_only_moe:
         freeze_all_but_moe(model)
     return model

@@ -3,11 +3,10 @@ import pytest
 import torch
 from mmengine.config import ConfigDict
 
-from helpers import all_finite, build_model, one_training_step, predict, with_resnet18
+from helpers import all_finite, build_model, one_training_step, predict, stock_model_cfg
 from mmdet_moe.layers import CPMuMoEConv2d, MoEConv2d
 from mmdet_moe.models import insert_moe_layers, match_module_paths
 
-MIM = 'mmdet::'
 DETECTORS = {
     'retinanet': ('retinanet/retinanet_r50_fpn_1x_coco.py',
                   ['bbox_head.cls_convs.3.conv', 'neck.fpn_convs.*.conv']),
@@ -19,12 +18,7 @@ DETECTORS = {
 
 
 def stock_detector_cfg(name):
-    from mmengine.config import Config
-    import mmdet
-    import os.path as osp
-    path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', DETECTORS[name][0])
-    cfg = Config.fromfile(path)
-    return with_resnet18(cfg.model)
+    return stock_model_cfg(DETECTORS[name][0])
 
 
 def moe_detector_cfg(name, **spec):
@@ -97,3 +91,15 @@ def test_bad_specs_name_the_key_and_the_module(spec, match):
     model = build_model(stock_detector_cfg('retinanet'))
     with pytest.raises(ValueError, match=match):
         insert_moe_layers(model, [spec])
+
+
+def test_tood_reduction_conv_fails_at_build_naming_the_path():
+    """Defect: insertion into TOOD's reduction_conv passed the build and failed in the
+    first forward (its forward reads reduction_conv.conv.weight)."""
+    model = build_model(stock_model_cfg('tood/tood_r50_fpn_1x_coco.py'))
+    path = 'bbox_head.cls_decomp.reduction_conv.conv'
+    with pytest.raises(ValueError, match=rf"moe_layers\[0\] at '{path}'.*TaskDecomposition"):
+        insert_moe_layers(model, [dict(paths=path)])
+    assert type(model.get_submodule(path)) is torch.nn.Conv2d  # nothing half-replaced
+    # the convs TOOD's forward does call take MoE layers
+    assert insert_moe_layers(model, [dict(paths='bbox_head.inter_convs.*.conv')])

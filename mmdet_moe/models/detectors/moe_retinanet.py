@@ -1,14 +1,15 @@
-"""RetinaNet whose loss includes the balance losses of all its MoE modules."""
+"""RetinaNet that can train only its MoE parts (the paper's fine-tuning)."""
 from mmdet.models.detectors import RetinaNet
 from mmdet.registry import MODELS
 
-from ..moe_losses import MoELossMixin
 from ..upcycling import freeze_all_but_moe
 
 
 @MODELS.register_module()
-class MoERetinaNet(MoELossMixin, RetinaNet):
-    """RetinaNet + ``loss_moe_*`` of every MoE module (neck, head, inserted layers).
+class MoERetinaNet(RetinaNet):
+    """RetinaNet for MoE parts. Like every detector once ``mmdet_moe`` is imported,
+    its loss dict has the ``loss_moe_*`` of every MoE module (neck, head, inserted
+    layers).
 
     Args:
         train_only_moe: freeze every non-MoE parameter, as the paper does when it
