@@ -145,3 +145,36 @@ def test_bad_arguments():
         ExpertSizeStatsHook(score_thr=1.5)
     with pytest.raises(ValueError, match='iou_thr'):
         ExpertSizeStatsHook(iou_thr=0)
+
+
+def test_shared_head_reports_the_layer_that_routes():
+    """Defect: KeyError on a head with moe_branches='shared' (the reg MoE reuses the
+    cls gate and records nothing). Its statistics are the cls MoE's; the reference is
+    the gate of cls_moe applied to each level by hand."""
+    from types import SimpleNamespace
+
+    from helpers import build_model, toy_retinanet
+    from mmdet_moe.layers import record_gates
+    model = build_model(toy_retinanet(moe_branches='shared')).eval()
+    hook = ExpertSizeStatsHook(score_thr=0.0)
+    hook.before_run(SimpleNamespace(model=model))
+    assert hook.layer_names == ['bbox_head.cls_moe', 'bbox_head.reg_moe']
+    hook._classes, hook._gt = list('abcde'), GroundTruth(FakeDataset())
+    inputs = torch.randn(2, 3, 96, 96)
+    samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=(96, 96), ori_shape=(96, 96),
+                                           scale_factor=(1.0, 1.0), pad_shape=(96, 96),
+                                           batch_input_shape=(96, 96))) for i in range(2)]
+    for s in samples:
+        s.gt_instances = InstanceData(bboxes=torch.tensor([[0., 0., 40., 40.]]),
+                                      labels=torch.tensor([0]))
+    with record_gates(model) as recorder, torch.no_grad():
+        outputs = model.predict(inputs, samples)
+    hook.recorder = recorder
+    hook._collect(outputs)
+    stats = hook.summarise(hook._images, 'test', 0, 0)
+    assert list(stats['layers']) == ['bbox_head.cls_moe']
+    gate = model.bbox_head.cls_moe.gate
+    with torch.no_grad():
+        rows = torch.stack([gate(level).weights for level in model.extract_feat(inputs)])
+    np.testing.assert_allclose(stats['layers']['bbox_head.cls_moe']['importance'],
+                               rows.sum((0, 1)).numpy(), rtol=1e-5)

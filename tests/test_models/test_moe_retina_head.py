@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from helpers import (TOY_BASE_CONFIG, build_model, load_config, one_training_step)
+from helpers import build_model, one_training_step, redraw_parameters, toy_retinanet
 from mmdet_moe.layers import RelativeImportanceGate
 
 VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared', 'subnet'),
@@ -12,19 +12,12 @@ VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared',
 
 
 def moe_model(branches='cls', expert_type='subnet', **head):
-    cfg = load_config(TOY_BASE_CONFIG)
-    cfg.model.type = 'MoERetinaNet'
-    cfg.model.test_cfg.score_thr = 0.0  # untrained scores are tiny; keep detections
-    cfg.model.bbox_head.update(type='MoERetinaHead', moe_branches=branches,
-                               expert_type=expert_type)
-    cfg.model.bbox_head.update(head)
-    return build_model(cfg.model)
+    return build_model(toy_retinanet(**{'moe_branches': branches, 'expert_type': expert_type,
+                                        **head}))
 
 
 def dense_model():
-    cfg = load_config(TOY_BASE_CONFIG)
-    cfg.model.test_cfg.score_thr = 0.0
-    return build_model(cfg.model)
+    return build_model(toy_retinanet())
 
 
 def features(model, batch=2, size=128):
@@ -110,3 +103,61 @@ def test_state_dict_round_trip_keeps_hard_constraint_buffers():
 def test_bad_head_configs_fail_at_build(head, match):
     with pytest.raises(ValueError, match=match):
         moe_model(**head)
+
+
+def upcycled_pair(branches='both', expert_type='subnet', **test_cfg):
+    dense, moe = dense_model(), moe_model(branches, expert_type)
+    for model in (dense, moe):
+        model.bbox_head.test_cfg.update(test_cfg)
+    redraw_parameters(dense)
+    moe.load_state_dict(dense.state_dict(), strict=False)
+    return dense.eval(), moe.eval()
+
+
+def test_min_bbox_size_is_applied_once_after_rescale():
+    """Defect: min_bbox_size filtered each level before rescaling, then again after."""
+    from mmdet.testing import demo_mm_inputs
+    dense, moe = upcycled_pair(min_bbox_size=100)
+    packed = demo_mm_inputs(2, [[3, 128, 96], [3, 96, 128]], num_items=[3, 3],
+                            num_classes=5)
+    # images were downscaled: rescaling doubles the boxes (40-128 px here) across the
+    # 100 px limit, which applies to the boxes of the original image only
+    for sample in packed['data_samples']:
+        sample.set_metainfo(dict(scale_factor=(0.5, 0.5)))
+    data = dense.data_preprocessor(packed, False)
+    with torch.no_grad():
+        want = dense.predict(data['inputs'], data['data_samples'], rescale=True)
+        got = moe.predict(data['inputs'], data['data_samples'], rescale=True)
+    for g, w in zip(got, want, strict=True):
+        assert len(w.pred_instances) > 0
+        torch.testing.assert_close(g.pred_instances.bboxes, w.pred_instances.bboxes)
+        torch.testing.assert_close(g.pred_instances.scores, w.pred_instances.scores)
+
+
+@pytest.mark.parametrize('branches, expert_type', VARIANTS)
+def test_forward_reads_a_single_pass_iterable_once(branches, expert_type):
+    """Defect: forward iterated its input several times (mmdet passes generators)."""
+    moe = moe_model(branches, expert_type).eval()
+    x = features(moe)
+    with torch.no_grad():
+        want = moe.bbox_head(x)
+        got = moe.bbox_head(level for level in x)
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(x)
+        for a, b in zip(g, w, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('branches, expert_type', VARIANTS)
+def test_forward_single_is_one_level_of_forward(branches, expert_type):
+    """Defect: RetinaHead.forward_single raised AttributeError on subnet experts.
+    Against the dense RetinaHead.forward_single of the model it was upcycled from."""
+    dense, moe = dense_model().eval(), moe_model(branches, expert_type).eval()
+    moe.load_state_dict(dense.state_dict(), strict=False)
+    x = features(dense)
+    with torch.no_grad():
+        for level in x:
+            got = moe.bbox_head.forward_single(level)
+            want = dense.bbox_head.forward_single(level)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -198,7 +198,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
         gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
         layers = {}
-        for name in self.layer_names:
+        for name in self._routing_layers(images):
             per_image = [img['layers'][name] for img in images]
             weights = np.concatenate([p['det_weights'] for p in per_image]).astype(np.float64)
             level_rows = np.stack([p['level_rows'] for p in per_image])  # (images, calls, N)
@@ -217,6 +217,19 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                 nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
                                           self.shuffle_permutations, self.seed))
         return layers
+
+
+    def _routing_layers(self, images: List[dict]) -> List[str]:
+        """The MoE layers that routed: a layer reusing another's routing decision (a
+        head's reg MoE with ``moe_branches='shared'``) records no gate rows of its
+        own; its statistics are those of the layer that routed."""
+        names = [n for n in self.layer_names if any(n in img['layers'] for img in images)]
+        for name in names:
+            missing = sum(name not in img['layers'] for img in images)
+            if missing:
+                raise RuntimeError(f'ExpertSizeStatsHook: MoE layer {name} routed on some '
+                                   f'images but not on {missing} others')
+        return names
 
 
 def write_stats(stats: dict, work_dir: str, tag: str) -> str:

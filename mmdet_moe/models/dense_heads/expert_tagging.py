@@ -1,4 +1,5 @@
 """Tag each detection of a dense head with its FPN level and its experts' gate weights."""
+import copy
 from typing import List, Optional
 
 import torch
@@ -17,7 +18,8 @@ class ExpertTaggingMixin:
       nothing), the gate weights of the (image, level) the detection came from.
 
     Detections are decoded level by level (same ``nms_pre`` per level as mmdet) and
-    then share one ``_bbox_post_process`` (rescale, NMS), so boxes are unchanged.
+    then share one ``_bbox_post_process`` (rescale, score factors, ``min_bbox_size``,
+    NMS), so the boxes are those of the stock ``predict_by_feat``.
     """
 
     def moe_modules(self) -> list:
@@ -62,6 +64,10 @@ class ExpertTaggingMixin:
             return super().predict_by_feat(cls_scores, bbox_preds, score_factors,
                                            batch_img_metas, cfg, rescale, with_nms)
         cfg = self.test_cfg if cfg is None else cfg
+        # per level: decode only; min_bbox_size (like rescale and NMS) is applied once,
+        # by the final _bbox_post_process, to the rescaled boxes as in mmdet
+        level_cfg = copy.deepcopy(cfg)
+        level_cfg['min_bbox_size'] = -1
         num_levels = len(cls_scores)
         priors = self.prior_generator.grid_priors(
             [s.shape[-2:] for s in cls_scores], dtype=cls_scores[0].dtype,
@@ -73,7 +79,8 @@ class ExpertTaggingMixin:
                 factor = None if score_factors is None else score_factors[level][b].detach()
                 result = self._predict_by_feat_single(
                     [cls_scores[level][b].detach()], [bbox_preds[level][b].detach()],
-                    [factor], [priors[level]], img_meta, cfg, rescale=False, with_nms=False)
+                    [factor], [priors[level]], img_meta, level_cfg, rescale=False,
+                    with_nms=False)
                 result.levels = result.scores.new_full((len(result),), level,
                                                        dtype=torch.long)
                 result.expert_weights = routing[level, b].expand(len(result), -1, -1).clone()

@@ -1,6 +1,6 @@
 """RetinaNet head whose classification and/or regression towers are MoE layers."""
 import copy
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from mmengine.model import bias_init_with_prob, normal_init
@@ -71,7 +71,7 @@ class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
                  balance_cfg: Optional[dict] = None, moe_convs: Sequence[int] = (3,),
                  experts_include_output: bool = True, upcycle_noise_std: float = 0.0,
                  impl: str = 'auto',
-                 init_cfg=dict(type='Normal', layer=['Conv2d', 'MoEConv2d'], std=0.01),
+                 init_cfg=dict(type='Normal', layer='Conv2d', std=0.01),
                  **kwargs):
         check_choice('moe_branches', moe_branches, set(BRANCHES))
         check_choice('expert_type', expert_type, {'subnet', 'conv'})
@@ -160,12 +160,20 @@ class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
                 feats.append(level)
         return feats if out_conv is None else [out_conv(f) for f in feats]
 
-    def forward(self, x: Tuple[Tensor]) -> Tuple[list, list]:
-        """x: L maps (B, C, H_l, W_l) → (cls_scores, bbox_preds), L maps each."""
+    def forward(self, x: Iterable[Tensor]) -> Tuple[list, list]:
+        """x: L maps (B, C, H_l, W_l), any iterable → (cls_scores, bbox_preds), L maps
+        each. The gates route per (image, level)."""
+        x = list(x)  # read once: a generator is consumed by the first pass
         routing = None
         if self.moe_branches == 'shared' and self.expert_type == 'subnet':
-            routing = self.cls_moe.route(list(x))
+            routing = self.cls_moe.route(x)
         return self._branch_forward('cls', x, routing), self._branch_forward('reg', x, routing)
+
+    def forward_single(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """One level (B, C, H, W) → (cls_score, bbox_pred), as ``RetinaHead``; the
+        gates route each image on this level alone."""
+        cls_scores, bbox_preds = self([x])
+        return cls_scores[0], bbox_preds[0]
 
     def loss_by_feat(self, *args, **kwargs) -> dict:
         return merge_losses(super().loss_by_feat(*args, **kwargs), collect_moe_losses(self))
