@@ -78,8 +78,10 @@ TARGETS = {
 # test_cfg variants: (changes to the head's test_cfg, rescale)
 VARIANTS = {
     'default': ({}, True),
-    'min_bbox_size': (dict(min_bbox_size=8), True),
-    'min_bbox_size-no-rescale': (dict(min_bbox_size=8), False),
+    'min_bbox_size-8': (dict(min_bbox_size=8), True),
+    # 32 px removes a third of the dense detections of most targets here
+    'min_bbox_size-32': (dict(min_bbox_size=32), True),
+    'min_bbox_size-32-no-rescale': (dict(min_bbox_size=32), False),
     'small-nms_pre': (dict(nms_pre=20), True),
 }
 SHAPES = {1: [(3, 96, 80)], 3: [(3, 96, 80), (3, 64, 96), (3, 80, 72)]}
@@ -124,23 +126,22 @@ def detection_distance(a, b):
 
 
 def assert_same_predictions(got, want, tol=5e-3):
-    """The same detections (boxes, scores, labels) within float tolerance, in the
-    same order except for near-tied scores, whose order float rounding may swap: the
-    detections that differ at their position must match each other one to one."""
+    """The same detections (boxes, scores, labels) within float tolerance. Order is
+    free where scores are near-tied (float rounding may swap them): detections that
+    differ at their position must each have a match among the other side's."""
     assert len(got) == len(want)
     got, want = ([r.pred_instances if hasattr(r, 'pred_instances') else r for r in results]
                  for results in (got, want))
     assert sum(map(len, want)) > 0
+    assert not any('levels' in w for w in want)  # the dense model's own results
     for g, w in zip(got, want, strict=True):
         assert len(g) == len(w)
         if not len(w):
             continue
-        in_place = ((g.bboxes - w.bboxes).abs().amax(-1) +
-                    100 * (g.scores - w.scores).abs() + 1e3 * (g.labels != w.labels)) < tol
-        assert in_place.float().mean() > 0.95
-        moved = ~in_place
-        distance = detection_distance(g[moved], w[moved])
+        moved = ((g.bboxes - w.bboxes).abs().amax(-1) + 100 * (g.scores - w.scores).abs() +
+                 1e3 * (g.labels != w.labels)) >= tol
         if moved.any():
+            distance = detection_distance(g[moved], w[moved])
             assert distance.min(dim=1).values.max() < tol
             assert distance.min(dim=0).values.max() < tol
 
@@ -158,7 +159,9 @@ def test_predict_equals_dense(pair, variant, batch_size):
             cfg.update(changes)
         try:
             with torch.no_grad():
-                results.append(model.predict(data['inputs'], data['data_samples'],
+                # predict writes into the samples it is given: each model its own
+                results.append(model.predict(data['inputs'],
+                                             copy.deepcopy(data['data_samples']),
                                              rescale=rescale))
         finally:
             for cfg, old in zip(heads_test_cfgs(model), saved, strict=True):
