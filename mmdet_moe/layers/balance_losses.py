@@ -36,11 +36,14 @@ def importance_loss(gates: Union[Tensor, GateOutput]) -> Tensor:
 def kl_uniform_loss(gates: Union[Tensor, GateOutput]) -> Tensor:
     """KL divergence of the batch's expert distribution to uniform.
 
-    ``p = (Imp + 1e-10) / B``, loss ``Σ_i p_i log(p_i · N)``; 0 when balanced.
+    ``p = (Imp + 1e-10) / ΣImp``, loss ``Σ_i p_i log(p_i · N)``; 0 when balanced.
+    ``ΣImp`` is B when every row sums to 1 (the paper's ``p = (Imp + 1e-10) / B``);
+    it keeps p a distribution for gates whose rows sum to less (``renormalize=False``).
     """
     weights = _weights(gates)
-    batch, num_experts = weights.shape
-    p = (weights.sum(0) + EPS) / batch
+    num_experts = weights.shape[1]
+    importance = weights.sum(0)
+    p = (importance + EPS) / importance.sum().clamp_min(EPS)
     return (p * torch.log(p * num_experts)).sum()
 
 

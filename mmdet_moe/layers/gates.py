@@ -198,6 +198,8 @@ class _HardConstraintGate(TopKGate):
 
     def update_state(self, weights: Tensor) -> None:
         importance, rows = global_importance(weights)
+        if not self.renormalize:  # rows sum to less than 1: shares of the gate mass
+            rows = importance.sum()
         self.num_iters += 1
         if self.num_iters.item() > self.warmup_iters:
             self.accumulate(importance, rows)

@@ -112,7 +112,9 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         """:meth:`nn.Module.apply`, and ``fn`` on every expert as an ``nn.Conv2d``
         (:meth:`expert_convs`) first. mmengine's initialisers (``init_cfg`` with
         ``layer='Conv2d'``) work through ``apply``: each expert is then initialised
-        exactly as the dense conv it replaces, with that conv's fan-in and fan-out."""
+        exactly as the dense conv it replaces, with that conv's fan-in and fan-out.
+        ``fn`` acts through the stand-ins' storage: writing into their tensors works,
+        replacing them (``conv.weight = ...``) has no effect on this layer."""
         for conv in self.expert_convs():
             fn(conv)
         return super().apply(fn)

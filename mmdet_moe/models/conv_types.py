@@ -14,7 +14,7 @@ applied to every expert; the owners' ``init_cfg`` reach every expert later (see
 """
 import sys
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
@@ -42,21 +42,45 @@ def check_servable(owner: nn.Module, child: str, where: str) -> None:
                          'bbox_head.inter_convs.*.conv)')
 
 
-def modules_under_construction() -> List[nn.Module]:
-    """The ``nn.Module`` s whose ``__init__`` is running, innermost first.
+def construction_frames() -> List[Tuple[str, dict]]:
+    """The calls building this conv: (function name, its local variables), innermost
+    first. ``__init__`` frames hold the ``nn.Module`` being built as ``self``.
 
     While a conv is built from ``conv_cfg`` it is not yet attached to its parent, so
-    its module path does not exist; this chain (e.g. FPN > ConvModule) is the
-    closest a build-time error can name.
+    its module path does not exist; the chain of modules being built (e.g.
+    FPN > ConvModule) is the closest a build-time error can name.
     """
-    owners: List[nn.Module] = []
+    frames = []
     frame = sys._getframe(1)
     while frame is not None:
-        owner = frame.f_locals.get('self') if frame.f_code.co_name == '__init__' else None
+        frames.append((frame.f_code.co_name, frame.f_locals))
+        frame = frame.f_back
+    return frames
+
+
+def modules_under_construction(frames: List[Tuple[str, dict]]) -> List[nn.Module]:
+    """The ``nn.Module`` s whose ``__init__`` is running in ``frames``, innermost first."""
+    owners: List[nn.Module] = []
+    for name, local_vars in frames:
+        owner = local_vars.get('self') if name == '__init__' else None
         if isinstance(owner, nn.Module) and not any(owner is o for o in owners):
             owners.append(owner)
-        frame = frame.f_back
     return owners
+
+
+def _check_conv_cfg_context(frames: List[Tuple[str, dict]], where: str) -> None:
+    """Refuse the places where ``conv_cfg`` builds something a MoE conv cannot be."""
+    for name, local_vars in frames:
+        if name == 'build_upsample_layer':
+            raise ValueError(f'{where}: built by build_upsample_layer, which expects an '
+                             'upsampling (transposed) conv; MoE convs are plain convs')
+        if name == '__init__' and isinstance(local_vars.get('self'), ConvModule):
+            for flag in ('with_spectral_norm', 'efficient_conv_bn_eval'):
+                if local_vars.get(flag):
+                    raise ValueError(f'{where}: ConvModule({flag}=True) reads and '
+                                     "rewrites its conv's weight; a MoE conv has one "
+                                     f'weight per expert: set {flag}=False')
+            return  # the innermost ConvModule decides
 
 
 def build_moe_conv(type_name: str, in_channels: int, out_channels: int, kernel_size,
@@ -94,9 +118,11 @@ def build_moe_conv(type_name: str, in_channels: int, out_channels: int, kernel_s
 def _conv_cfg_builder(type_name: str):
 
     def build(*args, **kwargs) -> nn.Module:
-        owners = modules_under_construction()
+        frames = construction_frames()
+        owners = modules_under_construction(frames)
         chain = ' > '.join(type(o).__name__ for o in reversed(owners)) or 'no module'
         where = f'conv_cfg type {type_name} built in {chain}'
+        _check_conv_cfg_context(frames, where)
         for owner in owners:  # in those modules, conv_cfg builds only that child
             check_servable(owner, UNSERVABLE.get(type(owner).__name__, ('',))[0], where)
         inner = owners[0] if owners else None

@@ -1,6 +1,7 @@
 """Auxiliary (balance) losses of every MoE module in a detector, in its loss dict."""
 import functools
-from typing import Dict
+import threading
+from typing import Callable, Dict
 
 import torch.nn as nn
 from mmdet.models.detectors import BaseDetector
@@ -32,29 +33,62 @@ def merge_losses(losses: dict, extra: Dict[str, Tensor]) -> dict:
     return losses
 
 
+_calls = threading.local()  # depth of nested loss() calls in this thread
+
+
+def _collecting(loss: Callable) -> Callable:
+    """``loss`` that adds the MoE losses of its detector when it is the outermost
+    detector ``loss()`` call (a detector calling its parent's or a sub-detector's
+    ``loss()`` collects once, at the top)."""
+
+    @functools.wraps(loss)
+    def loss_with_moe_losses(self, *args, **kwargs):
+        depth = getattr(_calls, 'depth', 0)
+        _calls.depth = depth + 1
+        try:
+            losses = loss(self, *args, **kwargs)
+        finally:
+            _calls.depth = depth
+        if depth == 0:
+            merge_losses(losses, collect_moe_losses(self))
+        return losses
+
+    loss_with_moe_losses.collects_moe_losses = True
+    return loss_with_moe_losses
+
+
+def _wrap_loss(cls: type) -> None:
+    loss = cls.__dict__.get('loss')
+    if loss is not None and not getattr(loss, '__isabstractmethod__', False) \
+            and not getattr(loss, 'collects_moe_losses', False):
+        cls.loss = _collecting(loss)
+
+
 def install_detector_loss_collection() -> None:
     """Make every mmdet detector return its MoE balance losses (idempotent).
 
-    mmdet's ``BaseDetector.forward`` is the one entry of every detector class (the
-    runner's ``train_step`` calls it with ``mode='loss'``; no mmdet 3.3 detector
-    overrides it). After its ``loss()`` the ``loss_moe_*`` of all MoE modules in the
-    detector are added, so MoE layers from ``conv_cfg``, :func:`MoEDetector` paths
-    or the provided components are balanced in any detector, single- or two-stage.
-    A detector without MoE modules returns the same dict as before.
+    The ``loss()`` of every ``BaseDetector`` subclass, those defined so far and those
+    defined later, adds the ``loss_moe_*`` of all MoE modules in the detector to its
+    loss dict, so MoE layers from ``conv_cfg``, :func:`MoEDetector` paths or the
+    provided components are balanced in any detector, single- or two-stage, called
+    through ``forward(mode='loss')`` (the runner's ``train_step``) or ``loss()``
+    directly (e.g. by a tracker wrapping a detector). Only the outermost call
+    collects. A detector without MoE modules returns the same dict as before.
     """
-    forward = BaseDetector.forward
-    if getattr(forward, 'collects_moe_losses', False):
+    classes = [BaseDetector]
+    while classes:
+        cls = classes.pop()
+        _wrap_loss(cls)
+        classes.extend(cls.__subclasses__())
+    if getattr(BaseDetector.__init_subclass__, 'wraps_moe_losses', False):
         return
 
-    @functools.wraps(forward)
-    def forward_with_moe_losses(self, inputs, data_samples=None, mode='tensor'):
-        results = forward(self, inputs, data_samples, mode)
-        if mode == 'loss':
-            merge_losses(results, collect_moe_losses(self))
-        return results
+    def init_subclass(cls, **kwargs):
+        super(BaseDetector, cls).__init_subclass__(**kwargs)
+        _wrap_loss(cls)
 
-    forward_with_moe_losses.collects_moe_losses = True
-    BaseDetector.forward = forward_with_moe_losses
+    init_subclass.wraps_moe_losses = True
+    BaseDetector.__init_subclass__ = classmethod(init_subclass)
 
 
 install_detector_loss_collection()

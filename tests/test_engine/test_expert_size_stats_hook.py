@@ -173,8 +173,19 @@ def test_shared_head_reports_the_layer_that_routes():
     hook._collect(outputs)
     stats = hook.summarise(hook._images, 'test', 0, 0)
     assert list(stats['layers']) == ['bbox_head.cls_moe']
+    assert stats['shared_routing'] == {'bbox_head.reg_moe': 'bbox_head.cls_moe'}
     gate = model.bbox_head.cls_moe.gate
     with torch.no_grad():
         rows = torch.stack([gate(level).weights for level in model.extract_feat(inputs)])
     np.testing.assert_allclose(stats['layers']['bbox_head.cls_moe']['importance'],
                                rows.sum((0, 1)).numpy(), rtol=1e-5)
+
+
+def test_a_layer_that_never_routes_is_not_dropped_silently():
+    hook = make_hook()
+    hook.layer_names = ['head', 'neck', 'unused']
+    recorder, samples = batch()
+    hook.recorder = recorder
+    hook._collect(samples)
+    with pytest.raises(RuntimeError, match='unused recorded no gate rows'):
+        hook.summarise(hook._images, 'test', 0, 0)

@@ -168,3 +168,19 @@ def test_switch_weighting_keeps_hard_constraint_masks():
     gate.usage.copy_(torch.tensor([5., 0., 0., 0.]))  # expert 0 over-used: masked
     out = gate(torch.randn(8, 4, 2, 2))
     assert (out.weights[:, 0] == 0).all() and (out.weights.sum(1) < 1).all()
+
+
+def test_switch_weighting_keeps_balance_statistics_calibrated():
+    """With rows summing to less than 1, balanced use still gives KL-to-uniform 0 and
+    no drift of the relative importance (shares of the gate mass, not of B rows)."""
+    from mmdet_moe.layers import kl_uniform_loss
+    gate = RelativeImportanceGate(4, 4, 1, threshold=0.3, renormalize=False, noisy=False)
+    with torch.no_grad():
+        gate.w_gate.weight.copy_(4 * torch.eye(4))
+        gate.w_gate.bias.zero_()
+    x = torch.eye(4)[:, :, None, None]
+    out = gate(x)  # each row picks another expert with the same probability
+    assert sorted(out.indices.squeeze(1).tolist()) == [0, 1, 2, 3]
+    assert (out.weights.sum(1) < 1).all()
+    assert kl_uniform_loss(out).item() == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(gate.usage, torch.zeros(4), atol=1e-5, rtol=0)

@@ -114,3 +114,21 @@ def test_conv_cfg_in_tood_task_decomposition_fails_at_build():
     from mmdet.models.dense_heads.tood_head import TaskDecomposition
     with pytest.raises(ValueError, match='TaskDecomposition.reduction_conv'):
         TaskDecomposition(32, 4, 8, conv_cfg=MOE)
+
+
+@pytest.mark.parametrize('build, match', [
+    (lambda: ConvModule(8, 8, 3, conv_cfg=MOE, norm_cfg=dict(type='BN'),
+                        efficient_conv_bn_eval=True), 'efficient_conv_bn_eval=False'),
+    (lambda: ConvModule(8, 8, 3, conv_cfg=MOE, with_spectral_norm=True),
+     'with_spectral_norm=False'),
+])
+def test_conv_modules_that_rewrite_their_conv_weight_refuse_moe(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_upsample_layers_are_not_moe_convs():
+    from mmcv.cnn import build_upsample_layer
+    with pytest.raises(ValueError, match='build_upsample_layer'):
+        build_upsample_layer(dict(MOE, scale_factor=2), in_channels=8, out_channels=8,
+                             kernel_size=2, stride=2)

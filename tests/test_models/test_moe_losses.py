@@ -85,3 +85,33 @@ def test_moe_detectors_pickle_and_torch_save():
         with torch.no_grad():
             for a, b in zip(model.extract_feat(x), reloaded.extract_feat(x), strict=True):
                 torch.testing.assert_close(a, b)
+
+
+def test_direct_loss_calls_and_wrapping_models_collect_once():
+    """loss() called directly (MoERetinaNet, a tracker wrapping a detector) has the
+    MoE losses too, summed once, as forward(mode='loss') has."""
+    model = build_model(ConfigDict(stock_retinanet_with_moe_fpn(), type='MoERetinaNet'))
+    _, data = one_training_step(model, batch_size=2, image_size=96)
+    with record_gates(model) as recorder:
+        losses = model.loss(data['inputs'], data['data_samples'])
+    want = sum(0.5 * importance_loss(torch.cat([r.weights for r in records]))
+               for records in recorder.by_layer().values())
+    torch.testing.assert_close(losses['loss_moe_importance'], want)
+    tracker = build_model(dict(type='ByteTrack', detector=stock_retinanet_with_moe_fpn()))
+    assert 'loss_moe_importance' in tracker.loss(data['inputs'], data['data_samples'])
+
+
+def test_detector_classes_defined_later_collect_too():
+    from mmdet.models.detectors import RetinaNet
+
+    class MyRetinaNet(RetinaNet):
+        def loss(self, inputs, data_samples):
+            losses = super().loss(inputs, data_samples)
+            losses['loss_extra'] = losses['loss_cls'] * 0
+            return losses
+
+    cfg = stock_retinanet_with_moe_fpn()
+    cfg.pop('type')
+    model = MyRetinaNet(**cfg)
+    losses, _ = one_training_step(model, batch_size=2, image_size=96)
+    assert {'loss_extra', 'loss_moe_importance'} <= set(losses)

@@ -2,7 +2,7 @@
 import json
 import os
 import os.path as osp
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from mmengine.dist import collect_results, is_main_process
@@ -74,9 +74,17 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self.score_thr, self.match_gt, self.iou_thr = score_thr, match_gt, iou_thr
         self.shuffle_permutations, self.seed = shuffle_permutations, seed
         self._images: List[dict] = []
+        self._gate_of: dict = {}
 
     def before_run(self, runner) -> None:
-        self.layer_names = assign_moe_names(unwrap(runner.model))
+        model = unwrap(runner.model)
+        self.layer_names = assign_moe_names(model)
+        # a layer reusing another's routing decision (a head's reg MoE with
+        # moe_branches='shared') records nothing: it is reported under that layer
+        gates = {name: getattr(model.get_submodule(name), 'gate', None)
+                 for name in self.layer_names}
+        self._gate_of = {name: id(gate) if gate is not None else name
+                         for name, gate in gates.items()}
         if not self.layer_names:
             raise ValueError(f'ExpertSizeStatsHook: the model '
                              f'({type(unwrap(runner.model)).__name__}) has no MoE layer; '
@@ -177,7 +185,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
 
     def summarise(self, images: List[dict], mode: str, epoch: int, iteration: int) -> dict:
         """Sum per-image records into the ``expert_size_stats.json`` structure."""
-        layers = self._layer_tables(images) if images else {}
+        layers, shared = self._layer_tables(images) if images else ({}, {})
         return dict(
             schema=SCHEMA, version=SCHEMA_VERSION, mode=mode, epoch=epoch, iter=iteration,
             size_buckets=dict(names=list(BUCKET_NAMES), area_ranges=[list(r) for r in AREA_RANGES],
@@ -187,10 +195,11 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             num_detections=int(sum(img['num_detections'] for img in images)),
             gt_per_bucket=np.sum([img['gt_buckets'] for img in images], axis=0).tolist()
             if images else [0, 0, 0],
-            layers=layers)
+            layers=layers, shared_routing=shared)
 
-    def _layer_tables(self, images: List[dict]) -> dict:
-        """Expert × size / class / level tables of every MoE layer (images non-empty)."""
+    def _layer_tables(self, images: List[dict]) -> Tuple[dict, dict]:
+        """Expert × size / class / level tables of every MoE layer that routed (images
+        non-empty), and the layers that reuse another's routing (see _routing_layers)."""
         # per detection, the same for every layer
         buckets = np.concatenate([img['det_buckets'] for img in images]).astype(np.float64)
         labels = np.concatenate([img['det_labels'] for img in images]).astype(np.int64)
@@ -198,7 +207,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
         gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
         layers = {}
-        for name in self._routing_layers(images):
+        routing, shared = self._routing_layers(images)
+        for name in routing:
             per_image = [img['layers'][name] for img in images]
             weights = np.concatenate([p['det_weights'] for p in per_image]).astype(np.float64)
             level_rows = np.stack([p['level_rows'] for p in per_image])  # (images, calls, N)
@@ -216,20 +226,29 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                 rows=int(level_rows.shape[0] * level_rows.shape[1]),
                 nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
                                           self.shuffle_permutations, self.seed))
-        return layers
+        return layers, shared
 
-
-    def _routing_layers(self, images: List[dict]) -> List[str]:
-        """The MoE layers that routed: a layer reusing another's routing decision (a
-        head's reg MoE with ``moe_branches='shared'``) records no gate rows of its
-        own; its statistics are those of the layer that routed."""
-        names = [n for n in self.layer_names if any(n in img['layers'] for img in images)]
-        for name in names:
+    def _routing_layers(self, images: List[dict]) -> Tuple[List[str], dict]:
+        """The MoE layers that routed, and ``{layer: the layer whose routing it
+        reuses}`` for those that recorded nothing because they share its gate."""
+        recorded = [n for n in self.layer_names if any(n in img['layers'] for img in images)]
+        for name in recorded:
             missing = sum(name not in img['layers'] for img in images)
             if missing:
                 raise RuntimeError(f'ExpertSizeStatsHook: MoE layer {name} routed on some '
                                    f'images but not on {missing} others')
-        return names
+        shared = {}
+        for name in self.layer_names:
+            if name not in recorded:
+                gate = self._gate_of.get(name, name)
+                owner = [n for n in recorded if self._gate_of.get(n, n) == gate]
+                if not owner:
+                    raise RuntimeError(
+                        f'ExpertSizeStatsHook: MoE layer {name} recorded no gate rows in '
+                        'the whole loop: it neither routed nor shares the gate of a layer '
+                        'that did (is it used in predict?)')
+                shared[name] = owner[0]
+        return recorded, shared
 
 
 def write_stats(stats: dict, work_dir: str, tag: str) -> str:
