@@ -6,8 +6,9 @@ from .balance_losses import (BALANCE_LOSSES, BalanceLosses, cv_squared, importan
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, dispatch, mixed_conv2d
 from .gate_output import GateOutput
-from .gates import (GATES, AbsoluteImportanceGate, NonFiniteGateError,
-                    RelativeImportanceGate, TopKGate, build_gate, global_importance)
+from .gates import (GATE_TYPES, GATES, AbsoluteImportanceGate, EqualWeightGate,
+                    NonFiniteGateError, RelativeImportanceGate, TopKGate, build_gate,
+                    end_iteration, global_importance)
 from .moe import MoE
 from .moe_conv import MoEConv2d
 from .multilinear import (CPMuMoE, CPMuMoEConv2d, TRMuMoE, TRMuMoEConv2d,
@@ -18,10 +19,10 @@ from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_modul
 
 __all__ = [
     'AbsoluteImportanceGate', 'BALANCE_LOSSES', 'BalanceLosses', 'CPMuMoE',
-    'CPMuMoEConv2d', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'MoE',
+    'CPMuMoEConv2d', 'EqualWeightGate', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'MoE',
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
-    'cv_squared', 'dense_mixture', 'dispatch', 'global_importance', 'importance_loss',
+    'cv_squared', 'dense_mixture', 'dispatch', 'end_iteration', 'global_importance', 'importance_loss',
     'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mixed_conv2d', 'override_routing',
     'prob_in_top_k',
     'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'

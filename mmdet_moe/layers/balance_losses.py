@@ -54,6 +54,10 @@ def prob_in_top_k(gate_output: GateOutput) -> Tensor:
     noisy logit among the *other* experts: the (k+1)-th largest overall if i is in
     the top-k, else the k-th largest (this is ``kth_excluding`` of the paper).
 
+    Experts a hard constraint switched off for a row (``expert_mask``) did not
+    compete: the thresholds come from the masked noisy logits, which routed, and a
+    masked expert's probability is 0.
+
     Returns:
         (B, N) probabilities.
     """
@@ -62,12 +66,16 @@ def prob_in_top_k(gate_output: GateOutput) -> Tensor:
     if k == num_experts:
         # every expert is always selected: its load is deterministic.
         return torch.ones_like(clean)
+    mask = gate_output.expert_mask
+    if mask is not None:
+        noisy = noisy.masked_fill(mask, float('-inf'))
     top = noisy.topk(k + 1, dim=1).values
     thr_if_in, thr_if_out = top[:, k:k + 1], top[:, k - 1:k]
     is_in = noisy > thr_if_in
     normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-    return torch.where(is_in, normal.cdf((clean - thr_if_in) / std),
+    prob = torch.where(is_in, normal.cdf((clean - thr_if_in) / std),
                        normal.cdf((clean - thr_if_out) / std))
+    return prob if mask is None else prob.masked_fill(mask, 0.0)
 
 
 def load_loss(gate_output: GateOutput) -> Tensor:

@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-# fields with one row per gate row (all but the batch-wide expert_mask)
-ROW_FIELDS = ('weights', 'indices', 'logits', 'noisy_logits', 'noise_std')
+# every field has one row per gate row
+ROW_FIELDS = ('weights', 'indices', 'logits', 'noisy_logits', 'noise_std', 'expert_mask')
 
 
 @dataclass
@@ -22,8 +22,8 @@ class GateOutput:
         noisy_logits: (B, N) ``h + ε · σ`` when noise was applied (training with
             ``noisy=True``), else ``None``.
         noise_std: (B, N) ``σ = softplus(W_n · GAP(x)) + noise_epsilon`` or ``None``.
-        expert_mask: (N,) bool, experts switched off for this batch by a hard
-            constraint, or ``None``.
+        expert_mask: (B, N) bool, the experts a hard constraint had switched off
+            when each row was routed, or ``None``.
     """
     weights: Tensor
     indices: Tensor
@@ -45,7 +45,7 @@ class GateOutput:
         def part(t):
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         fields = [part(getattr(self, n)) for n in ROW_FIELDS]
-        return [GateOutput(*row, expert_mask=self.expert_mask) for row in zip(*fields, strict=True)]
+        return [GateOutput(*row) for row in zip(*fields, strict=True)]
 
     @staticmethod
     def cat(outputs: Sequence['GateOutput']) -> 'GateOutput':
@@ -58,4 +58,4 @@ class GateOutput:
             if any(p is None for p in parts):
                 return None
             return torch.cat(parts)
-        return GateOutput(*map(join, ROW_FIELDS), expert_mask=outputs[-1].expert_mask)
+        return GateOutput(*map(join, ROW_FIELDS))

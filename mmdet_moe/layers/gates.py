@@ -12,10 +12,13 @@ the softmax over all N logits instead (Switch Transformer); the weights then sum
 to less than 1, and a top-1 gate still gets a gradient from the task loss.
 
 Hard constraints (:class:`RelativeImportanceGate`, :class:`AbsoluteImportanceGate`)
-switch over-used experts off (logit −∞ before top-k) instead of adding a loss.
+switch over-used experts off (logit −∞ before top-k) instead of adding a loss. Given
+a list of FPN maps they act as the paper's RetinaNet, which calls its gate once per
+level: the mask is computed before, and the statistic updated after, each level.
+:class:`EqualWeightGate` is the paper's no-gate baseline (all experts, weight 1/N).
 """
 import warnings
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -53,8 +56,12 @@ class TopKGate(nn.Module):
         top_k: k in [1, N].
         noisy: add learned Gaussian noise to the logits in training mode.
         gate_type: ``'linear'`` (GAP → linear) or ``'conv'`` (3×3 conv → ReLU →
-            GAP → linear), the two gates of Pavlitska et al.
-        conv_channels: hidden channels of the ``'conv'`` gate.
+            GAP → linear), or the gates of the paper's RetinaNet code as it computes
+            them: ``'paper_fc'`` (``W·GAP(ReLU(x)) + b``) and ``'paper_conv'``
+            (``W·GAP(conv3×3(x)) + b``, no padding, no activation, 256 channels);
+            their noise std is ``softplus(W_n·GAP(x) + 0.01)`` on the raw input.
+        conv_channels: hidden channels of the conv gates (default 64 for
+            ``'conv'``, 256 for ``'paper_conv'``).
         noise_epsilon: floor added to the noise std (keeps Φ in the load loss finite).
         renormalize: ``True`` (the paper): softmax over the k kept logits, the
             weights sum to 1. ``False`` (Switch Transformer): each kept expert
@@ -70,11 +77,11 @@ class TopKGate(nn.Module):
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int,
                  noisy: bool = True, gate_type: str = 'linear',
-                 conv_channels: int = 64, noise_epsilon: float = 1e-2,
+                 conv_channels: Optional[int] = None, noise_epsilon: float = 1e-2,
                  renormalize: bool = True):
         super().__init__()
         check_num_experts(num_experts, top_k)
-        check_choice('gate_type', gate_type, {'linear', 'conv'})
+        check_choice('gate_type', gate_type, set(GATE_TYPES))
         check_choice('renormalize', renormalize, {True, False})
         if top_k == 1 and renormalize:
             warnings.warn('TopKGate(top_k=1, renormalize=True): the softmax over one '
@@ -89,37 +96,53 @@ class TopKGate(nn.Module):
         self.moe_name = None  # set by assign_moe_names(); used in error messages
         self.forced_expert = None  # set by override_routing() for analysis
         features = in_channels
-        if gate_type == 'conv':
-            self.conv = nn.Conv2d(in_channels, conv_channels, 3, padding=1)
-            features = conv_channels
+        if gate_type in ('conv', 'paper_conv'):
+            features = conv_channels or GATE_TYPES[gate_type]
+            self.conv = nn.Conv2d(in_channels, features, 3,
+                                  padding=1 if gate_type == 'conv' else 0)
         self.w_gate = nn.Linear(features, num_experts)
         if noisy:
-            self.w_noise = nn.Linear(features, num_experts)
+            self.w_noise = nn.Linear(in_channels if self._paper else features, num_experts)
             nn.init.zeros_(self.w_noise.weight)
             nn.init.zeros_(self.w_noise.bias)
 
-    def pooled_features(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) → (B, C') pooled gate features; (B, C) passes through."""
+    @property
+    def _paper(self) -> bool:
+        return self.gate_type.startswith('paper_')
+
+    def pooled_features(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(B, C, H, W) → pooled features (B, C') of the logits and (B, C'') of the
+        noise std; a (B, C) vector passes through (``'linear'`` gate only)."""
         if x.dim() == 2:
-            if self.gate_type == 'conv':
-                raise ValueError("gate_type='conv' needs (B, C, H, W) maps, "
+            if self.gate_type != 'linear':
+                raise ValueError(f"gate_type={self.gate_type!r} needs (B, C, H, W) maps, "
                                  f'got shape {tuple(x.shape)}')
-            return x
+            return x, x
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'{self._label()}: expected (B, {self.in_channels}, H, W) '
                              f'input, got shape {tuple(x.shape)}')
+        raw = x.mean(dim=(2, 3))
+        if self.gate_type == 'linear':
+            return raw, raw
         if self.gate_type == 'conv':
-            x = F.relu(self.conv(x))
-        return x.mean(dim=(2, 3))
+            feats = F.relu(self.conv(x)).mean(dim=(2, 3))
+            return feats, feats
+        hidden = F.relu(x) if self.gate_type == 'paper_fc' else self.conv(x)
+        return hidden.mean(dim=(2, 3)), raw
+
+    def noise_std(self, noise_feats: Tensor) -> Tensor:
+        """σ = softplus(W_n·f) + ε, or the paper's softplus(W_n·GAP(x) + ε)."""
+        if self._paper:
+            return F.softplus(self.w_noise(noise_feats) + self.noise_epsilon)
+        return F.softplus(self.w_noise(noise_feats)) + self.noise_epsilon
 
     def _label(self) -> str:
         return self.moe_name or type(self).__name__
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> GateOutput:
-        if isinstance(x, (list, tuple)):
-            feats = torch.cat([self.pooled_features(level) for level in x])
-        else:
-            feats = self.pooled_features(x)
+        maps = list(x) if isinstance(x, (list, tuple)) else [x]
+        pooled = [self.pooled_features(level) for level in maps]
+        feats = torch.cat([p[0] for p in pooled])
         logits = self.w_gate(feats)
         if not torch.isfinite(logits).all():
             raise NonFiniteGateError(
@@ -128,13 +151,26 @@ class TopKGate(nn.Module):
         noisy_logits = noise_std = None
         routing = logits
         if self.noisy and self.training:
-            noise_std = F.softplus(self.w_noise(feats)) + self.noise_epsilon
+            noise_std = self.noise_std(torch.cat([p[1] for p in pooled]))
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             routing = noisy_logits
         if self.forced_expert is not None:
             indices = logits.new_full((len(logits), 1), self.forced_expert, dtype=torch.long)
             weights = torch.zeros_like(logits).scatter(1, indices, 1.0)
             return GateOutput(weights, indices, logits)
+        chunks = self.routing_chunks([len(p[0]) for p in pooled])
+        weights, indices, masks = zip(*map(self._route, routing.split(chunks)))
+        mask = None if masks[0] is None else torch.cat(masks)
+        return GateOutput(torch.cat(weights), torch.cat(indices), logits, noisy_logits,
+                          noise_std, mask)
+
+    def routing_chunks(self, level_sizes: List[int]) -> List[int]:
+        """Row counts routed one after the other: one top-k over all rows here (a
+        stateless gate routes each row on its own)."""
+        return [sum(level_sizes)]
+
+    def _route(self, routing: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Top-k of one chunk of rows: (weights, indices, per-row expert mask)."""
         expert_mask = self.expert_mask() if self.training else None
         if expert_mask is not None:
             routing = routing.masked_fill(expert_mask, float('-inf'))
@@ -146,14 +182,19 @@ class TopKGate(nn.Module):
         weights = torch.zeros_like(routing).scatter(1, indices, kept)
         if self.training:
             self.update_state(weights)
-        return GateOutput(weights, indices, logits, noisy_logits, noise_std, expert_mask)
+        if expert_mask is not None:
+            expert_mask = expert_mask.expand_as(routing)
+        return weights, indices, expert_mask
 
     def expert_mask(self) -> Optional[Tensor]:
-        """(N,) bool of experts switched off for the next batch; none by default."""
+        """(N,) bool of experts switched off for the next rows; none by default."""
         return None
 
     def update_state(self, weights: Tensor) -> None:
-        """Hook for hard constraints, called with each training batch's weights."""
+        """Hook for hard constraints, called with each routed chunk's weights."""
+
+    def end_iteration(self) -> None:
+        """Hook for hard constraints, called once at the end of a training iteration."""
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, num_experts={self.num_experts}, '
@@ -164,90 +205,163 @@ class TopKGate(nn.Module):
 class _HardConstraintGate(TopKGate):
     """A top-k gate that switches off experts whose usage statistic exceeds τ.
 
-    Subclasses define the statistic (buffer ``usage``) and how a batch updates it.
-    At most N − k experts are masked (the most over-used ones), so every row can
+    Subclasses define the statistic (buffer ``usage``) and how routed rows update
+    it. At most N − k experts are masked (the most over-used ones), so every row can
     still pick k experts. The update uses importance summed over all DDP ranks.
+
+    Args:
+        threshold: τ.
+        warmup_iters: training iterations (not gate calls) without mask or update;
+            an iteration ends with :meth:`end_iteration`, which mmdet detectors call
+            at the end of ``loss()`` (a loop of your own calls
+            :func:`end_iteration` on the model).
+        level_updates: given a list of FPN maps, ``'sequential'`` (the paper's
+            RetinaNet, whose gate is called once per level): the mask is computed
+            before and the statistic updated after each level, B rows each;
+            ``'joint'``: one mask and one update for the rows of all levels.
+        Other arguments: as :class:`TopKGate` (``noisy`` defaults to False here).
+
+    The mask is computed on the device, without host synchronisation.
     """
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int,
                  threshold: float = 0.3, warmup_iters: int = 0, noisy: bool = False,
-                 **kwargs):
+                 level_updates: str = 'sequential', **kwargs):
         super().__init__(in_channels, num_experts, top_k, noisy=noisy, **kwargs)
         if not threshold > 0:
             raise ValueError(f'threshold (tau) must be > 0, got {threshold!r}')
         if not isinstance(warmup_iters, int) or warmup_iters < 0:
             raise ValueError(f'warmup_iters must be an int >= 0, got {warmup_iters!r}')
+        check_choice('level_updates', level_updates, {'sequential', 'joint'})
         self.threshold, self.warmup_iters = float(threshold), warmup_iters
+        self.level_updates = level_updates
         self.register_buffer('usage', torch.zeros(num_experts))
         self.register_buffer('num_iters', torch.zeros((), dtype=torch.long))
+        self.register_buffer('num_updates', torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before num_updates existed counted updates in num_iters
+        if prefix + 'num_iters' in state_dict and prefix + 'num_updates' not in state_dict:
+            state_dict[prefix + 'num_updates'] = (
+                state_dict[prefix + 'num_iters'] - self.warmup_iters).clamp_min(0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def routing_chunks(self, level_sizes: List[int]) -> List[int]:
+        return list(level_sizes) if self.level_updates == 'sequential' else [sum(level_sizes)]
 
     def overuse(self) -> Tensor:
         """(N,) amount by which each expert exceeds its fair share."""
         raise NotImplementedError
 
-    def expert_mask(self) -> Optional[Tensor]:
-        if self.num_iters.item() < self.warmup_iters:
-            return None
+    def warmed_up(self) -> Tensor:
+        return self.num_iters >= self.warmup_iters
+
+    def expert_mask(self) -> Tensor:
         overuse = self.overuse()
-        mask = overuse > self.threshold
-        max_masked = self.num_experts - self.top_k
-        if mask.sum() > max_masked:
-            keep_on = overuse.topk(self.top_k, largest=False).indices
-            mask = torch.ones_like(mask).index_fill(0, keep_on, False)
-        return mask if mask.any() else None
+        # only the N − k most over-used experts may be switched off
+        rank = overuse.argsort(descending=True).argsort()
+        return (overuse > self.threshold) & (rank < self.num_experts - self.top_k) & \
+            self.warmed_up()
 
     def update_state(self, weights: Tensor) -> None:
         importance, rows = global_importance(weights)
         if not self.renormalize:  # rows sum to less than 1: shares of the gate mass
             rows = importance.sum()
-        self.num_iters += 1
-        if self.num_iters.item() > self.warmup_iters:
-            self.accumulate(importance, rows)
+        active = self.warmed_up()
+        self.num_updates += active.long()
+        self.usage.copy_(torch.where(active, self.updated_usage(importance, rows),
+                                     self.usage))
 
-    def accumulate(self, importance: Tensor, rows: Tensor) -> None:
+    def updated_usage(self, importance: Tensor, rows: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def end_iteration(self) -> None:
+        self.num_iters += 1
 
     def extra_repr(self):
         return (f'{super().extra_repr()}, threshold={self.threshold}, '
-                f'warmup_iters={self.warmup_iters}')
+                f'warmup_iters={self.warmup_iters}, level_updates={self.level_updates!r}')
 
 
 class RelativeImportanceGate(_HardConstraintGate):
     r"""Hard constraint on the running relative importance.
 
-    Per training batch of B rows: ``r_i ← r_i + (Imp_i − B/N) / (B/N)``; experts
-    with ``r_i > τ`` get logit −∞ for the next batch. Buffer ``usage`` holds r.
+    Per update with B rows: ``r_i ← r_i + (Imp_i − B/N) / (B/N)``; experts with
+    ``r_i > τ`` get logit −∞ for the next rows. Buffer ``usage`` holds r.
     """
 
     def overuse(self) -> Tensor:
         return self.usage
 
-    def accumulate(self, importance, rows):
+    def updated_usage(self, importance, rows):
         fair = rows / self.num_experts
-        self.usage += (importance - fair) / fair
+        return self.usage + (importance - fair) / fair
 
 
 class AbsoluteImportanceGate(_HardConstraintGate):
     r"""Hard constraint on the running mean of each expert's share of importance.
 
-    ``m_i`` = mean over the batches so far of ``Imp_i / B``; expert i is masked
+    ``m_i`` = mean over the updates so far of ``Imp_i / B``; expert i is masked
     while ``m_i − 1/N > τ``. Buffer ``usage`` holds m.
     """
 
     def overuse(self) -> Tensor:
         return self.usage - 1.0 / self.num_experts
 
-    def accumulate(self, importance, rows):
-        updates = self.num_iters - self.warmup_iters
-        self.usage += (importance / rows - self.usage) / updates
+    def updated_usage(self, importance, rows):
+        return self.usage + (importance / rows - self.usage) / self.num_updates.clamp_min(1)
 
 
+class EqualWeightGate(nn.Module):
+    """The paper's baseline without a gate: every expert on every row, weight 1/N.
+
+    Args:
+        in_channels: unused (the gate interface).
+        num_experts: N.
+        top_k: must be N (every expert runs), or None.
+    """
+    noisy = False
+    renormalize = True
+
+    def __init__(self, in_channels: int, num_experts: int, top_k: Optional[int] = None):
+        super().__init__()
+        check_num_experts(num_experts)
+        if top_k not in (None, num_experts):
+            raise ValueError(f'EqualWeightGate runs every expert: top_k must be '
+                             f'num_experts={num_experts}, got {top_k!r}')
+        self.in_channels, self.num_experts, self.top_k = in_channels, num_experts, num_experts
+        self.moe_name = None
+        self.forced_expert = None  # set by override_routing() for analysis
+
+    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> GateOutput:
+        maps = list(x) if isinstance(x, (list, tuple)) else [x]
+        rows = sum(len(level) for level in maps)
+        logits = maps[0].new_zeros(rows, self.num_experts)
+        if self.forced_expert is not None:
+            indices = logits.new_full((rows, 1), self.forced_expert, dtype=torch.long)
+            return GateOutput(logits.scatter(1, indices, 1.0), indices, logits)
+        indices = torch.arange(self.num_experts, device=logits.device).expand(rows, -1)
+        return GateOutput(logits + 1.0 / self.num_experts, indices, logits)
+
+    def extra_repr(self):
+        return f'num_experts={self.num_experts} (equal weights, no gate)'
+
+
+def end_iteration(model: nn.Module) -> None:
+    """End a training iteration for every gate in ``model`` (hard constraints count
+    their warm-up in iterations). mmdet detectors call it at the end of ``loss()``."""
+    for module in model.modules():
+        if isinstance(module, TopKGate):
+            module.end_iteration()
+
+
+GATE_TYPES = {'linear': None, 'conv': 64, 'paper_fc': None, 'paper_conv': 256}
 GATES = {cls.__name__: cls for cls in
-         (TopKGate, RelativeImportanceGate, AbsoluteImportanceGate)}
+         (TopKGate, RelativeImportanceGate, AbsoluteImportanceGate, EqualWeightGate)}
 
 
 def build_gate(gate_cfg: Optional[dict], in_channels: int, num_experts: int,
-               top_k: int) -> TopKGate:
+               top_k: int) -> nn.Module:
     """Build a gate from ``dict(type='TopKGate' | 'RelativeImportanceGate' | ..., **kw)``."""
     cfg = dict(gate_cfg or {})
     gate_type = cfg.pop('type', 'TopKGate')

@@ -7,7 +7,7 @@ import torch.nn as nn
 from mmdet.models.detectors import BaseDetector
 from torch import Tensor
 
-from ..layers import is_moe_module
+from ..layers import end_iteration, is_moe_module
 
 LOSS_PREFIX = 'loss_moe_'
 
@@ -51,6 +51,8 @@ def _collecting(loss: Callable) -> Callable:
             _calls.depth = depth
         if depth == 0:
             merge_losses(losses, collect_moe_losses(self))
+            if self.training:
+                end_iteration(self)
         return losses
 
     loss_with_moe_losses.collects_moe_losses = True
@@ -73,7 +75,9 @@ def install_detector_loss_collection() -> None:
     provided components are balanced in any detector, single- or two-stage, called
     through ``forward(mode='loss')`` (the runner's ``train_step``) or ``loss()``
     directly (e.g. by a tracker wrapping a detector). Only the outermost call
-    collects. A detector without MoE modules returns the same dict as before.
+    collects, and ends the training iteration of the detector's gates (hard
+    constraints count their warm-up in iterations). A detector without MoE modules
+    returns the same dict as before.
     """
     classes = [BaseDetector]
     while classes:

@@ -93,12 +93,12 @@ def test_relative_importance_masks_over_a_sequence_of_batches():
     torch.testing.assert_close(gate.usage, torch.tensor([3., -1, -1, -1]))
     # batch 2: expert 0 masked (r > 0.3) -> all on expert 1 -> r = [2, 2, -2, -2]
     out = gate(x)
-    assert out.expert_mask.tolist() == [True, False, False, False]
+    assert out.expert_mask.tolist() == [[True, False, False, False]] * 4
     assert out.indices.flatten().tolist() == [1] * 4
     torch.testing.assert_close(gate.usage, torch.tensor([2., 2, -2, -2]))
     # batch 3: experts 0 and 1 masked -> expert 2
     out = gate(x)
-    assert out.expert_mask.tolist() == [True, True, False, False]
+    assert out.expert_mask.tolist() == [[True, True, False, False]] * 4
     assert out.indices.flatten().tolist() == [2] * 4
     # eval: no masking, no update
     usage = gate.usage.clone()
@@ -114,17 +114,21 @@ def test_hard_constraint_keeps_top_k_experts_available():
     assert mask.tolist() == [False, True, True, False]
 
 
-def test_hard_constraint_warmup_and_state_dict_round_trip():
+def test_hard_constraint_warmup_counts_iterations_and_state_dict_round_trip():
+    """warmup_iters counts training iterations (end_iteration), not gate calls."""
     gate = biased_gate(RelativeImportanceGate, warmup_iters=2)
     x = torch.randn(4, 4, 3, 3)
-    gate(x), gate(x)
+    for _ in range(2):  # two iterations of three gate calls each (e.g. three levels)
+        gate(x), gate(x), gate(x)
+        gate.end_iteration()
     assert gate.usage.abs().sum() == 0 and gate.num_iters.item() == 2
-    gate(x)  # first counted batch
+    gate(x)  # first counted call
     gate(x)  # expert 0 masked now
+    gate.end_iteration()
     restored = biased_gate(RelativeImportanceGate, warmup_iters=2)
     restored.load_state_dict(gate.state_dict())
     assert torch.equal(restored.usage, gate.usage)
-    assert restored.num_iters.item() == 4
+    assert restored.num_iters.item() == 3 and restored.num_updates.item() == 2
     assert torch.equal(restored.expert_mask(), gate.expert_mask())
 
 
@@ -134,10 +138,10 @@ def test_absolute_importance_running_mean():
     gate(x)  # m = [1, 0, 0, 0]; 1 - 1/4 > 0.3 -> expert 0 masked next
     torch.testing.assert_close(gate.usage, torch.tensor([1., 0, 0, 0]))
     out = gate(x)  # all on expert 1: m = [.5, .5, 0, 0]
-    assert out.expert_mask.tolist() == [True, False, False, False]
+    assert out.expert_mask.tolist() == [[True, False, False, False]] * 4
     torch.testing.assert_close(gate.usage, torch.tensor([.5, .5, 0, 0]))
     # .5 - .25 = .25 < .3: nobody masked
-    assert gate.expert_mask() is None
+    assert not gate.expert_mask().any()
 
 
 def test_top1_renormalized_gate_gets_no_task_gradient_and_warns():
@@ -184,3 +188,87 @@ def test_switch_weighting_keeps_balance_statistics_calibrated():
     assert (out.weights.sum(1) < 1).all()
     assert kl_uniform_loss(out).item() == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(gate.usage, torch.zeros(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('cls', [RelativeImportanceGate, AbsoluteImportanceGate])
+def test_levels_in_one_call_equal_the_gate_called_level_by_level(cls):
+    """The paper's RetinaNet calls its gate once per FPN level: mask before and
+    statistic update after each level. A list of levels must do exactly that."""
+    import copy
+    torch.manual_seed(0)
+    gate = cls(8, num_experts=4, top_k=1, threshold=0.3, renormalize=False).train()
+    with torch.no_grad():
+        gate.w_gate.bias.copy_(torch.tensor([2., 1., 0., 0.]))  # over-use: masks happen
+    reference = copy.deepcopy(gate)
+    levels = [torch.randn(3, 8, s, s) for s in (8, 4, 2, 1, 1)]
+    for _ in range(3):  # three iterations
+        got = gate(levels)
+        want = [reference(level) for level in levels]
+        torch.testing.assert_close(got.weights, torch.cat([w.weights for w in want]))
+        assert torch.equal(got.expert_mask, torch.cat([w.expert_mask for w in want]))
+        torch.testing.assert_close(gate.usage, reference.usage)
+        gate.end_iteration(), reference.end_iteration()
+    assert got.expert_mask.any()  # the sequence did mask experts
+    assert gate.num_updates.item() == 15 and gate.num_iters.item() == 3
+
+
+def test_joint_level_updates_route_all_levels_with_one_mask():
+    gate = RelativeImportanceGate(8, 4, 1, threshold=0.3, level_updates='joint',
+                                  renormalize=False).train()
+    out = gate([torch.randn(2, 8, 4, 4), torch.randn(2, 8, 2, 2)])
+    assert gate.num_updates.item() == 1 and not out.expert_mask.any()
+    with pytest.raises(ValueError, match="level_updates must be one of"):
+        RelativeImportanceGate(8, 4, 1, level_updates='per_level')
+
+
+def test_paper_gates_compute_the_reference_formulas():
+    """paper_fc: W·GAP(ReLU(x)) + b; paper_conv: W·GAP(conv3×3, no padding, 256
+    channels) + b; noise std softplus(W_n·GAP(x) + 0.01) on the raw input."""
+    x = torch.randn(3, 8, 6, 6)
+    fc = TopKGate(8, 4, 2, gate_type='paper_fc')
+    torch.testing.assert_close(fc.eval()(x).logits, fc.w_gate(F.relu(x).mean((2, 3))))
+    conv = TopKGate(8, 4, 2, gate_type='paper_conv')
+    assert conv.conv.out_channels == 256 and conv.conv.padding == (0, 0)
+    torch.testing.assert_close(conv.eval()(x).logits,
+                               conv.w_gate(F.conv2d(x, conv.conv.weight, conv.conv.bias)
+                                           .mean((2, 3))))
+    with torch.no_grad():
+        fc.w_noise.weight.normal_()
+    std = fc.train()(x).noise_std
+    torch.testing.assert_close(std, F.softplus(fc.w_noise(x.mean((2, 3))) + 0.01))
+    with pytest.raises(ValueError, match=r"gate_type must be one of \['conv', 'linear', "
+                                         r"'paper_conv', 'paper_fc'\], got 'fc'"):
+        TopKGate(8, 4, 2, gate_type='fc')
+
+
+def test_load_loss_honours_the_hard_constraint_mask():
+    """A masked expert did not compete: load probability 0, and the thresholds come
+    from the masked noisy logits (reference: Shazeer's formula on those logits)."""
+    from mmdet_moe.layers import prob_in_top_k
+    gate = RelativeImportanceGate(4, 4, 2, threshold=0.3, noisy=True).train()
+    gate.usage.copy_(torch.tensor([5., 0., 0., 0.]))  # expert 0 off
+    out = gate(torch.randn(6, 4, 3, 3))
+    assert out.expert_mask[:, 0].all() and not out.expert_mask[:, 1:].any()
+    prob = prob_in_top_k(out)
+    assert (prob[:, 0] == 0).all()
+    normal = torch.distributions.Normal(0., 1.)
+    noisy = out.noisy_logits[:, 1:]  # the competing experts
+    for i in range(1, 4):
+        others = torch.cat([noisy[:, :i - 1], noisy[:, i:]], 1)
+        thr = others.topk(2, dim=1).values[:, 1]  # k-th largest of the other experts
+        want = normal.cdf((out.logits[:, i] - thr) / out.noise_std[:, i])
+        torch.testing.assert_close(prob[:, i], want)
+
+
+def test_equal_weight_gate_is_the_no_gate_baseline():
+    from mmdet_moe.layers import EqualWeightGate, MoE
+    gate = build_gate(dict(type='EqualWeightGate'), 4, 3, 3)
+    assert isinstance(gate, EqualWeightGate)
+    experts = [torch.nn.Conv2d(4, 5, 3, padding=1) for _ in range(3)]
+    moe = MoE(experts, top_k=3, gate=gate).train()
+    x = torch.randn(2, 4, 6, 6)
+    want = sum(e(x) for e in experts) / 3
+    torch.testing.assert_close(moe(x), want)
+    torch.testing.assert_close(moe([x, x[:1]])[1], want[:1])
+    with pytest.raises(ValueError, match='top_k must be num_experts=3, got 2'):
+        build_gate(dict(type='EqualWeightGate'), 4, 3, 2)

@@ -6,6 +6,7 @@ import pytest
 
 from helpers import (CONFIGS, all_finite, build_model, load_config, one_training_step,
                      with_resnet18)
+from mmdet_moe.layers import RelativeImportanceGate
 from mmdet_moe.models import moe_parameters
 
 COCO_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
@@ -38,6 +39,10 @@ def test_config_builds_and_trains_one_step(path):
         assert head.upcycle_noise_std > 0
     if head.get('expert_type') == 'subnet':  # sparse dispatch: DDP must allow it
         assert cfg.find_unused_parameters is True
+    if '-hard_' in path:  # the paper's gate, updated after each of the 5 FPN levels
+        gates = [m for m in model.modules() if isinstance(m, RelativeImportanceGate)]
+        assert gates and all(g.gate_type == 'paper_fc' and g.num_updates.item() == 5 and
+                             g.num_iters.item() == 1 for g in gates)
 
 
 @pytest.mark.parametrize('path', TOY_CONFIGS, ids=osp.basename)
@@ -51,8 +56,9 @@ def test_toy_config_builds_and_trains_one_step(path):
         hooks = {h['type'] for h in cfg.custom_hooks}
         assert hooks == {'ExpertSizeStatsHook', 'ExpertUtilisationHook'}
         gate = model.bbox_head.cls_moe.gate
-        hard = 'hard' in path
-        assert type(gate).__name__ == ('RelativeImportanceGate' if hard else 'TopKGate')
-        assert ('loss_moe_importance' in losses) != hard
+        hard, equal = 'hard' in path, 'equal' in path
+        assert type(gate).__name__ == ('RelativeImportanceGate' if hard else
+                                       'EqualWeightGate' if equal else 'TopKGate')
+        assert ('loss_moe_importance' in losses) != (hard or equal)
         if hard:
             assert gate.num_iters.item() == 1 and gate.threshold == 0.3
