@@ -75,7 +75,7 @@ def summary(work_dir: str, report_dir: str) -> str:
     with open(osp.join(work_dir, 'analyze', 'expert_size_stats.json')) as f:
         stats = json.load(f)
     import mmdet_moe  # noqa: F401
-    from mmdet_moe.analysis import BUCKET_NAMES, layer_summary
+    from mmdet_moe.analysis import BUCKET_NAMES, layer_summary, specialisation_lines
     lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72,
              'COCO bbox AP (toy val): ' + ', '.join(
                  f'{k} ' + ('n/a (no detection)' if metrics[k] is None else f'{metrics[k]:.3f}')
@@ -84,11 +84,11 @@ def summary(work_dir: str, report_dir: str) -> str:
              f'{stats["num_images"]} images']
     for name, layer in stats['layers'].items():
         s = layer_summary(layer, BUCKET_NAMES)
-        lines.append(f'{name}: NMI expert<->size {s["nmi"]:.3f} (shuffled baseline '
-                     f'{s["nmi_shuffled"] or 0:.3f}); living experts {s["living_experts"]}/'
-                     f'{s["num_experts"]}; per expert, dominant size: '
+        lines.append(f'{name}: living experts {s["living_experts"]}/{s["num_experts"]}; '
+                     f'per expert, dominant size: '
                      f'{", ".join(str(d) for d in s["dominant_size"])}; most over-represented '
                      f'size: {", ".join(str(d) for d in s["over_represented_size"])}')
+        lines += [f'  {line}' for line in specialisation_lines(s)]
     lines += [f'report: {osp.join(report_dir, "report.md")}', '=' * 72]
     return '\n'.join(lines)
 

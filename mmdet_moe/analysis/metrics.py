@@ -7,8 +7,16 @@ A table ``M`` (N experts × S categories) holds gate mass (or counts). With the 
 - dominant category per expert: argmax of its row.
 - normalised mutual information ``NMI = I(E; S) / H(S)`` in [0, 1]: the fraction of
   the size entropy explained by the expert; 0 = no specialisation.
+- the FPN-level confound: FPN assigns objects to levels by size and a head's gate
+  sees the level, so experts that route by level look size-specialised. With a
+  table (N experts × S sizes × L levels), the level-conditioned
+  ``NMI(E; S | L) = Σ_l P(l)·I(E; S | L=l) / Σ_l P(l)·H(S | L=l)`` says how much the
+  expert tells about size *within* a level (0: nothing beyond the level).
+- uncertainty: bootstrap intervals over images (an image's detections stay
+  together) and permutation baselines (gate weights shuffled across detections, or
+  among the detections of one level only).
 """
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +53,46 @@ def normalised_mutual_information(table: np.ndarray) -> float:
     return float(max(mutual, 0.0) / h_size)
 
 
+def conditional_nmi(table: np.ndarray) -> float:
+    """``NMI(E; S | L)`` of an (N, S, L) table: ``Σ_l P(l)·I(E; S | L=l) /
+    Σ_l P(l)·H(S | L=l)``; 0 when no level has size entropy."""
+    table = np.asarray(table, dtype=np.float64)
+    total = table.sum()
+    mutual = conditional_entropy = 0.0
+    for level in range(table.shape[2]):
+        joint = table[:, :, level]
+        mass = joint.sum()
+        if mass <= 0:
+            continue
+        joint = joint / mass
+        h_size = entropy(joint.sum(axis=0))
+        mutual += mass / total * max(h_size + entropy(joint.sum(axis=1)) - entropy(joint), 0)
+        conditional_entropy += mass / total * h_size
+    return float(mutual / conditional_entropy) if conditional_entropy > EPS else 0.0
+
+
+def expert_size_level_table(weights: np.ndarray, categories: np.ndarray,
+                            levels: np.ndarray, num_levels: int) -> np.ndarray:
+    """(N, S, L) mass table of n items: gate weights (n, N), 0/1 categories (n, S),
+    level indices (n,)."""
+    one_hot = np.eye(num_levels)[np.asarray(levels, dtype=np.int64)]
+    return np.einsum('ne,ns,nl->esl', np.asarray(weights, dtype=np.float64),
+                     np.asarray(categories, dtype=np.float64), one_hot)
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> list:
+    """The central ``level`` percentile interval of ``values``."""
+    tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def _baseline(values: list, permutations: int) -> dict:
+    return dict(mean=float(np.mean(values)) if values else 0.0,
+                std=float(np.std(values)) if values else 0.0,
+                interval=interval(values) if values else [0.0, 0.0],
+                permutations=permutations)
+
+
 def shuffled_nmi(weights: np.ndarray, categories: np.ndarray, num_categories: int,
                  permutations: int = 20, seed: int = 0) -> Dict[str, float]:
     """NMI when expert weights are shuffled across items: the chance level.
@@ -52,14 +100,82 @@ def shuffled_nmi(weights: np.ndarray, categories: np.ndarray, num_categories: in
     Args:
         weights: (n, N) gate weights of n items (e.g. detections).
         categories: (n, S) 0/1 membership of each item in each category.
+
+    Returns:
+        ``mean``, ``std`` and 95 % ``interval`` of the shuffled NMIs.
     """
     weights = np.asarray(weights, dtype=np.float64)
     categories = np.asarray(categories, dtype=np.float64).reshape(len(weights), num_categories)
     rng = np.random.default_rng(seed)
     values = [normalised_mutual_information(weights[rng.permutation(len(weights))].T @
                                             categories) for _ in range(permutations)]
-    return dict(mean=float(np.mean(values)) if values else 0.0,
-                std=float(np.std(values)) if values else 0.0, permutations=permutations)
+    return _baseline(values, permutations)
+
+
+def level_shuffled_nmi(weights: np.ndarray, categories: np.ndarray, levels: np.ndarray,
+                       num_levels: int, permutations: int = 20, seed: int = 0) -> dict:
+    """Chance level of :func:`conditional_nmi`: gate weights shuffled among the items
+    of the same level only (the level's routing is kept, its link to size is not)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    levels = np.asarray(levels, dtype=np.int64)
+    groups = [np.flatnonzero(levels == level) for level in range(num_levels)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(permutations):
+        order = np.arange(len(weights))
+        for group in groups:
+            order[group] = rng.permutation(group)
+        values.append(conditional_nmi(expert_size_level_table(
+            weights[order], categories, levels, num_levels)))
+    return _baseline(values, permutations)
+
+
+def bootstrap(per_image: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+              resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """``statistic`` of tables summed over images resampled with replacement.
+
+    Args:
+        per_image: (I, ...) one table per image (its detections kept together).
+        statistic: table (...) → array of figures.
+
+    Returns:
+        (resamples, ...) the figures of each resample.
+    """
+    per_image = np.asarray(per_image, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(per_image), len(per_image)),
+                                   minlength=len(per_image)) for _ in range(resamples)])
+    sums = (counts @ per_image.reshape(len(per_image), -1)).reshape(
+        resamples, *per_image.shape[1:])
+    return np.stack([np.asarray(statistic(t), dtype=np.float64) for t in sums])
+
+
+def specialisation_intervals(per_image: np.ndarray, resamples: int = 1000,
+                             seed: int = 0, with_levels: bool = True) -> dict:
+    """95 % bootstrap intervals over images of NMI(E; S), NMI(E; S | L) (when
+    ``with_levels``) and each expert's P(size | expert), from (I, N, S, L) tables."""
+    per_image = np.asarray(per_image, dtype=np.float64)
+    num_experts, num_sizes = per_image.shape[1:3]
+
+    def figures(table):
+        flat = table.sum(axis=2)
+        return np.concatenate([[normalised_mutual_information(flat),
+                                conditional_nmi(table) if with_levels else 0.0],
+                               normalise_rows(flat).ravel()])
+
+    values = bootstrap(per_image, figures, resamples, seed)
+    bounds = np.percentile(values, [2.5, 97.5], axis=0)
+    pairs = [[float(lo), float(hi)] for lo, hi in bounds.T]
+    return dict(nmi=pairs[0], nmi_given_level=pairs[1] if with_levels else None,
+                p_size_given_expert=[pairs[2 + i * num_sizes:2 + (i + 1) * num_sizes]
+                                     for i in range(num_experts)],
+                resamples=resamples, seed=seed, level=0.95)
+
+
+def significant(value_interval: Optional[list], baseline: Optional[dict]) -> bool:
+    """A specialisation counts only when its interval lies above the baseline's."""
+    return bool(value_interval and baseline and 'interval' in baseline and
+                value_interval[0] > baseline['interval'][1])
 
 
 def importance_cv(importance: np.ndarray) -> float:
@@ -105,13 +221,47 @@ def size_table(layer: dict) -> Tuple[np.ndarray, str]:
 
 
 def layer_summary(layer: dict, size_names) -> dict:
-    """Headline numbers of one layer of an ``expert_size_stats.json``."""
+    """Headline numbers of one layer of an ``expert_size_stats.json``: the plain and
+    the level-conditioned NMI with their baselines and intervals, and in words which
+    of the two carries the specialisation (``verdict``)."""
     table, _ = size_table(layer)
-    return dict(
+    levels = (layer.get('detection_levels') or {}).get('mass')
+    intervals = layer.get('intervals') or {}
+    shuffled = layer.get('nmi_shuffled') or {}
+    level_shuffled = layer.get('nmi_given_level_shuffled')
+    nmi_given_level = conditional_nmi(levels) if levels is not None else None
+    summary = dict(
         nmi=normalised_mutual_information(table),
-        nmi_shuffled=(layer.get('nmi_shuffled') or {}).get('mean'),
+        nmi_shuffled=shuffled.get('mean'),
+        nmi_shuffled_interval=shuffled.get('interval'),
+        nmi_interval=intervals.get('nmi'),
+        nmi_given_level=nmi_given_level,
+        nmi_given_level_shuffled=(level_shuffled or {}).get('mean'),
+        nmi_given_level_shuffled_interval=(level_shuffled or {}).get('interval'),
+        nmi_given_level_interval=intervals.get('nmi_given_level'),
+        nmi_significant=significant(intervals.get('nmi'), shuffled),
+        nmi_given_level_significant=significant(intervals.get('nmi_given_level'),
+                                                level_shuffled),
         living_experts=living_experts(layer['importance'], layer['rows']),
         num_experts=len(layer['importance']),
         importance_cv=importance_cv(layer['importance']),
         dominant_size=dominant(table, size_names),
         over_represented_size=most_over_represented(table, size_names))
+    summary['verdict'] = verdict(summary)
+    return summary
+
+
+def verdict(summary: dict) -> str:
+    """Which NMI carries the specialisation, in words."""
+    if summary['nmi_given_level'] is None:
+        plain = ('above' if summary['nmi_significant'] else 'not clearly above')
+        return (f'NMI expert↔size is {plain} its shuffled baseline; the level-controlled '
+                'view needs a run whose statistics have per-detection FPN levels '
+                '(mmdet_moe >= schema version 2 and a head that tags levels)')
+    if summary['nmi_given_level_significant']:
+        return ('experts specialise by size within FPN levels: the level-conditioned '
+                'NMI lies above its within-level shuffled baseline')
+    if summary['nmi_significant']:
+        return ('the size specialisation goes through the FPN level: experts route by '
+                'level (plain NMI above its baseline, level-conditioned NMI not)')
+    return 'no significant size specialisation (neither NMI above its baseline)'

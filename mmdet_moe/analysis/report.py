@@ -17,7 +17,10 @@ from .metrics import (dominant, layer_summary, normalise_columns, normalise_rows
                       normalised_mutual_information, size_table)
 
 SCHEMA = 'mmdet_moe/expert_size_stats'
-SCHEMA_VERSION = 1
+# 2: per-layer detection_levels, nmi_given_level_shuffled, intervals; top-level
+# metrics. Version 1 files are still read (without the level-controlled view).
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ReportError(ValueError):
@@ -28,9 +31,9 @@ def check_stats(stats: dict) -> None:
     if stats.get('schema') != SCHEMA:
         raise ReportError(f'not an expert size statistics file (schema '
                           f'{stats.get("schema")!r}, expected {SCHEMA!r})')
-    if stats.get('version') != SCHEMA_VERSION:
+    if stats.get('version') not in READABLE_VERSIONS:
         raise ReportError(f'statistics schema version {stats.get("version")!r} is not '
-                          f'supported; this mmdet_moe reads version {SCHEMA_VERSION}')
+                          f'supported; this mmdet_moe reads versions {READABLE_VERSIONS}')
     if not stats.get('layers'):
         raise ReportError('the statistics hold no MoE layer')
     if stats.get('num_images', 0) == 0:
@@ -78,6 +81,71 @@ def heatmap(path: str, table: np.ndarray, row_names, col_names, title: str,
     plt.close(fig)
 
 
+def heatmap_grid(path: str, tables: List[np.ndarray], titles: List[str], row_names,
+                 col_names, title: str) -> None:
+    """One heatmap per table (e.g. per FPN level) side by side, values in [0, 1]."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(tables), squeeze=False, sharey=True,
+                             figsize=(0.6 + 0.9 * len(col_names) * len(tables),
+                                      1.2 + 0.5 * len(row_names)))
+    for ax, table, sub in zip(axes[0], tables, titles, strict=True):
+        ax.imshow(table, cmap='viridis', vmin=0, vmax=1, aspect='auto')
+        ax.set_xticks(range(len(col_names)), col_names, fontsize=7)
+        ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
+        for (i, j), value in np.ndenumerate(table):
+            ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=6,
+                    color='white' if value < 0.6 else 'black')
+        ax.set_title(sub, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _with_interval(value: Optional[float], bounds: Optional[list]) -> str:
+    text = 'n/a' if value is None else f'{value:.4f}'
+    return text + (f' [95 % CI {bounds[0]:.4f}, {bounds[1]:.4f}]' if bounds else '')
+
+
+def specialisation_lines(summary: dict) -> List[str]:
+    """The plain and the level-conditioned NMI, each with its baseline and interval,
+    and which of the two carries the specialisation (for reports and printouts)."""
+    lines = [f'NMI expert↔size {_with_interval(summary["nmi"], summary["nmi_interval"])}; '
+             f'shuffled baseline {_with_interval(summary["nmi_shuffled"], summary["nmi_shuffled_interval"])}']
+    if summary['nmi_given_level'] is not None:
+        lines.append(
+            'NMI expert↔size | FPN level '
+            f'{_with_interval(summary["nmi_given_level"], summary["nmi_given_level_interval"])}; '
+            'shuffled within levels '
+            f'{_with_interval(summary["nmi_given_level_shuffled"], summary["nmi_given_level_shuffled_interval"])}')
+    return lines + [f'verdict: {summary["verdict"]}']
+
+
+def _level_tables(name: str, layer: dict, experts: List[str], sizes: List[str],
+                  out_dir: str) -> List[str]:
+    """P(size | expert, level) and P(expert | size, level): Markdown, CSV, one grid."""
+    table = np.asarray(layer['detection_levels']['mass'], dtype=np.float64)
+    levels = [f'P{3 + i}' for i in range(table.shape[2])]
+    stem = safe_name(name)
+    header = ['level', 'expert', *[f'P({s} | expert, level)' for s in sizes],
+              *[f'P(expert | {s}, level)' for s in sizes]]
+    rows = []
+    for level, label in enumerate(levels):
+        given_expert = normalise_rows(table[:, :, level])
+        given_size = normalise_columns(table[:, :, level])
+        rows += [[label, e, *map(float, given_expert[i]), *map(float, given_size[i])]
+                 for i, e in enumerate(experts)]
+    write_csv(osp.join(out_dir, f'{stem}_size_expert_given_level.csv'), header, rows)
+    heatmap_grid(osp.join(out_dir, f'{stem}_size_given_expert_level.png'),
+                 [normalise_rows(table[:, :, level]) for level in range(len(levels))],
+                 levels, experts, sizes, f'{name}: P(size | expert, FPN level)')
+    return ['Within each FPN level (the level-controlled view):', '',
+            markdown_table(header, rows), '',
+            f'![{name} size given expert and level]({stem}_size_given_expert_level.png)', '']
+
+
 VIEW_LABELS = dict(detection='detection', image='image (no detection above threshold)')
 
 
@@ -106,10 +174,13 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
              f'**{summary["nmi"]:.4f}** ({view} view); with the gate weights shuffled '
              f'across detections: {shuffled.get("mean", 0):.4f} ± {shuffled.get("std", 0):.4f} '
              f'({shuffled.get("permutations", 0)} permutations)',
+             *[f'- {line}' for line in specialisation_lines(summary)],
              f'- living experts (mean gate weight > 0.01): {summary["living_experts"]} of '
              f'{summary["num_experts"]}; importance CV: {summary["importance_cv"]:.3f}', '',
              markdown_table(header, rows), '', markdown_table(header2, rows2), '',
              f'![{name} expert × size]({stem}_expert_size.png)', '']
+    if layer.get('detection_levels'):
+        lines += _level_tables(name, layer, experts, sizes, out_dir)
     if layer.get('levels'):
         level_mass = np.asarray(layer['levels']['mass'])
         levels = [f'P{3 + i}' for i in range(level_mass.shape[1])]
@@ -166,11 +237,14 @@ def render_report(stats: dict, out_dir: str,
         for name, s in summaries.items():
             summary_rows.append([name, s['num_experts'], s['living_experts'],
                                  s['importance_cv'], s['nmi'], s['nmi_shuffled'],
+                                 s['nmi_given_level'], s['nmi_given_level_shuffled'],
                                  ', '.join(str(d) for d in s['dominant_size']),
-                                 ', '.join(str(d) for d in s['over_represented_size'])])
+                                 ', '.join(str(d) for d in s['over_represented_size']),
+                                 s['verdict']])
         header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
-                  'NMI shuffled', 'dominant size per expert',
-                  'most over-represented size per expert']
+                  'NMI shuffled', 'NMI | level', 'NMI | level shuffled',
+                  'dominant size per expert', 'most over-represented size per expert',
+                  'verdict']
         write_csv(osp.join(tmp, 'summary.csv'), header, summary_rows)
         lines += ['## Summary', '', markdown_table(header, summary_rows, digits=4), '']
         if forced_routing:

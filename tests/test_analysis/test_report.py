@@ -62,7 +62,7 @@ def test_report_files_and_numbers(tmp_path):
 
 @pytest.mark.parametrize('change, match', [
     (dict(schema='other'), 'not an expert size statistics file'),
-    (dict(version=2), 'version 2 is not supported'),
+    (dict(version=3), 'version 3 is not supported'),
     (dict(layers={}), 'no MoE layer'),
     (dict(num_images=0), 'empty dataset'),
 ])
@@ -83,3 +83,30 @@ def test_no_detection_falls_back_to_the_image_view(tmp_path):
     render_report(stats, str(tmp_path / 'r'))
     text = (tmp_path / 'r' / 'report.md').read_text()
     assert 'image (no detection above threshold)' in text
+
+
+def test_level_controlled_view_in_the_report(tmp_path):
+    """Version-2 statistics: the level-conditioned NMI with baselines and intervals,
+    the verdict, and per-level tables (Markdown, CSV, one heatmap grid)."""
+    stats = known_stats()
+    stats['version'] = 2
+    layer = stats['layers']['bbox_head.cls_moe']
+    table = np.zeros((2, 3, 2))
+    table[0, :2, 0] = [6.0, 2.0]    # P3: expert 0, small and medium
+    table[1, 2, 1] = 2.0            # P4: expert 1, large
+    layer.update(detection_levels=dict(mass=table.tolist()),
+                 nmi_shuffled=dict(mean=0.01, std=0.005, permutations=20,
+                                   interval=[0.0, 0.02]),
+                 nmi_given_level_shuffled=dict(mean=0.0, std=0.0, permutations=20,
+                                               interval=[0.0, 0.0]),
+                 intervals=dict(nmi=[0.5, 0.9], nmi_given_level=[0.0, 0.0],
+                                p_size_given_expert=[[[0, 1]] * 3] * 2))
+    out = tmp_path / 'report'
+    render_report(stats, str(out))
+    text = (out / 'report.md').read_text()
+    assert 'NMI expert↔size | FPN level 0.0000' in text
+    assert '[95 % CI 0.5000, 0.9000]' in text
+    assert 'goes through the FPN level' in text
+    rows = read_csv(out / 'bbox_head.cls_moe_size_expert_given_level.csv')
+    assert rows[1][:5] == ['P3', 'expert 0', '0.75', '0.25', '0.0']
+    assert (out / 'bbox_head.cls_moe_size_given_expert_level.png').exists()

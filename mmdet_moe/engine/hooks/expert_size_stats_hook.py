@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from mmdet.registry import HOOKS
 
 from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
-                         bucket_membership, layer_summary, shuffled_nmi)
+                         bucket_membership, layer_summary, level_shuffled_nmi,
+                         shuffled_nmi, specialisation_intervals)
 from ...layers import assign_moe_names
 from .gate_recording import GateRecordingMixin, unwrap
 from .gate_rows import rows_by_layer
@@ -66,13 +67,18 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) prints the epoch's scalars
 
     def __init__(self, score_thr: float = 0.3, match_gt: bool = False,
-                 iou_thr: float = 0.5, shuffle_permutations: int = 20, seed: int = 0):
+                 iou_thr: float = 0.5, shuffle_permutations: int = 20, seed: int = 0,
+                 bootstrap_resamples: int = 1000):
         if not 0 <= score_thr <= 1:
             raise ValueError(f'score_thr must be in [0, 1], got {score_thr!r}')
         if not 0 < iou_thr <= 1:
             raise ValueError(f'iou_thr must be in (0, 1], got {iou_thr!r}')
+        if not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 0:
+            raise ValueError(f'bootstrap_resamples must be an int >= 0 (0: no intervals), '
+                             f'got {bootstrap_resamples!r}')
         self.score_thr, self.match_gt, self.iou_thr = score_thr, match_gt, iou_thr
         self.shuffle_permutations, self.seed = shuffle_permutations, seed
+        self.bootstrap_resamples = bootstrap_resamples
         self._images: List[dict] = []
         self._gate_of: dict = {}
 
@@ -108,10 +114,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     after_test_iter = after_val_iter
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        self._finish(runner, f'val_epoch_{runner.epoch}', 'val')
+        self._finish(runner, f'val_epoch_{runner.epoch}', 'val', metrics)
 
     def after_test_epoch(self, runner, metrics=None) -> None:
-        self._finish(runner, 'test', 'test')
+        self._finish(runner, 'test', 'test', metrics)
 
     def _start(self, runner, dataset) -> None:
         self._dataset = dataset
@@ -144,7 +150,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             hit = np.ones(len(boxes), bool)
         record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
                       gt_buckets=bucket_membership(gt_areas).sum(0),
-                      det_buckets=bucket_membership(areas), det_labels=labels, layers={})
+                      det_buckets=bucket_membership(areas), det_labels=labels,
+                      det_levels=levels, layers={})
         for name, layer in layers.items():
             record['layers'][name] = dict(
                 det_weights=layer.detection_rows(b, levels, len(areas)).astype(np.float32),
@@ -152,7 +159,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         return record
 
     # per epoch -------------------------------------------------------------------
-    def _finish(self, runner, tag: str, mode: str) -> None:
+    def _finish(self, runner, tag: str, mode: str, metrics: Optional[dict]) -> None:
         try:
             stats = self.gather_and_summarise(mode, runner.epoch, runner.iter)
         finally:
@@ -160,6 +167,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             self._images = []
         if stats is None:  # not the main process
             return
+        # the loop's evaluation (e.g. COCO AP), for comparisons across runs
+        stats['metrics'] = {k: float(v) for k, v in (metrics or {}).items()
+                            if isinstance(v, (int, float))}
         if stats['num_images'] == 0:
             runner.logger.warning('ExpertSizeStatsHook: the dataset has no image; the '
                                   'statistics are empty')
@@ -206,6 +216,12 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         num_classes = len(self._classes)
         one_hot = np.eye(num_classes)[labels] if num_classes else np.zeros((len(labels), 0))
         gt_hist = np.stack([img['gt_buckets'] for img in images]).astype(np.float64)
+        # FPN level of every detection, when the head tags them (MoERetinaHead)
+        with_levels = all(img['det_levels'] is not None for img in images)
+        det_levels = (np.concatenate([img['det_levels'] for img in images]).astype(np.int64)
+                      if with_levels else np.zeros(len(labels), np.int64))
+        num_levels = int(det_levels.max(initial=0)) + 1
+        image_of = np.repeat(np.arange(len(images)), [len(img['det_labels']) for img in images])
         layers = {}
         routing, shared = self._routing_layers(images)
         for name in routing:
@@ -226,7 +242,28 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                 rows=int(level_rows.shape[0] * level_rows.shape[1]),
                 nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
                                           self.shuffle_permutations, self.seed))
+            layers[name].update(self._level_controlled(weights, buckets, det_levels,
+                                                       num_levels, image_of, len(images),
+                                                       with_levels))
         return layers, shared
+
+    def _level_controlled(self, weights, buckets, levels, num_levels, image_of,
+                          num_images, with_levels) -> dict:
+        """The expert × size × level table, the level-conditioned NMI's within-level
+        shuffled baseline, and bootstrap intervals over images (detections of one
+        image stay together)."""
+        per_image = np.zeros((num_images, weights.shape[1], buckets.shape[1], num_levels))
+        np.add.at(per_image, (image_of,), np.einsum('ne,ns,nl->nesl', weights, buckets,
+                                                   np.eye(num_levels)[levels]))
+        counted = weights.sum() > 0
+        return dict(
+            detection_levels=dict(mass=per_image.sum(0).tolist()) if with_levels else None,
+            nmi_given_level_shuffled=level_shuffled_nmi(
+                weights, buckets, levels, num_levels, self.shuffle_permutations, self.seed)
+            if with_levels else None,
+            intervals=specialisation_intervals(per_image, self.bootstrap_resamples,
+                                               self.seed, with_levels)
+            if counted and self.bootstrap_resamples else None)
 
     def _routing_layers(self, images: List[dict]) -> Tuple[List[str], dict]:
         """The MoE layers that routed, and ``{layer: the layer whose routing it
