@@ -61,8 +61,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     Sums are gathered over ranks with images padded in by the sampler dropped, and
     written to ``<work_dir>/expert_size_stats/{val_epoch_<e>,test}.json`` and
     ``<work_dir>/expert_size_stats.json`` (latest); headline scalars go to the
-    message hub (``val/moe/<layer>/nmi``, ``.../living_experts``,
-    ``.../importance_cv``) for LoggerHook and the visualizer backends.
+    message hub (``val/moe/<layer>/nmi``, ``.../nmi_given_level``,
+    ``.../living_experts``, ``.../importance_cv``) for LoggerHook and the visualizer
+    backends.
     """
     priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) prints the epoch's scalars
 
@@ -179,8 +180,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         write_stats(stats, runner.work_dir, tag)
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
-            for key in ('nmi', 'living_experts', 'importance_cv'):
-                runner.message_hub.update_scalar(f'{mode}/moe/{name}/{key}', summary[key])
+            for key in ('nmi', 'nmi_given_level', 'living_experts', 'importance_cv'):
+                if summary[key] is not None:
+                    runner.message_hub.update_scalar(f'{mode}/moe/{name}/{key}', summary[key])
 
     def gather_and_summarise(self, mode: str, epoch: int, iteration: int) -> Optional[dict]:
         """Gather the per-image records of all ranks (dropping images the sampler
