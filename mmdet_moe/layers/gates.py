@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ._checks import check_choice, check_num_experts
 from .gate_output import GateOutput
+from .routing_override import EQUAL_WEIGHTS
 
 
 class NonFiniteGateError(ValueError):
@@ -154,6 +155,10 @@ class TopKGate(nn.Module):
             noise_std = self.noise_std(torch.cat([p[1] for p in pooled]))
             noisy_logits = logits + torch.randn_like(logits) * noise_std
             routing = noisy_logits
+        if self.forced_expert == EQUAL_WEIGHTS:
+            indices = torch.arange(self.num_experts, device=logits.device).expand(
+                len(logits), -1)
+            return GateOutput(torch.full_like(logits, 1.0 / self.num_experts), indices, logits)
         if self.forced_expert is not None:
             indices = logits.new_full((len(logits), 1), self.forced_expert, dtype=torch.long)
             weights = torch.zeros_like(logits).scatter(1, indices, 1.0)
@@ -337,7 +342,7 @@ class EqualWeightGate(nn.Module):
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
         rows = sum(len(level) for level in maps)
         logits = maps[0].new_zeros(rows, self.num_experts)
-        if self.forced_expert is not None:
+        if self.forced_expert is not None and self.forced_expert != EQUAL_WEIGHTS:
             indices = logits.new_full((rows, 1), self.forced_expert, dtype=torch.long)
             return GateOutput(logits.scatter(1, indices, 1.0), indices, logits)
         indices = torch.arange(self.num_experts, device=logits.device).expand(rows, -1)

@@ -31,6 +31,7 @@ from torch.nn.modules.utils import _pair
 from ._checks import check_choice, check_num_experts
 from .base import MoEModuleMixin
 from .recording import record_gate
+from .routing_override import EQUAL_WEIGHTS
 
 GATE_ACTIVATIONS = {'entmax15', 'softmax'}
 GATE_NORMS = {'bn', 'ln', None}
@@ -116,6 +117,8 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         else:
             logits = x.mean(dim=(2, 3)) @ self.gate_weight.t()
         logits = self.gate_norm(logits)
+        if self.forced_expert == EQUAL_WEIGHTS:
+            return torch.full_like(logits, 1.0 / self.num_experts)
         if self.forced_expert is not None:
             forced = torch.full_like(logits[:, 0], self.forced_expert, dtype=torch.long)
             return F.one_hot(forced, self.num_experts).movedim(-1, 1).to(logits.dtype)

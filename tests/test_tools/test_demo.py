@@ -74,7 +74,8 @@ def test_per_expert_evaluation_and_drawing(demo, tmp_path):
     with open(tmp_path / 'r' / 'metrics.json') as f:
         rows = json.load(f)
     assert [r['routing'] for r in rows] == ['learned'] + [f'expert {e} alone'
-                                                          for e in range(4)] + ['top-1']
+                                                          for e in range(4)] + [
+        'all experts, equal weights (no gate)', 'top-1']
     proc = run_tool('draw_expert_detections.py', TOY_MOE_CONFIG, checkpoint, '--out-dir',
                     tmp_path / 'vis', '--num-images', 2, '--score-thr', 0, *options)
     assert proc.returncode == 0, proc.output[-3000:]
