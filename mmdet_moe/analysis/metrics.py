@@ -245,6 +245,8 @@ def layer_summary(layer: dict, size_names) -> dict:
         living_experts=living_experts(layer['importance'], layer['rows']),
         num_experts=len(layer['importance']),
         importance_cv=importance_cv(layer['importance']),
+        p_size_given_expert=normalise_rows(table).tolist(),
+        p_size_given_expert_interval=intervals.get('p_size_given_expert'),
         dominant_size=dominant(table, size_names),
         over_represented_size=most_over_represented(table, size_names))
     summary['verdict'] = verdict(summary)

@@ -109,9 +109,10 @@ def _with_interval(value: Optional[float], bounds: Optional[list]) -> str:
     return text + (f' [95 % CI {bounds[0]:.4f}, {bounds[1]:.4f}]' if bounds else '')
 
 
-def specialisation_lines(summary: dict) -> List[str]:
+def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> List[str]:
     """The plain and the level-conditioned NMI, each with its baseline and interval,
-    and which of the two carries the specialisation (for reports and printouts)."""
+    each expert's P(size | expert) with its interval, and which of the two NMIs
+    carries the specialisation (for reports and printouts)."""
     lines = [f'NMI expert↔size {_with_interval(summary["nmi"], summary["nmi_interval"])}; '
              f'shuffled baseline {_with_interval(summary["nmi_shuffled"], summary["nmi_shuffled_interval"])}']
     if summary['nmi_given_level'] is not None:
@@ -120,6 +121,12 @@ def specialisation_lines(summary: dict) -> List[str]:
             f'{_with_interval(summary["nmi_given_level"], summary["nmi_given_level_interval"])}; '
             'shuffled within levels '
             f'{_with_interval(summary["nmi_given_level_shuffled"], summary["nmi_given_level_shuffled_interval"])}')
+    bounds = summary['p_size_given_expert_interval']
+    for i, row in enumerate(summary['p_size_given_expert']):
+        lines.append(f'expert {i}: P(size | expert) ' + ', '.join(
+            f'{size} {value:.3f}' + (f' [{bounds[i][j][0]:.3f}, {bounds[i][j][1]:.3f}]'
+                                     if bounds else '')
+            for j, (size, value) in enumerate(zip(sizes, row, strict=True))))
     return lines + [f'verdict: {summary["verdict"]}']
 
 
@@ -174,7 +181,7 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
              f'**{summary["nmi"]:.4f}** ({view} view); with the gate weights shuffled '
              f'across detections: {shuffled.get("mean", 0):.4f} ± {shuffled.get("std", 0):.4f} '
              f'({shuffled.get("permutations", 0)} permutations)',
-             *[f'- {line}' for line in specialisation_lines(summary)],
+             *[f'- {line}' for line in specialisation_lines(summary, sizes)],
              f'- living experts (mean gate weight > 0.01): {summary["living_experts"]} of '
              f'{summary["num_experts"]}; importance CV: {summary["importance_cv"]:.3f}', '',
              markdown_table(header, rows), '', markdown_table(header2, rows2), '',

@@ -107,6 +107,7 @@ def test_level_controlled_view_in_the_report(tmp_path):
     assert 'NMI expert↔size | FPN level 0.0000' in text
     assert '[95 % CI 0.5000, 0.9000]' in text
     assert 'goes through the FPN level' in text
+    assert 'expert 0: P(size | expert) small 0.750 [0.000, 1.000]' in text
     rows = read_csv(out / 'bbox_head.cls_moe_size_expert_given_level.csv')
     assert rows[1][:5] == ['P3', 'expert 0', '0.75', '0.25', '0.0']
     assert (out / 'bbox_head.cls_moe_size_given_expert_level.png').exists()

@@ -88,6 +88,9 @@ def test_known_gates_and_boxes_give_a_known_matrix():
     levels[:, 2, 1] = [.5, .5]                 # large, level 1, image 1's row
     levels[:, 1, 1] = [.25, .75]               # medium, level 1, image 2's row
     np.testing.assert_allclose(head['detection_levels']['mass'], levels)
+    # P3 holds one size only: no size entropy within it; P4: medium and large, the
+    # expert rows [.5, .5] and [.25, .75] differ slightly → a small NMI | level
+    assert 0 < head['nmi_given_level'] < 0.1
     for layer in (head, neck):
         assert {'nmi_given_level_shuffled', 'intervals'} <= set(layer)
         assert layer['intervals']['resamples'] == 1000

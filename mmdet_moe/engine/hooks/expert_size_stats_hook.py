@@ -12,7 +12,8 @@ from pycocotools import mask as mask_utils
 from mmdet.registry import HOOKS
 
 from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
-                         bucket_membership, layer_summary, level_shuffled_nmi,
+                         bucket_membership, conditional_nmi, layer_summary,
+                         level_shuffled_nmi,
                          shuffled_nmi, specialisation_intervals)
 from ...layers import assign_moe_names
 from .gate_recording import GateRecordingMixin, unwrap
@@ -260,6 +261,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         counted = weights.sum() > 0
         return dict(
             detection_levels=dict(mass=per_image.sum(0).tolist()) if with_levels else None,
+            nmi_given_level=conditional_nmi(per_image.sum(0)) if with_levels else None,
             nmi_given_level_shuffled=level_shuffled_nmi(
                 weights, buckets, levels, num_levels, self.shuffle_permutations, self.seed)
             if with_levels else None,
