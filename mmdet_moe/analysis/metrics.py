@@ -93,13 +93,32 @@ def _baseline(values: list, permutations: int) -> dict:
                 permutations=permutations)
 
 
+def permute_rows(weights: np.ndarray, rng: np.random.Generator,
+                 groups: Optional[np.ndarray] = None,
+                 strata: Optional[np.ndarray] = None) -> np.ndarray:
+    """``weights`` (n, N) with rows permuted: item by item, or with ``groups`` (n,)
+    whole groups of items that share one gate row (the detections of one (image,
+    level)) trade rows, so that sizes clustered in an image stay clustered; with
+    ``strata`` (n,), only within the same stratum (e.g. FPN level)."""
+    groups = np.arange(len(weights)) if groups is None else np.asarray(groups)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.arange(len(first))
+    group_strata = np.zeros(len(first)) if strata is None else np.asarray(strata)[first]
+    for stratum in np.unique(group_strata):
+        members = np.flatnonzero(group_strata == stratum)
+        order[members] = rng.permutation(members)
+    return weights[first][order][inverse.ravel()]
+
+
 def shuffled_nmi(weights: np.ndarray, categories: np.ndarray, num_categories: int,
-                 permutations: int = 20, seed: int = 0) -> Dict[str, float]:
+                 permutations: int = 20, seed: int = 0,
+                 groups: Optional[np.ndarray] = None) -> Dict[str, float]:
     """NMI when expert weights are shuffled across items: the chance level.
 
     Args:
         weights: (n, N) gate weights of n items (e.g. detections).
         categories: (n, S) 0/1 membership of each item in each category.
+        groups: (n,) items sharing one gate row move together (see permute_rows).
 
     Returns:
         ``mean``, ``std`` and 95 % ``interval`` of the shuffled NMIs.
@@ -107,26 +126,23 @@ def shuffled_nmi(weights: np.ndarray, categories: np.ndarray, num_categories: in
     weights = np.asarray(weights, dtype=np.float64)
     categories = np.asarray(categories, dtype=np.float64).reshape(len(weights), num_categories)
     rng = np.random.default_rng(seed)
-    values = [normalised_mutual_information(weights[rng.permutation(len(weights))].T @
-                                            categories) for _ in range(permutations)]
+    values = [normalised_mutual_information(permute_rows(weights, rng, groups).T @ categories)
+              for _ in range(permutations)]
     return _baseline(values, permutations)
 
 
 def level_shuffled_nmi(weights: np.ndarray, categories: np.ndarray, levels: np.ndarray,
-                       num_levels: int, permutations: int = 20, seed: int = 0) -> dict:
+                       num_levels: int, permutations: int = 20, seed: int = 0,
+                       groups: Optional[np.ndarray] = None) -> dict:
     """Chance level of :func:`conditional_nmi`: gate weights shuffled among the items
-    of the same level only (the level's routing is kept, its link to size is not)."""
+    of the same level only (the level's routing is kept, its link to size is not);
+    ``groups`` as in :func:`permute_rows`."""
     weights = np.asarray(weights, dtype=np.float64)
     levels = np.asarray(levels, dtype=np.int64)
-    groups = [np.flatnonzero(levels == level) for level in range(num_levels)]
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(permutations):
-        order = np.arange(len(weights))
-        for group in groups:
-            order[group] = rng.permutation(group)
-        values.append(conditional_nmi(expert_size_level_table(
-            weights[order], categories, levels, num_levels)))
+    values = [conditional_nmi(expert_size_level_table(
+        permute_rows(weights, rng, groups, levels), categories, levels, num_levels))
+        for _ in range(permutations)]
     return _baseline(values, permutations)
 
 
@@ -255,11 +271,17 @@ def layer_summary(layer: dict, size_names) -> dict:
 
 def verdict(summary: dict) -> str:
     """Which NMI carries the specialisation, in words."""
+    no_levels = ('the level-controlled view needs a run whose statistics have '
+                 'per-detection FPN levels (schema version 2 and a head that tags levels, '
+                 'such as MoERetinaHead)')
+    if summary['nmi_interval'] is None:
+        return ('significance not assessed: the statistics have no bootstrap interval '
+                '(written before schema version 2, or with bootstrap_resamples=0); '
+                'compare the NMIs with their baselines by eye' +
+                ('; ' + no_levels if summary['nmi_given_level'] is None else ''))
     if summary['nmi_given_level'] is None:
         plain = ('above' if summary['nmi_significant'] else 'not clearly above')
-        return (f'NMI expert↔size is {plain} its shuffled baseline; the level-controlled '
-                'view needs a run whose statistics have per-detection FPN levels '
-                '(mmdet_moe >= schema version 2 and a head that tags levels)')
+        return f'NMI expert↔size is {plain} its shuffled baseline; {no_levels}'
     if summary['nmi_given_level_significant']:
         return ('experts specialise by size within FPN levels: the level-conditioned '
                 'NMI lies above its within-level shuffled baseline')

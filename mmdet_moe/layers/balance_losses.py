@@ -72,9 +72,14 @@ def prob_in_top_k(gate_output: GateOutput) -> Tensor:
     top = noisy.topk(k + 1, dim=1).values
     thr_if_in, thr_if_out = top[:, k:k + 1], top[:, k - 1:k]
     is_in = noisy > thr_if_in
+    # with N − k experts masked the (k+1)-th logit is −∞: the kept experts have no
+    # rival. A finite stand-in keeps the backward pass free of 0·∞ = NaN.
+    no_rival = torch.isinf(thr_if_in)
+    thr_if_in = thr_if_in.masked_fill(no_rival, 0.0)
     normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
     prob = torch.where(is_in, normal.cdf((clean - thr_if_in) / std),
                        normal.cdf((clean - thr_if_out) / std))
+    prob = prob.masked_fill(is_in & no_rival, 1.0)
     return prob if mask is None else prob.masked_fill(mask, 0.0)
 
 

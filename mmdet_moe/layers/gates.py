@@ -96,6 +96,11 @@ class TopKGate(nn.Module):
         self.noisy, self.gate_type, self.noise_epsilon = noisy, gate_type, noise_epsilon
         self.moe_name = None  # set by assign_moe_names(); used in error messages
         self.forced_expert = None  # set by override_routing() for analysis
+        if conv_channels is not None and (gate_type not in ('conv', 'paper_conv') or
+                                          not isinstance(conv_channels, int) or
+                                          conv_channels < 1):
+            raise ValueError(f'conv_channels={conv_channels!r}: an int >= 1 for the conv '
+                             f"gates ('conv', 'paper_conv'); gate_type={gate_type!r}")
         features = in_channels
         if gate_type in ('conv', 'paper_conv'):
             features = conv_channels or GATE_TYPES[gate_type]
@@ -128,6 +133,10 @@ class TopKGate(nn.Module):
         if self.gate_type == 'conv':
             feats = F.relu(self.conv(x)).mean(dim=(2, 3))
             return feats, feats
+        if self.gate_type == 'paper_conv' and min(x.shape[-2:]) < 3:
+            raise ValueError(f"{self._label()}: gate_type='paper_conv' (3×3, no padding) "
+                             f'needs maps of at least 3×3, got {tuple(x.shape[-2:])}; '
+                             "use gate_type='conv' (padded) or larger inputs")
         hidden = F.relu(x) if self.gate_type == 'paper_fc' else self.conv(x)
         return hidden.mean(dim=(2, 3)), raw
 
@@ -327,6 +336,7 @@ class EqualWeightGate(nn.Module):
     """
     noisy = False
     renormalize = True
+    fixed_top_k = True  # override_routing(top_k=...) cannot change it
 
     def __init__(self, in_channels: int, num_experts: int, top_k: Optional[int] = None):
         super().__init__()

@@ -57,8 +57,10 @@ def override_routing(model: nn.Module, expert: Optional[int] = None,
         if expert is not None and not 0 <= expert < target.num_experts:
             raise ValueError(f'{name}: expert {expert} is out of range [0, {target.num_experts})')
         if top_k is not None:
-            if target in soft:
-                raise ValueError(f'{name} routes softly (μMoE); top_k cannot be overridden')
+            if target in soft or getattr(target, 'fixed_top_k', False):
+                raise ValueError(f'{name} ({type(target).__name__}) does not choose its '
+                                 'experts (a soft μMoE layer or equal weights); top_k '
+                                 'cannot be overridden')
             if not 1 <= top_k <= target.num_experts:
                 raise ValueError(f'{name}: top_k={top_k} is out of range '
                                  f'[1, {target.num_experts}]')

@@ -93,3 +93,31 @@ def test_summary_says_which_nmi_carries_the_specialisation():
     assert 'goes through the FPN level' in summary['verdict']
     old = layer_summary(stats_layer(with_levels=False), BUCKET_NAMES)  # version-1 files
     assert old['nmi_given_level'] is None and 'needs a run' in old['verdict']
+
+
+def test_group_baseline_keeps_images_together():
+    """Gates independent of size, sizes clustered per image: shuffling single
+    detections underestimates the chance level; moving each (image, level) group's
+    shared row together does not (the observed NMI stays within its interval)."""
+    from mmdet_moe.analysis import shuffled_nmi
+    rng = np.random.default_rng(0)
+    images = 60
+    image_rows = rng.dirichlet([1, 1, 1, 1], images)
+    image_size = rng.integers(0, 3, images)       # each image: mostly one size
+    per_image = 8
+    weights = np.repeat(image_rows, per_image, axis=0)
+    sizes = np.where(rng.random(images * per_image) < 0.8,
+                     np.repeat(image_size, per_image), rng.integers(0, 3, images * per_image))
+    buckets = np.eye(3)[sizes]
+    groups = np.repeat(np.arange(images), per_image)
+    observed = normalised_mutual_information(weights.T @ buckets)
+    by_item = shuffled_nmi(weights, buckets, 3, permutations=50)
+    by_group = shuffled_nmi(weights, buckets, 3, permutations=50, groups=groups)
+    assert observed > by_item['interval'][1]            # a spurious "specialisation"
+    assert by_group['interval'][0] <= observed <= by_group['interval'][1]
+
+
+def test_verdict_without_intervals_does_not_claim_anything():
+    layer = stats_layer()
+    layer.pop('intervals')
+    assert 'not assessed' in layer_summary(layer, BUCKET_NAMES)['verdict']

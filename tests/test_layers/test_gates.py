@@ -272,3 +272,42 @@ def test_equal_weight_gate_is_the_no_gate_baseline():
     torch.testing.assert_close(moe([x, x[:1]])[1], want[:1])
     with pytest.raises(ValueError, match='top_k must be num_experts=3, got 2'):
         build_gate(dict(type='EqualWeightGate'), 4, 3, 2)
+
+
+def test_load_loss_gradients_stay_finite_with_n_minus_k_experts_masked():
+    """With N−k experts masked, the (k+1)-th largest masked logit is −∞: the kept
+    experts have no rival (probability 1) and every gradient stays finite."""
+    from mmdet_moe.layers import load_loss, prob_in_top_k
+    gate = RelativeImportanceGate(4, 4, 2, threshold=0.3, noisy=True).train()
+    with torch.no_grad():
+        gate.w_noise.weight.normal_()
+    gate.usage.copy_(torch.tensor([1., 1., 0., 0.]))  # experts 0 and 1 off: 2 = N − k
+    out = gate(torch.randn(6, 4, 3, 3))
+    prob = prob_in_top_k(out)
+    torch.testing.assert_close(prob, torch.tensor([[0., 0., 1., 1.]]).expand(6, -1))
+    load_loss(out).backward()
+    for p in (gate.w_gate.weight, gate.w_noise.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(gate_type='linear', conv_channels=32), "conv_channels=32.*gate_type='linear'"),
+    (dict(gate_type='conv', conv_channels=0), 'conv_channels=0'),
+])
+def test_conv_channels_only_for_conv_gates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TopKGate(8, 4, 2, **kwargs)
+
+
+def test_paper_conv_gate_names_maps_too_small_for_it():
+    with pytest.raises(ValueError, match=r"paper_conv.*at least 3×3, got \(2, 2\)"):
+        TopKGate(8, 4, 2, gate_type='paper_conv')(torch.randn(1, 8, 2, 2))
+
+
+def test_top_k_override_is_refused_for_the_equal_weight_gate():
+    from mmdet_moe.layers import MoE, override_routing
+    moe = MoE([torch.nn.Conv2d(4, 4, 1) for _ in range(3)], in_channels=4, top_k=3,
+              gate_cfg=dict(type='EqualWeightGate'))
+    with pytest.raises(ValueError, match='EqualWeightGate.*top_k cannot be overridden'):
+        with override_routing(moe, top_k=1):
+            pass

@@ -225,6 +225,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                       if with_levels else np.zeros(len(labels), np.int64))
         num_levels = int(det_levels.max(initial=0)) + 1
         image_of = np.repeat(np.arange(len(images)), [len(img['det_labels']) for img in images])
+        # the detections of one (image, level) share a gate row: baselines move them
+        # together (sizes cluster per image; single detections are not independent)
+        groups = image_of * num_levels + det_levels
         layers = {}
         routing, shared = self._routing_layers(images)
         for name in routing:
@@ -244,13 +247,13 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                 importance=level_rows.sum((0, 1)).tolist(),
                 rows=int(level_rows.shape[0] * level_rows.shape[1]),
                 nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
-                                          self.shuffle_permutations, self.seed))
+                                          self.shuffle_permutations, self.seed, groups))
             layers[name].update(self._level_controlled(weights, buckets, det_levels,
-                                                       num_levels, image_of, len(images),
-                                                       with_levels))
+                                                       num_levels, image_of, groups,
+                                                       len(images), with_levels))
         return layers, shared
 
-    def _level_controlled(self, weights, buckets, levels, num_levels, image_of,
+    def _level_controlled(self, weights, buckets, levels, num_levels, image_of, groups,
                           num_images, with_levels) -> dict:
         """The expert × size × level table, the level-conditioned NMI's within-level
         shuffled baseline, and bootstrap intervals over images (detections of one
@@ -263,7 +266,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             detection_levels=dict(mass=per_image.sum(0).tolist()) if with_levels else None,
             nmi_given_level=conditional_nmi(per_image.sum(0)) if with_levels else None,
             nmi_given_level_shuffled=level_shuffled_nmi(
-                weights, buckets, levels, num_levels, self.shuffle_permutations, self.seed)
+                weights, buckets, levels, num_levels, self.shuffle_permutations, self.seed,
+                groups)
             if with_levels else None,
             intervals=specialisation_intervals(per_image, self.bootstrap_resamples,
                                                self.seed, with_levels)
