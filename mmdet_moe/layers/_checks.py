@@ -13,3 +13,8 @@ def check_num_experts(num_experts, top_k=None):
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f'{name} must be one of {sorted(choices)}, got {value!r}')
+
+
+def has_zero_padding(conv) -> bool:
+    """A conv with numeric zero padding (what MoE convs and kernel mixing support)."""
+    return conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_num_experts
+from ._checks import check_choice, check_num_experts, has_zero_padding
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, dispatch, mixed_conv2d
 from .gate_output import GateOutput
@@ -21,8 +21,7 @@ Features = Union[Tensor, Sequence[Tensor]]
 
 def _conv_signature(module: nn.Module):
     """Geometry of a plain linear conv expert, or None if it cannot be fused."""
-    if type(module) is not nn.Conv2d or isinstance(module.padding, str) \
-            or module.padding_mode != 'zeros':
+    if type(module) is not nn.Conv2d or not has_zero_padding(module):
         return None
     return tuple(getattr(module, a) for a in _CONV_GEOMETRY) + (module.bias is not None,)
 

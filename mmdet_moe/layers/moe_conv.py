@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._checks import check_choice, check_num_experts
+from ._checks import check_choice, check_num_experts, has_zero_padding
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, dispatch, mixed_conv2d
 from .gates import build_gate
@@ -140,7 +140,7 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         """A freshly initialised MoE layer with the geometry of ``conv``."""
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f'needs an nn.Conv2d, got {type(conv).__name__}')
-        if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+        if not has_zero_padding(conv):
             raise ValueError(f'supports numeric zero padding only, got '
                              f'padding={conv.padding!r}, padding_mode={conv.padding_mode!r}')
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,

@@ -23,6 +23,7 @@ from mmcv.cnn import ConvModule
 from mmdet.registry import MODELS
 
 from ..layers import MoEConv2d
+from ..layers._checks import has_zero_padding
 from .conv_types import LAYER_TYPES, build_moe_conv, check_servable
 from .upcycling import freeze_all_but_moe
 
@@ -42,7 +43,7 @@ def _replace_conv(model: nn.Module, path: str, layer_type: str, kwargs: dict,
     if type(conv) is not nn.Conv2d:
         raise ValueError(f'{where}: {path!r} is a {type(conv).__name__}, not an nn.Conv2d; '
                          f'name the conv inside it (e.g. {path}.conv)')
-    if conv.padding_mode != 'zeros' or isinstance(conv.padding, str):
+    if not has_zero_padding(conv):
         raise ValueError(f'{where}: {path!r} has padding={conv.padding!r}, padding_mode='
                          f'{conv.padding_mode!r}; MoE convs support numeric zero padding')
     parts = path.split('.')
