@@ -4,6 +4,7 @@ from .balance_losses import (BALANCE_LOSSES, BalanceLosses, cv_squared, importan
                              kl_uniform_loss, load_loss, prob_in_top_k, router_z_loss,
                              switch_loss)
 from .base import MoEModuleMixin
+from .complexity import ParameterCount, count_parameters
 from .conv_ops import dense_mixture, dispatch, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import (GATE_TYPES, GATES, AbsoluteImportanceGate, EqualWeightGate,
@@ -20,9 +21,9 @@ from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_modul
 __all__ = [
     'AbsoluteImportanceGate', 'BALANCE_LOSSES', 'BalanceLosses', 'CPMuMoE',
     'CPMuMoEConv2d', 'EqualWeightGate', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'MoE',
-    'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'RelativeImportanceGate',
+    'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
-    'cv_squared', 'dense_mixture', 'dispatch', 'end_iteration', 'global_importance', 'importance_loss',
+    'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'end_iteration', 'global_importance', 'importance_loss',
     'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mixed_conv2d', 'override_routing',
     'prob_in_top_k',
     'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'

@@ -1,6 +1,6 @@
 """MoE: a sparsely-gated mixture of arbitrary (e.g. non-linear, multi-conv) experts."""
 import copy
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch.nn as nn
 import torch
@@ -143,6 +143,10 @@ class MoE(MoEModuleMixin, nn.Module):
             return self.mix(x, gate_output.weights)
         parts = gate_output.split([level.shape[0] for level in x])
         return [self.mix(level, part.weights) for level, part in zip(x, parts, strict=True)]
+
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """The experts' parameters (k of N experts run per row; see count_parameters)."""
+        return self.experts.parameters()
 
     def extra_repr(self):
         return f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}'

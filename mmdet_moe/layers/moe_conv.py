@@ -1,5 +1,5 @@
 """MoEConv2d: a convolution whose kernel is a per-image mixture of N expert kernels."""
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -181,6 +181,12 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         gate_output = self.gate(x)
         self._track(gate_output)
         return self.mix(x, gate_output.weights)
+
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """The N experts' kernels and biases (k of them mix per row; see count_parameters)."""
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
 
     def extra_repr(self):
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
