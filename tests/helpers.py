@@ -13,11 +13,11 @@ from mmengine.config import Config
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 CONFIGS = osp.join(ROOT, 'configs')
-TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_12e_toy-coco.py')
-TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_12e_toy-coco.py')
+TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_3e_toy-coco.py')
+TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_3e_toy-coco.py')
 
 
-def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0):
+def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0, workers=1):
     """A tiny toy COCO dataset written by the project's own generator."""
     sys.path.insert(0, TOOLS)
     try:
@@ -25,7 +25,7 @@ def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0):
     finally:
         sys.path.remove(TOOLS)
     make_toy_coco.main([str(out_dir), '--train', str(train), '--val', str(val),
-                        '--size', str(size), '--seed', str(seed)])
+                        '--size', str(size), '--seed', str(seed), '--workers', str(workers)])
     return str(out_dir)
 
 

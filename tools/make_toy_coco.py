@@ -1,6 +1,6 @@
 """Generate a small COCO-format detection dataset that needs no download.
 
-    python tools/make_toy_coco.py data/toy_coco [--train 400 --val 100 --size 256]
+    python tools/make_toy_coco.py data/toy_coco [--train 3000 --val 300 --size 256]
 
 Writes ``{out}/train.json``, ``{out}/val.json`` and ``{out}/images/{train,val}/*.png``:
 textured shapes of several classes on cluttered backgrounds, with sizes spread over
@@ -9,8 +9,10 @@ about COCO's proportions, some overlapping. ``area`` is the shape's pixel count
 (as in COCO, the mask area, not the box's w·h). Deterministic for a seed.
 """
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
 import os.path as osp
 
@@ -20,8 +22,14 @@ import numpy as np
 from mmdet_moe.atomic_output import atomic_directory
 
 CLASSES = ('circle', 'square', 'triangle', 'star', 'ring')
-# COCO train2017: 41 % small, 34 % medium, 24 % large objects; sqrt(area) ranges
-SIZE_BUCKETS = (('small', 0.41, 6, 32), ('medium', 0.34, 32, 96), ('large', 0.25, 96, 180))
+# COCO train2017: 41 % small, 34 % medium, 24 % large objects (COCO_PROPORTIONS).
+# Objects are drawn from the buckets with the odds below, sqrt(area) log-uniform in
+# the range: large shapes lose visible area to the objects in front of them (and the
+# last ones placed fail to fit more often), so they are drawn more often than they
+# end up; these odds give COCO's proportions in the written annotations (a test
+# checks it).
+COCO_PROPORTIONS = dict(small=0.41, medium=0.34, large=0.24)
+SIZE_BUCKETS = (('small', 0.38, 6, 32), ('medium', 0.29, 32, 96), ('large', 0.33, 96, 180))
 # mask area / side² of each shape (side = diameter of its circumscribed circle)
 FILL_RATIO = dict(circle=0.785, square=0.5, triangle=0.325, star=0.33, ring=0.63)
 
@@ -55,24 +63,26 @@ def shape_mask(cls: str, poly: np.ndarray, height: int, width: int, side: float)
 
 def texture(height: int, width: int, rng) -> np.ndarray:
     """A coloured texture: base colour plus stripes or noise."""
-    colour = rng.uniform(40, 255, 3)
+    colour = rng.uniform(40, 255, 3).astype(np.float32)
     img = np.broadcast_to(colour, (height, width, 3)).copy()
     kind = rng.integers(3)
     if kind == 0:
-        yy, xx = np.mgrid[:height, :width]
+        yy, xx = np.mgrid[:height, :width].astype(np.float32)
         period, direction = rng.uniform(4, 14), rng.uniform(0, math.pi)
         phase = (xx * math.cos(direction) + yy * math.sin(direction)) / period
         stripes = np.sin(phase * 2 * math.pi)
         img += stripes[..., None] * rng.uniform(20, 60)
     elif kind == 1:
-        img += rng.normal(0, 25, (height, width, 1))
+        img += rng.normal(0, 25, (height, width, 1)).astype(np.float32)
     return img
 
 
 def background(height: int, width: int, rng) -> np.ndarray:
-    """Gradient plus clutter (lines, blobs) that look like, but are not, objects."""
-    yy, xx = np.mgrid[:height, :width] / max(height, width)
-    c0, c1 = rng.uniform(0, 180, 3), rng.uniform(0, 180, 3)
+    """Gradient plus clutter (lines, elongated blobs) that look like, but are not,
+    objects. Blobs are at least 2.5 times as long as wide: round ones would be
+    indistinguishable from small circles, whatever the detector."""
+    yy, xx = np.mgrid[:height, :width].astype(np.float32) / max(height, width)
+    c0, c1 = rng.uniform(0, 180, (2, 3)).astype(np.float32)
     w = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
     img = c0 + (c1 - c0) * (w - w.min()) / (np.ptp(w) + 1e-6)
     for _ in range(rng.integers(4, 12)):
@@ -82,9 +92,10 @@ def background(height: int, width: int, rng) -> np.ndarray:
         if rng.random() < 0.5:
             cv2.line(img, p1, p2, colour, int(rng.integers(1, 4)))
         else:
-            cv2.ellipse(img, p1, tuple(int(v) for v in rng.integers(2, 10, 2)),
-                        float(rng.uniform(0, 180)), 0, 360, colour, -1)
-    return img + rng.normal(0, 6, img.shape)
+            width_ = rng.uniform(1.5, 4)
+            axes = (int(round(width_ * rng.uniform(2.5, 4))), int(round(width_)))
+            cv2.ellipse(img, p1, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return img + rng.normal(0, 6, img.shape).astype(np.float32)
 
 
 def sample_side(rng, cls: str, image_size: int) -> float:
@@ -121,7 +132,11 @@ def make_image(rng, size: int, max_objects: int, max_occlusion: float = 0.3, tri
                 break
         else:
             continue
-        img[mask] = texture(size, size, rng)[mask]
+        # paint the texture over the mask's bounding box only
+        ys, xs = np.nonzero(mask)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        local = mask[y0:y1, x0:x1]
+        img[y0:y1, x0:x1][local] = texture(y1 - y0, x1 - x0, rng)[local]
         owner[mask] = len(full_areas)
         full_areas.append(int(mask.sum()))
         labels.append(cls)
@@ -134,33 +149,61 @@ def make_image(rng, size: int, max_objects: int, max_occlusion: float = 0.3, tri
     return np.clip(img, 0, 255).astype(np.uint8), annotations
 
 
-def write_split(out_dir: str, split: str, count: int, size: int, max_objects: int, rng):
+SPLITS = ('train', 'val')
+# bump when the drawing changes: a dataset of another version is not the one the
+# configs and the README's figures were made with
+GENERATOR_VERSION = 2
+
+
+def dataset_info(images: int, size: int, max_objects: int, seed: int) -> dict:
+    """COCO's ``info`` entry of a split: what made it (read by tools/demo.py)."""
+    return dict(description='mmdet-moe toy COCO (tools/make_toy_coco.py)',
+                generator_version=GENERATOR_VERSION, images=images, size=size,
+                max_objects=max_objects, seed=seed)
+
+
+def render(task: tuple) -> list:
+    """Draw and write one image; its own random stream (seed, split, id) makes the
+    dataset the same whatever the number of worker processes."""
+    out_dir, split, image_id, size, max_objects, seed = task
+    rng = np.random.default_rng([seed, SPLITS.index(split), image_id])
+    img, anns = make_image(rng, size, max_objects)
+    cv2.imwrite(osp.join(out_dir, 'images', f'{split}/{image_id:06d}.png'), img)
+    return anns
+
+
+def write_split(out_dir: str, split: str, count: int, size: int, max_objects: int,
+                seed: int, pool=None):
     os.makedirs(osp.join(out_dir, 'images', split), exist_ok=True)
+    tasks = [(out_dir, split, image_id, size, max_objects, seed)
+             for image_id in range(1, count + 1)]
+    rendered = pool.imap(render, tasks, chunksize=16) if pool else map(render, tasks)
     images, annotations = [], []
-    for image_id in range(1, count + 1):
-        img, anns = make_image(rng, size, max_objects)
-        file_name = f'{split}/{image_id:06d}.png'
-        cv2.imwrite(osp.join(out_dir, 'images', file_name), img)
-        images.append(dict(id=image_id, file_name=file_name, height=size, width=size))
+    for image_id, anns in enumerate(rendered, 1):
+        images.append(dict(id=image_id, file_name=f'{split}/{image_id:06d}.png',
+                           height=size, width=size))
         for ann in anns:
             annotations.append(dict(ann, id=len(annotations) + 1, image_id=image_id))
     categories = [dict(id=i + 1, name=name, supercategory='shape')
                   for i, name in enumerate(CLASSES)]
     with open(osp.join(out_dir, f'{split}.json'), 'w') as f:
-        json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+        json.dump(dict(info=dataset_info(count, size, max_objects, seed), images=images,
+                       annotations=annotations, categories=categories), f)
     return len(images), len(annotations)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Generate the toy COCO dataset')
     parser.add_argument('out_dir', nargs='?', default='data/toy_coco')
-    parser.add_argument('--train', type=int, default=400, help='training images')
-    parser.add_argument('--val', type=int, default=100, help='validation images')
+    parser.add_argument('--train', type=int, default=3000, help='training images')
+    parser.add_argument('--val', type=int, default=300, help='validation images')
     parser.add_argument('--size', type=int, default=256, help='image side in pixels')
     parser.add_argument('--max-objects', type=int, default=6, help='objects per image, at most')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--workers', type=int, default=os.cpu_count(),
+                        help='processes drawing images (the dataset does not depend on it)')
     args = parser.parse_args(argv)
-    for name in ('train', 'val', 'max_objects'):
+    for name in ('train', 'val', 'max_objects', 'workers'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.size < 64:
@@ -170,11 +213,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rng = np.random.default_rng(args.seed)
-    with atomic_directory(args.out_dir) as tmp:  # never a half-written dataset
-        for split in ('train', 'val'):
+    with atomic_directory(args.out_dir) as tmp, \
+            (multiprocessing.Pool(args.workers, initializer=cv2.setNumThreads,
+                                  initargs=(1,)) if args.workers > 1 else
+             contextlib.nullcontext()) as pool:  # never a half-written dataset
+        for split in SPLITS:
             n_img, n_ann = write_split(tmp, split, getattr(args, split), args.size,
-                                       args.max_objects, rng)
+                                       args.max_objects, args.seed, pool)
             print(f'{split}: {n_img} images, {n_ann} objects')
     print(f'wrote {args.out_dir}')
 

@@ -47,3 +47,19 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
         make_tiny_coco(tmp_path / 'x', size=32)
     assert '--size must be >= 64' in capsys.readouterr().err
     assert not (tmp_path / 'x').exists()
+
+
+def test_size_proportions_are_coco_s(tmp_path):
+    """Small / medium / large in the written annotations (areas as COCOeval buckets
+    them) within 0.03 of COCO train2017's 41 / 34 / 24 %."""
+    root = tmp_path / 'toy'
+    make_tiny_coco(root, train=500, val=1, size=256, seed=0)
+    coco = COCO(str(root / 'train.json'))
+    counts = bucket_membership([a['area'] for a in coco.loadAnns(coco.getAnnIds())]).sum(0)
+    assert counts / counts.sum() == pytest.approx([0.41, 0.34, 0.24], abs=0.03)
+
+
+def test_worker_processes_do_not_change_the_dataset(tmp_path):
+    for name, workers in (('one', 1), ('two', 2)):
+        make_tiny_coco(tmp_path / name, train=5, val=2, size=96, seed=1, workers=workers)
+    assert digest(tmp_path / 'one') == digest(tmp_path / 'two')
