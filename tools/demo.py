@@ -1,41 +1,76 @@
 """The main job on the embedded default: toy COCO data → MoE RetinaNet → report.
 
-    python tools/demo.py            # what `make demo` runs
+    python tools/demo.py                # what `make demo` runs
+    python tools/demo.py --compare      # `make demo-compare`: dense, MoE soft, MoE hard
+    python tools/demo.py --seeds 3      # the MoE detector for seeds 0, 1, 2: mean ± sd
 
 1. generates the toy COCO dataset (tools/make_toy_coco.py) unless it exists;
-2. trains the toy MoE RetinaNet with the stock-style tools/train.py;
-3. evaluates it with the COCO metric and ExpertSizeStatsHook and writes the
-   report (tools/analyze_experts.py CONFIG CHECKPOINT);
-4. prints a summary: AP, AP_S/M/L, per-layer NMI expert↔size against its shuffled
-   baseline, and where the report is.
+2. trains each detector with the stock-style tools/train.py, seeded (``--seed``);
+3. evaluates it with the COCO metric and ExpertSizeStatsHook and writes the report
+   (tools/analyze_experts.py CONFIG CHECKPOINT), for the MoE detectors also with
+   the routing forced to each expert and to all experts with equal weights;
+4. prints a summary: AP, AP_S/M/L, the specialisation figures with their bootstrap
+   intervals and baselines, the per-expert AP; with ``--compare`` a side-by-side
+   table (AP, parameters total and active per image, seconds per training
+   iteration); with ``--seeds`` the mean ± sd of every figure across seeds
+   (tools/analyze_experts.py on the runs' statistics).
 
 Every step is the same command a user would run; the options shrink it for tests.
 """
 import argparse
+import glob
 import json
 import os.path as osp
+import statistics
 import subprocess
 import sys
 import time
+from typing import List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEFAULT_CONFIG = osp.join(ROOT, 'configs', 'toy', 'retinanet_r18_fpn_moe-head_12e_toy-coco.py')
+TOY = osp.join(ROOT, 'configs', 'toy')
+# name → (config, what it is); the first MoE variant is the demo's default
+VARIANTS = {
+    'dense': (osp.join(TOY, 'retinanet_r18_fpn_3e_toy-coco.py'), 'dense RetinaNet'),
+    'moe-soft': (osp.join(TOY, 'retinanet_r18_fpn_moe-head_3e_toy-coco.py'),
+                 'MoE soft (importance loss)'),
+    'moe-hard': (osp.join(TOY, 'retinanet_r18_fpn_moe-head-hard_3e_toy-coco.py'),
+                 'MoE hard (relative importance)'),
+}
+DEFAULT_VARIANT = 'moe-soft'
+AP_KEYS = ('AP', 'AP_S', 'AP_M', 'AP_L')
+MAX_OBJECTS, DATA_SEED = 6, 0  # tools/make_toy_coco.py's defaults
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Run the embedded MoE demo end to end')
-    parser.add_argument('--config', default=DEFAULT_CONFIG)
+    parser.add_argument('--config', default=None,
+                        help='train this config instead of the demo\'s MoE detector')
+    parser.add_argument('--compare', action='store_true',
+                        help='train dense, MoE soft and MoE hard; print them side by side')
+    parser.add_argument('--seed', type=int, default=0, help='random seed (randomness.seed)')
+    parser.add_argument('--seeds', type=int, default=1,
+                        help='train with seeds SEED, SEED+1, ...; mean ± sd across them')
     parser.add_argument('--data-root', default=osp.join(ROOT, 'data', 'toy_coco'))
     parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'))
-    parser.add_argument('--train-images', type=int, default=400)
-    parser.add_argument('--val-images', type=int, default=100)
+    parser.add_argument('--train-images', type=int, default=3000)
+    parser.add_argument('--val-images', type=int, default=300)
     parser.add_argument('--image-size', type=int, default=256)
     parser.add_argument('--epochs', type=int, default=None,
                         help='training epochs (default: the config\'s)')
+    parser.add_argument('--no-per-expert', dest='per_expert', action='store_false',
+                        help='skip the evaluations with routing forced to each expert')
     parser.add_argument('--regenerate', action='store_true', help='remake the dataset')
     parser.add_argument('--tiny', action='store_true',
                         help='test settings: batch 2, no data-loader workers, log every iter')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f'--seeds must be >= 1, got {args.seeds}')
+    if args.compare and args.config:
+        parser.error('--compare trains the three demo configs; it takes no --config')
+    if args.config and not osp.isfile(args.config):
+        parser.error(f'--config: no such file: {args.config}')
+    return args
 
 
 def run(step: str, command: list) -> None:
@@ -47,72 +82,222 @@ def run(step: str, command: list) -> None:
     print(f'==> [demo] {step}: done in {time.time() - start:.0f} s', flush=True)
 
 
-def overrides(args) -> list:
+def overrides(args, seed: int, moe: bool) -> list:
     root = args.data_root.rstrip('/') + '/'
     options = {'val_evaluator.ann_file': root + 'val.json',
-               'test_evaluator.ann_file': root + 'val.json'}
+               'test_evaluator.ann_file': root + 'val.json',
+               'randomness.seed': seed}
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         options[f'{loader}.dataset.data_root'] = root
     if args.epochs:
+        # the toy configs decay the learning rate (cosine) over all epochs
         options.update({'train_cfg.max_epochs': args.epochs,
                         'default_hooks.checkpoint.interval': args.epochs,
-                        'param_scheduler.1.end': args.epochs,
-                        'param_scheduler.1.milestones': f'[{max(args.epochs - 3, 1)}]'})
+                        'param_scheduler.1.T_max': args.epochs,
+                        'param_scheduler.1.end': args.epochs})
     if args.tiny:
-        options.update({'train_dataloader.batch_size': 2, 'default_hooks.logger.interval': 1,
-                        'custom_hooks.1.interval': 1})
+        options.update({'train_dataloader.batch_size': 2, 'default_hooks.logger.interval': 1})
+        if moe:  # the toy MoE configs' ExpertUtilisationHook
+            options['custom_hooks.1.interval'] = 1
         for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
             options.update({f'{loader}.num_workers': 0,
                             f'{loader}.persistent_workers': False})
-    # the demo evaluates once, after training (step 3)
-    options['train_cfg.val_interval'] = 10 ** 6
+    if moe:  # a MoE detector is evaluated once, by analyze_experts (step 3); a dense
+        # one by the training loop (it has no experts to report)
+        options['train_cfg.val_begin'] = 10 ** 6  # (the loop validates at its last epoch)
     return ['--cfg-options'] + [f'{k}={v}' for k, v in options.items()]
 
 
-def summary(work_dir: str, report_dir: str) -> str:
-    with open(osp.join(report_dir, 'metrics.json')) as f:
-        metrics = json.load(f)[0]
-    with open(osp.join(work_dir, 'analyze', 'expert_size_stats.json')) as f:
-        stats = json.load(f)
+def logged_scalars(work_dir: str) -> List[dict]:
+    """The rows mmengine's LocalVisBackend wrote during the last training run."""
+    logs = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
+    if not logs:
+        sys.exit(f'[demo] no training log (vis_data/scalars.json) in {work_dir}')
+    with open(logs[-1]) as f:
+        return [json.loads(line) for line in f]
+
+
+def seconds_per_iteration(work_dir: str) -> Optional[float]:
+    """Median ``time`` of the logged training iterations, the first logged interval
+    left out (warm-up)."""
+    times = [row['time'] for row in logged_scalars(work_dir) if 'lr' in row and 'time' in row]
+    return statistics.median(times[1:] or times) if times else None
+
+
+def parameter_counts(config: str):
+    """Total and active-per-image parameters of the config's model."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
     import mmdet_moe  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet_moe.layers import count_parameters
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    return count_parameters(MODELS.build(cfg.model))
+
+
+class Run:
+    """One trained and evaluated detector: a variant at a seed."""
+
+    def __init__(self, args, name: str, config: str, label: str, seed: int):
+        self.name, self.config, self.label, self.seed = name, config, label, seed
+        self.work_dir = osp.join(args.work_dir, f'{name}_seed{seed}')
+        self.report_dir = osp.join(self.work_dir, 'report')
+        self.stats_path = osp.join(self.work_dir, 'analyze', 'expert_size_stats.json')
+
+    def train_and_evaluate(self, args) -> None:
+        python = sys.executable
+        options = overrides(args, self.seed, self.is_moe)
+        run(f'train {self.label}, seed {self.seed} (tools/train.py)',
+            [python, 'tools/train.py', self.config, '--work-dir', self.work_dir, *options])
+        if not self.is_moe:
+            return
+        with open(osp.join(self.work_dir, 'last_checkpoint')) as f:
+            checkpoint = f.read().strip()
+        per_expert = ['--per-expert'] if args.per_expert else []
+        run(f'evaluate {self.label} (COCO metric + expert statistics), write the report',
+            [python, 'tools/analyze_experts.py', self.config, checkpoint, '--out-dir',
+             self.report_dir, '--work-dir', osp.join(self.work_dir, 'analyze'),
+             *per_expert, *options])
+
+    @property
+    def is_moe(self) -> bool:
+        return self.name != 'dense'
+
+    def metrics(self) -> List[dict]:
+        """COCO AP rows: the learned routing first, then the forced ones (MoE)."""
+        if self.is_moe:
+            with open(osp.join(self.report_dir, 'metrics.json')) as f:
+                return json.load(f)
+        # the training loop's last validation (none logged: COCO found no detection)
+        val = ([row for row in logged_scalars(self.work_dir) if 'coco/bbox_mAP' in row]
+               or [{}])[-1]
+        return [dict(routing='dense', **{k: val.get(f'coco/bbox_mAP{suffix}') for k, suffix
+                                         in zip(AP_KEYS, ('', '_s', '_m', '_l'))})]
+
+    def stats(self) -> dict:
+        with open(self.stats_path) as f:
+            return json.load(f)
+
+
+def fmt(value, digits: int = 3) -> str:
+    return 'n/a' if value is None or value < 0 else f'{value:.{digits}f}'
+
+
+def mean_sd(values: list) -> str:
+    """``mean ± sd`` (sd with ddof=1) of the available values (COCO gives -1 or
+    nothing where it cannot compute an AP)."""
+    values = [v for v in values if v is not None and v >= 0]
+    if len(values) < 2:
+        return f'n/a ({len(values)} run(s) with a value)'
+    return f'{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}'
+
+
+def ap_line(row: dict) -> str:
+    return ', '.join(f'{k} {fmt(row.get(k))}' for k in AP_KEYS)
+
+
+def run_summary(run: Run) -> List[str]:
+    """AP, the specialisation figures and the per-expert AP of one run."""
     from mmdet_moe.analysis import BUCKET_NAMES, layer_summary, specialisation_lines
-    lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72,
-             'COCO bbox AP (toy val): ' + ', '.join(
-                 f'{k} ' + ('n/a (no detection)' if metrics[k] is None else f'{metrics[k]:.3f}')
-                 for k in ('AP', 'AP_S', 'AP_M', 'AP_L')),
-             f'{stats["num_detections"]} detections (score >= {stats["score_thr"]}) on '
-             f'{stats["num_images"]} images']
+    rows = run.metrics()
+    lines = [f'{run.label}, seed {run.seed}: COCO bbox (toy val) {ap_line(rows[0])}']
+    if not run.is_moe:
+        return lines
+    stats = run.stats()
+    lines.append(f'{stats["num_detections"]} detections (score >= {stats["score_thr"]}) on '
+                 f'{stats["num_images"]} images')
     for name, layer in stats['layers'].items():
         s = layer_summary(layer, BUCKET_NAMES)
         lines.append(f'{name}: living experts {s["living_experts"]}/{s["num_experts"]}; '
                      f'per expert, dominant size: '
-                     f'{", ".join(str(d) for d in s["dominant_size"])}; most over-represented '
-                     f'size: {", ".join(str(d) for d in s["over_represented_size"])}')
+                     f'{", ".join(str(d) for d in s["dominant_size"])}')
         lines += [f'  {line}' for line in specialisation_lines(s)]
-    lines += [f'report: {osp.join(report_dir, "report.md")}', '=' * 72]
+    if len(rows) > 1:
+        lines.append('COCO bbox AP with the routing forced (tools/analyze_experts.py '
+                     '--per-expert):')
+        lines += [f'  {row["routing"]:38s} {ap_line(row)}' for row in rows]
+    lines.append(f'report: {osp.join(run.report_dir, "report.md")}')
+    return lines
+
+
+def comparison_table(runs: List[Run]) -> str:
+    """Markdown: AP, parameters and training speed of each detector side by side."""
+    header = ['detector', *AP_KEYS, 'params total', 'params active / image', 's / iter']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for run in runs:
+        row, counts = run.metrics()[0], parameter_counts(run.config)
+        speed = seconds_per_iteration(run.work_dir)
+        cells = [run.label, *(fmt(row.get(k)) for k in AP_KEYS), f'{counts.total:,}',
+                 f'{counts.active:,}', fmt(speed, 3)]
+        lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def stale_dataset(args) -> Optional[str]:
+    """Why the dataset in ``--data-root`` is not the one asked for, or None."""
+    from make_toy_coco import dataset_info  # tools/ is this script's sys.path[0]
+    for split, images in (('train', args.train_images), ('val', args.val_images)):
+        path = osp.join(args.data_root, f'{split}.json')
+        if not osp.isfile(path):
+            return f'no {path}'
+        with open(path) as f:
+            found = json.load(f).get('info')
+        wanted = dataset_info(images, args.image_size, MAX_OBJECTS, DATA_SEED)
+        if found != wanted:
+            return f'{path} was made as {found}, the demo needs {wanted}'
+    return None
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    python = sys.executable
     start = time.time()
-    if args.regenerate or not osp.isfile(osp.join(args.data_root, 'val.json')):
+    stale = 'asked by --regenerate' if args.regenerate else stale_dataset(args)
+    if stale:
+        print(f'==> [demo] (re)making the dataset: {stale}')
         run('generate the toy COCO dataset',
-            [python, 'tools/make_toy_coco.py', args.data_root, '--train', str(args.train_images),
-             '--val', str(args.val_images), '--size', str(args.image_size)])
+            [sys.executable, 'tools/make_toy_coco.py', args.data_root,
+             '--train', str(args.train_images), '--val', str(args.val_images),
+             '--size', str(args.image_size), '--max-objects', str(MAX_OBJECTS),
+             '--seed', str(DATA_SEED)])
     else:
         print(f'==> [demo] using the dataset in {args.data_root} (--regenerate to remake it)')
-    options = overrides(args)
-    run('train the MoE RetinaNet (tools/train.py)',
-        [python, 'tools/train.py', args.config, '--work-dir', args.work_dir, *options])
-    with open(osp.join(args.work_dir, 'last_checkpoint')) as f:
-        checkpoint = f.read().strip()
-    report_dir = osp.join(args.work_dir, 'report')
-    run('evaluate (COCO metric + expert statistics) and write the report',
-        [python, 'tools/analyze_experts.py', args.config, checkpoint, '--out-dir', report_dir,
-         '--work-dir', osp.join(args.work_dir, 'analyze'), *options])
-    print(summary(args.work_dir, report_dir))
+    if args.config:
+        variants = [('custom', args.config, osp.basename(args.config))]
+    else:
+        names = list(VARIANTS) if args.compare else [DEFAULT_VARIANT]
+        variants = [(name, *VARIANTS[name]) for name in names]
+    seeds = range(args.seed, args.seed + args.seeds)
+    runs = [Run(args, name, config, label, seed)
+            for seed in seeds for name, config, label in variants]
+    for r in runs:
+        r.train_and_evaluate(args)
+    import mmdet_moe  # noqa: F401  (registers the modules the summaries name)
+    lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72]
+    for r in runs:
+        lines += run_summary(r) + ['']
+    if args.compare:
+        table = comparison_table([r for r in runs if r.seed == args.seed])
+        with open(osp.join(args.work_dir, 'comparison.md'), 'w') as f:
+            f.write(table + '\n')
+        lines += [f'side by side, seed {args.seed} (also in '
+                  f'{osp.join(args.work_dir, "comparison.md")}):', table, '']
+    if args.seeds > 1:
+        lines.append(f'mean ± sd over seeds {", ".join(map(str, seeds))}:')
+        for name, _, label in variants:
+            rows = [r.metrics()[0] for r in runs if r.name == name]
+            lines.append(f'  {label:32s} ' + ', '.join(
+                f'{k} {mean_sd([row[k] for row in rows])}' for k in AP_KEYS))
+    print('\n'.join(lines), flush=True)
+    if args.seeds > 1:
+        for name, _, label in variants:
+            paths = [r.stats_path for r in runs if r.name == name and r.is_moe]
+            if not paths:
+                continue
+            run(f'{label}: mean ± sd over seeds {", ".join(map(str, seeds))}',
+                [sys.executable, 'tools/analyze_experts.py', *paths, '--out-dir',
+                 osp.join(args.work_dir, f'{name}_seeds')])
+    print('=' * 72)
     print(f'total time: {(time.time() - start) / 60:.1f} min')
 
 

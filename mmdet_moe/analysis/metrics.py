@@ -269,6 +269,11 @@ def layer_summary(layer: dict, size_names) -> dict:
     return summary
 
 
+# a level-conditioned NMI below this (1 % of the size entropy left within a level)
+# is called negligible, however significant: a large sample makes tiny effects clear
+SMALL_WITHIN_LEVEL_NMI = 0.01
+
+
 def verdict(summary: dict) -> str:
     """Which NMI carries the specialisation, in words."""
     no_levels = ('the level-controlled view needs a run whose statistics have '
@@ -282,9 +287,15 @@ def verdict(summary: dict) -> str:
     if summary['nmi_given_level'] is None:
         plain = ('above' if summary['nmi_significant'] else 'not clearly above')
         return f'NMI expert↔size is {plain} its shuffled baseline; {no_levels}'
+    within = summary['nmi_given_level']
+    if summary['nmi_given_level_significant'] and within < SMALL_WITHIN_LEVEL_NMI:
+        return (f'the size specialisation goes mostly through the FPN level: within '
+                f'levels the experts carry a significant but negligible share of the size '
+                f'information (level-conditioned NMI {within:.4f} < '
+                f'{SMALL_WITHIN_LEVEL_NMI}, plain NMI {summary["nmi"]:.4f})')
     if summary['nmi_given_level_significant']:
-        return ('experts specialise by size within FPN levels: the level-conditioned '
-                'NMI lies above its within-level shuffled baseline')
+        return (f'experts specialise by size within FPN levels: the level-conditioned '
+                f'NMI ({within:.4f}) lies above its within-level shuffled baseline')
     if summary['nmi_significant']:
         return ('the size specialisation goes through the FPN level: experts route by '
                 'level (plain NMI above its baseline, level-conditioned NMI not)')

@@ -121,3 +121,14 @@ def test_verdict_without_intervals_does_not_claim_anything():
     layer = stats_layer()
     layer.pop('intervals')
     assert 'not assessed' in layer_summary(layer, BUCKET_NAMES)['verdict']
+
+
+@pytest.mark.parametrize('within, words', [
+    (0.0006, 'mostly through the FPN level'),  # the demo's case: significant, negligible
+    (0.2, 'experts specialise by size within FPN levels')])
+def test_verdict_weighs_a_significant_within_level_nmi_by_its_size(within, words):
+    from mmdet_moe.analysis import verdict
+    summary = dict(nmi=0.42, nmi_interval=[0.40, 0.44], nmi_significant=True,
+                   nmi_given_level=within, nmi_given_level_significant=True)
+    text = verdict(summary)
+    assert words in text and f'{within:.4f}' in text

@@ -12,6 +12,8 @@ VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared',
 
 
 def moe_model(branches='cls', expert_type='subnet', **head):
+    if expert_type == 'conv':  # the toy head has 2 convs per tower: the last is MoE
+        head.setdefault('moe_convs', (1,))
     return build_model(toy_retinanet(**{'moe_branches': branches, 'expert_type': expert_type,
                                         **head}))
 

@@ -2,25 +2,46 @@
 import csv
 import json
 import os.path as osp
+import re
 
 import pytest
 
-from helpers import TOY_BASE_CONFIG, TOY_MOE_CONFIG, as_cli_options, run_tool, toy_overrides
+from helpers import (TOOLS, TOY_BASE_CONFIG, TOY_MOE_CONFIG, as_cli_options, run_tool,
+                     toy_overrides)
+
+TINY = ('--train-images', 8, '--val-images', 4, '--image-size', 96, '--epochs', 2, '--tiny')
+
+
+def run_demo(root, *args):
+    proc = run_tool('demo.py', '--data-root', root / 'data', '--work-dir', root / 'work',
+                    *TINY, *args)
+    assert proc.returncode == 0, proc.output[-3000:]
+    return proc.output
 
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo')
-    proc = run_tool('demo.py', '--data-root', root / 'data', '--work-dir', root / 'work',
-                    '--train-images', 8, '--val-images', 4, '--image-size', 96,
-                    '--epochs', 2, '--tiny')
-    assert proc.returncode == 0, proc.output[-3000:]
-    return root, proc.output
+    return root, run_demo(root)
+
+
+def headline(work):
+    """A run's AP (where it detected anything) and specialisation figures to 3
+    decimals, and its experts' gate mass on the val set to 6."""
+    from mmdet_moe.analysis import BUCKET_NAMES, layer_summary
+    with open(work / 'analyze' / 'expert_size_stats.json') as f:
+        stats = json.load(f)
+    layer = stats['layers']['bbox_head.cls_moe']
+    summary = layer_summary(layer, BUCKET_NAMES)
+    figures = dict(stats['metrics'], nmi=summary['nmi'],
+                   nmi_given_level=summary['nmi_given_level'])
+    return ({key: round(value, 3) for key, value in figures.items()
+             if isinstance(value, float)}, [round(v, 6) for v in layer['importance']])
 
 
 def test_demo_writes_checkpoint_stats_and_report(demo):
     root, output = demo
-    work = root / 'work'
+    work = root / 'work' / 'moe-soft_seed0'
     with open(work / 'last_checkpoint') as f:
         assert osp.isfile(f.read().strip())
     with open(work / 'analyze' / 'expert_size_stats.json') as f:
@@ -39,6 +60,47 @@ def test_demo_writes_checkpoint_stats_and_report(demo):
     assert 'mmdet-moe demo: summary' in output and 'report:' in output
     # training logged expert utilisation and the balance loss
     assert 'loss_moe_importance' in output and 'share_e0' in output
+    # the summary gives the AP with the routing forced to each expert and to all
+    for routing in ['learned', *(f'expert {e} alone' for e in range(4)),
+                    'all experts, equal weights (no gate)']:
+        assert re.search(rf'  {re.escape(routing)} +AP ', output), routing
+
+
+def test_same_seed_same_numbers_and_the_side_by_side_table(demo, tmp_path):
+    """A second run with the same seed, here with --compare, repeats the first
+    run's AP and specialisation figures; the table lists the three detectors."""
+    root, _ = demo
+    (tmp_path / 'data').symlink_to(root / 'data')
+    output = run_demo(tmp_path, '--compare', '--no-per-expert')
+    first, again = headline(root / 'work' / 'moe-soft_seed0'), \
+        headline(tmp_path / 'work' / 'moe-soft_seed0')
+    assert first == again and 'nmi' in first[0]
+    table = (tmp_path / 'work' / 'comparison.md').read_text().splitlines()
+    assert table[0].split('|')[1:-1] == [
+        ' detector ', ' AP ', ' AP_S ', ' AP_M ', ' AP_L ', ' params total ',
+        ' params active / image ', ' s / iter ']
+    labels = [row.split('|')[1].strip() for row in table[2:]]
+    assert labels == ['dense RetinaNet', 'MoE soft (importance loss)',
+                      'MoE hard (relative importance)']
+    cells = {label: row.split('|')[2:-1] for label, row in zip(labels, table[2:])}
+    for label, row in cells.items():
+        total, active = (int(c.replace(',', '')) for c in row[4:6])
+        assert active <= total and float(row[6]) > 0, label
+    dense_total = int(cells['dense RetinaNet'][4].replace(',', ''))
+    assert int(cells['MoE soft (importance loss)'][5].replace(',', '')) > dense_total
+    assert '\n'.join(table) in output
+
+
+def test_seeds_give_mean_and_sd(tmp_path, demo):
+    root, _ = demo
+    (tmp_path / 'data').symlink_to(root / 'data')
+    output = run_demo(tmp_path, '--seeds', 2, '--epochs', 1, '--no-per-expert')
+    assert (tmp_path / 'work' / 'moe-soft_seed1' / 'report' / 'report.md').is_file()
+    # (the tiny runs may detect nothing: COCO then gives no AP to average)
+    assert re.search(r'MoE soft \(importance loss\) +AP ([0-9.]+ ± [0-9.]+|n/a \(0 run)',
+                     output)
+    stability = (tmp_path / 'work' / 'moe-soft_seeds' / 'seed_stability.md').read_text()
+    assert 'bbox_head.cls_moe' in stability and 'nmi' in stability
 
 
 def test_analyze_experts_errors_are_clear(demo, tmp_path):
@@ -52,7 +114,7 @@ def test_analyze_experts_errors_are_clear(demo, tmp_path):
                     '--out-dir', tmp_path / 'r')
     assert proc.returncode == 2 and 'checkpoint file not found' in proc.stderr
     # a dense checkpoint does not match the MoE config
-    with open(root / 'work' / 'last_checkpoint') as f:
+    with open(root / 'work' / 'moe-soft_seed0' / 'last_checkpoint') as f:
         moe_checkpoint = f.read().strip()
     proc = run_tool('analyze_experts.py', TOY_BASE_CONFIG, moe_checkpoint, '--out-dir',
                     tmp_path / 'r', '--work-dir', tmp_path / 'w',
@@ -63,7 +125,7 @@ def test_analyze_experts_errors_are_clear(demo, tmp_path):
 
 def test_per_expert_evaluation_and_drawing(demo, tmp_path):
     root, _ = demo
-    with open(root / 'work' / 'last_checkpoint') as f:
+    with open(root / 'work' / 'moe-soft_seed0' / 'last_checkpoint') as f:
         checkpoint = f.read().strip()
     options = as_cli_options(dict(toy_overrides(root / 'data'), **{
         'model.test_cfg.score_thr': 0.0}))
@@ -80,3 +142,17 @@ def test_per_expert_evaluation_and_drawing(demo, tmp_path):
                     tmp_path / 'vis', '--num-images', 2, '--score-thr', 0, *options)
     assert proc.returncode == 0, proc.output[-3000:]
     assert len(list((tmp_path / 'vis').glob('*.png'))) == 2
+
+
+def test_mean_sd_of_ap_skips_what_coco_could_not_compute():
+    import statistics
+    import sys
+    sys.path.insert(0, TOOLS)
+    try:
+        from demo import mean_sd
+    finally:
+        sys.path.remove(TOOLS)
+    values = [0.30, 0.28, 0.33]
+    assert mean_sd(values + [None, -1]) == \
+        f'{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}'
+    assert mean_sd([0.3, None]) == 'n/a (1 run(s) with a value)'
