@@ -27,6 +27,9 @@ import sys
 import time
 from typing import List, Optional
 
+from analyze_experts import AP_KEYS  # tools/ is this script's sys.path[0]
+from analyze_experts import mean_sd as seed_mean_sd
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOY = osp.join(ROOT, 'configs', 'toy')
 # name → (config, what it is); the first MoE variant is the demo's default
@@ -38,7 +41,6 @@ VARIANTS = {
                  'MoE hard (relative importance)'),
 }
 DEFAULT_VARIANT = 'moe-soft'
-AP_KEYS = ('AP', 'AP_S', 'AP_M', 'AP_L')
 MAX_OBJECTS, DATA_SEED = 6, 0  # tools/make_toy_coco.py's defaults
 
 
@@ -172,8 +174,7 @@ class Run:
         # the training loop's last validation (none logged: COCO found no detection)
         val = ([row for row in logged_scalars(self.work_dir) if 'coco/bbox_mAP' in row]
                or [{}])[-1]
-        return [dict(routing='dense', **{k: val.get(f'coco/bbox_mAP{suffix}') for k, suffix
-                                         in zip(AP_KEYS, ('', '_s', '_m', '_l'))})]
+        return [dict(routing='dense', **{k: val.get(key) for k, key in AP_KEYS.items()})]
 
     def stats(self) -> dict:
         with open(self.stats_path) as f:
@@ -190,7 +191,7 @@ def mean_sd(values: list) -> str:
     values = [v for v in values if v is not None and v >= 0]
     if len(values) < 2:
         return f'n/a ({len(values)} run(s) with a value)'
-    return f'{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}'
+    return '{:.3f} ± {:.3f}'.format(*seed_mean_sd(values))
 
 
 def ap_line(row: dict) -> str:
@@ -223,15 +224,14 @@ def run_summary(run: Run) -> List[str]:
 
 def comparison_table(runs: List[Run]) -> str:
     """Markdown: AP, parameters and training speed of each detector side by side."""
+    from mmdet_moe.analysis.report import markdown_table
     header = ['detector', *AP_KEYS, 'params total', 'params active / image', 's / iter']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    rows = []
     for run in runs:
         row, counts = run.metrics()[0], parameter_counts(run.config)
-        speed = seconds_per_iteration(run.work_dir)
-        cells = [run.label, *(fmt(row.get(k)) for k in AP_KEYS), f'{counts.total:,}',
-                 f'{counts.active:,}', fmt(speed, 3)]
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+        rows.append([run.label, *(fmt(row.get(k)) for k in AP_KEYS), f'{counts.total:,}',
+                     f'{counts.active:,}', fmt(seconds_per_iteration(run.work_dir), 3)])
+    return markdown_table(header, rows)
 
 
 def stale_dataset(args) -> Optional[str]:
