@@ -141,8 +141,8 @@ def redraw_parameters(model, seed=0):
 
 def with_resnet18(model_cfg):
     """A detector config with a ResNet-18 backbone (no pretrained weights); for a
-    ``MoEDetector`` the inner detector is changed."""
-    cfg = model_cfg.detector if model_cfg.type == 'MoEDetector' else model_cfg
+    nested ``MoEDetector`` the inner detector is changed."""
+    cfg = model_cfg.get('detector') or model_cfg
     cfg.backbone.update(depth=18, init_cfg=None)
     cfg.neck.in_channels = [64, 128, 256, 512]
     return model_cfg

@@ -4,9 +4,8 @@ _base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
 
 model = dict(
-    _delete_=True,
     type='MoEDetector',
-    detector={{_base_.model}},
+    detector_type='FasterRCNN',  # the base's model keys stay flat beside it
     moe_layers=[
         dict(paths='rpn_head.rpn_conv', num_experts=4, top_k=2,
              balance_cfg=dict(importance=0.5))

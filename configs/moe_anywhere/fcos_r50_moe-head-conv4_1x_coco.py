@@ -3,9 +3,8 @@ _base_ = 'mmdet::fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'
 custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
 
 model = dict(
-    _delete_=True,
     type='MoEDetector',
-    detector={{_base_.model}},
+    detector_type='FCOS',  # the base's model keys stay flat beside it
     moe_layers=[
         dict(paths=['bbox_head.cls_convs.3.conv', 'bbox_head.reg_convs.3.conv'],
              num_experts=4, top_k=2, balance_cfg=dict(importance=0.5))

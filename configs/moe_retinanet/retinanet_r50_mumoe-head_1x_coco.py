@@ -5,9 +5,8 @@ _base_ = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_moe'], allow_failed_imports=False)
 
 model = dict(
-    _delete_=True,
     type='MoEDetector',
-    detector={{_base_.model}},
+    detector_type='RetinaNet',  # the base's model keys stay flat beside it
     moe_layers=[
         dict(paths=['bbox_head.cls_convs.3.conv', 'bbox_head.reg_convs.3.conv'],
              type='CPMuMoEConv2d', num_experts=256, gate_mode='pixel',

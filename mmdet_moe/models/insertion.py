@@ -15,7 +15,7 @@ other keys of the spec go to that layer. State-dict keys stay where they were
 MoE keys missing, and ``MoEConv2d`` upcycles the dense weights into its experts.
 """
 import fnmatch
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
@@ -108,16 +108,37 @@ def _share_gate(layers: list, where: str) -> None:
 
 
 @MODELS.register_module()
-def MoEDetector(detector: dict, moe_layers: Sequence[dict] = (),
-                train_only_moe: bool = False) -> nn.Module:
-    """Build ``detector`` (any mmdet detector config) and insert ``moe_layers``.
+def MoEDetector(detector: Optional[dict] = None, moe_layers: Sequence[dict] = (),
+                train_only_moe: bool = False, detector_type: Optional[str] = None,
+                **detector_args) -> nn.Module:
+    """Build a detector (any mmdet detector config) and insert ``moe_layers``.
     With ``train_only_moe`` every non-MoE parameter is frozen (fine-tuning MoE parts
     of a trained detector).
+
+    The detector is given flat, its keys beside ``moe_layers`` and its class in
+    ``detector_type``, so a config that inherits a stock one only changes ``type``
+    and keeps ``model.backbone`` etc. where mmdet's tools look for them
+    (``init_detector`` reads ``config.model.backbone``)::
+
+        model = dict(type='MoEDetector', detector_type='FasterRCNN',
+                     moe_layers=[dict(paths='rpn_head.rpn_conv', num_experts=4)])
+
+    or nested as ``detector=dict(type='FasterRCNN', ...)``.
 
     The result is the detector itself, of its own class, with the same state-dict
     keys; like every detector once ``mmdet_moe`` is imported, its loss dict has the
     ``loss_moe_*`` of its MoE layers.
     """
+    if (detector is None) == (detector_type is None):
+        raise ValueError(
+            'MoEDetector needs the detector either flat, detector_type="<class>" beside '
+            'its keys (backbone=..., ...), or nested, detector=dict(type=...); got '
+            + ('both' if detector is not None else 'neither'))
+    if detector is None:
+        detector = dict(detector_args, type=detector_type)
+    elif detector_args:
+        raise ValueError(f'MoEDetector: {sorted(detector_args)} given beside detector=; '
+                         'put them inside detector=dict(...)')
     model = MODELS.build(detector)
     insert_moe_layers(model, moe_layers)
     if train_only_moe:

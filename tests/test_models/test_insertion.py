@@ -103,3 +103,35 @@ def test_tood_reduction_conv_fails_at_build_naming_the_path():
     assert type(model.get_submodule(path)) is torch.nn.Conv2d  # nothing half-replaced
     # the convs TOOD's forward does call take MoE layers
     assert insert_moe_layers(model, [dict(paths='bbox_head.inter_convs.*.conv')])
+
+
+def test_flat_and_nested_forms_build_the_same_detector():
+    nested = moe_detector_cfg('faster-rcnn')
+    flat = ConfigDict(nested.detector, type='MoEDetector',
+                      detector_type=nested.detector.type, moe_layers=nested.moe_layers)
+    torch.manual_seed(0)
+    a = build_model(nested)
+    torch.manual_seed(0)
+    b = build_model(flat)
+    assert type(a) is type(b)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (dict(), 'neither'),
+    (dict(detector_type='FasterRCNN'), 'both'),
+])
+def test_moe_detector_needs_one_form(extra, message):
+    cfg = ConfigDict(type='MoEDetector', moe_layers=[], **extra)
+    if message == 'both':
+        cfg.detector = stock_detector_cfg('faster-rcnn')
+    with pytest.raises(ValueError, match=message):
+        build_model(cfg)
+
+
+def test_moe_detector_rejects_keys_beside_nested_detector():
+    cfg = ConfigDict(type='MoEDetector', detector=stock_detector_cfg('faster-rcnn'),
+                     backbone=dict(depth=18))
+    with pytest.raises(ValueError, match=r"\['backbone'\] given beside detector="):
+        build_model(cfg)
