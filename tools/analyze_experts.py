@@ -87,14 +87,21 @@ def parse_args(argv=None):
 
 
 def load_stats(path: str) -> dict:
+    """The statistics in ``path``, validated; a ReportError names the file and what
+    in it is wrong (for single files and seed runs alike)."""
     if not osp.isfile(path):
         raise ReportError(f'no statistics file at {path}')
     try:
         with open(path) as f:
             stats = json.load(f)
-    except json.JSONDecodeError as err:
+    except OSError as err:
+        raise ReportError(f'cannot read {path}: {err.strerror}') from err
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
         raise ReportError(f'{path} is not valid JSON ({err})') from err
-    check_stats(stats)
+    try:
+        check_stats(stats)  # validate_stats, then: layers and images to report on
+    except ReportError as err:
+        raise ReportError(f'{path}: {err}') from err
     return stats
 
 
@@ -185,6 +192,8 @@ NO_LEVELS = ('statistics without level information; the level-controlled view ne
              'a new run')
 NO_METRICS = ("the file has no 'metrics': written before mmdet_moe kept the evaluator's "
               'metrics, or without an evaluator')
+NO_DETECTIONS = ('no detection above score_thr: its only NMI is of the image view, not '
+                 'comparable with the detection-view NMIs of other runs')
 
 
 def run_figures(path: str, stats: dict) -> Tuple[Dict[Tuple[str, str], Optional[float]],
@@ -195,6 +204,9 @@ def run_figures(path: str, stats: dict) -> Tuple[Dict[Tuple[str, str], Optional[
     for name, layer in stats['layers'].items():
         summary = layer_summary(layer, BUCKET_NAMES)
         for key in LAYER_FIGURES:
+            if key.startswith('nmi') and summary.get('view') == 'image':
+                figures[(name, key)], missing[(name, key)] = None, NO_DETECTIONS
+                continue
             figures[(name, key)] = _number(summary.get(key), f'{path}: {name} {key}')
             if figures[(name, key)] is None:
                 missing[(name, key)] = NO_LEVELS if key == 'nmi_given_level' else \

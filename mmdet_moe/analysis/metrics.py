@@ -239,21 +239,27 @@ def size_table(layer: dict) -> Tuple[np.ndarray, str]:
 def layer_summary(layer: dict, size_names) -> dict:
     """Headline numbers of one layer of an ``expert_size_stats.json``: the plain and
     the level-conditioned NMI with their baselines and intervals, and in words which
-    of the two carries the specialisation (``verdict``)."""
-    table, _ = size_table(layer)
-    levels = (layer.get('detection_levels') or {}).get('mass')
-    intervals = layer.get('intervals') or {}
-    shuffled = layer.get('nmi_shuffled') or {}
-    level_shuffled = layer.get('nmi_given_level_shuffled')
-    nmi_given_level = conditional_nmi(levels) if levels is not None else None
+    of the two carries the specialisation (``verdict``). ``view`` says which table the
+    NMI and P(size | expert) come from: ``'detection'``, or ``'image'`` when no
+    detection reached score_thr (then no baseline, interval or level-conditioned NMI:
+    those exist for detections only)."""
+    table, view = size_table(layer)
+    # baselines, intervals and the level table are of detections: with the image
+    # view, none of them is read, so none is paired with its NMI
+    of_detections = layer if view == 'detection' else {}
+    levels = (of_detections.get('detection_levels') or {}).get('mass')
+    intervals = of_detections.get('intervals') or {}
+    shuffled = of_detections.get('nmi_shuffled') or {}
+    level_shuffled = of_detections.get('nmi_given_level_shuffled') or {}
     summary = dict(
+        view=view,
         nmi=normalised_mutual_information(table),
         nmi_shuffled=shuffled.get('mean'),
         nmi_shuffled_interval=shuffled.get('interval'),
         nmi_interval=intervals.get('nmi'),
-        nmi_given_level=nmi_given_level,
-        nmi_given_level_shuffled=(level_shuffled or {}).get('mean'),
-        nmi_given_level_shuffled_interval=(level_shuffled or {}).get('interval'),
+        nmi_given_level=conditional_nmi(levels) if levels is not None else None,
+        nmi_given_level_shuffled=level_shuffled.get('mean'),
+        nmi_given_level_shuffled_interval=level_shuffled.get('interval'),
         nmi_given_level_interval=intervals.get('nmi_given_level'),
         nmi_significant=significant(intervals.get('nmi'), shuffled),
         nmi_given_level_significant=significant(intervals.get('nmi_given_level'),
@@ -279,6 +285,9 @@ def verdict(summary: dict) -> str:
     no_levels = ('the level-controlled view needs a run whose statistics have '
                  'per-detection FPN levels (schema version 2 and a head that tags levels, '
                  'such as MoERetinaHead)')
+    if summary.get('view') == 'image':
+        return ('no detection above score_thr: only the image view (per-image gates × '
+                'ground-truth sizes) is available; its NMI is not significance-tested')
     if summary['nmi_interval'] is None:
         return ('significance not assessed: the statistics have no bootstrap interval '
                 '(written before schema version 2, or with bootstrap_resamples=0); '

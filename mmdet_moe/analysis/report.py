@@ -15,28 +15,15 @@ import numpy as np
 from ..atomic_output import atomic_directory
 from .metrics import (dominant, layer_summary, normalise_columns, normalise_rows,
                       normalised_mutual_information, size_table)
-
-SCHEMA = 'mmdet_moe/expert_size_stats'
-# 2: per-layer detection_levels, nmi_given_level_shuffled, intervals; top-level
-# metrics. Version 1 files are still read (without the level-controlled view).
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-
-
-class ReportError(ValueError):
-    """The input cannot make a report (the message says why)."""
+from .schema import ReportError, validate_stats
 
 
 def check_stats(stats: dict) -> None:
-    if stats.get('schema') != SCHEMA:
-        raise ReportError(f'not an expert size statistics file (schema '
-                          f'{stats.get("schema")!r}, expected {SCHEMA!r})')
-    if stats.get('version') not in READABLE_VERSIONS:
-        raise ReportError(f'statistics schema version {stats.get("version")!r} is not '
-                          f'supported; this mmdet_moe reads versions {READABLE_VERSIONS}')
-    if not stats.get('layers'):
+    """A readable statistics file (:func:`validate_stats`) with something to report."""
+    validate_stats(stats)
+    if not stats['layers']:
         raise ReportError('the statistics hold no MoE layer')
-    if stats.get('num_images', 0) == 0:
+    if stats['num_images'] == 0:
         raise ReportError('the statistics were taken on an empty dataset (0 images)')
 
 
@@ -112,9 +99,16 @@ def _with_interval(value: Optional[float], bounds: Optional[list]) -> str:
 def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> List[str]:
     """The plain and the level-conditioned NMI, each with its baseline and interval,
     each expert's P(size | expert) with its interval, and which of the two NMIs
-    carries the specialisation (for reports and printouts)."""
-    lines = [f'NMI expert↔size {_with_interval(summary["nmi"], summary["nmi_interval"])}; '
-             f'shuffled baseline {_with_interval(summary["nmi_shuffled"], summary["nmi_shuffled_interval"])}']
+    carries the specialisation (for reports and printouts). The image view (no
+    detection) has neither baseline nor level-conditioned NMI: its NMI stands alone."""
+    if summary['view'] == 'image':
+        lines = [f'NMI expert↔size, image view (per-image gates × ground-truth sizes): '
+                 f'{summary["nmi"]:.4f}; no detection-view baseline (no detection above '
+                 'score_thr)']
+    else:
+        nmi = _with_interval(summary['nmi'], summary['nmi_interval'])
+        baseline = _with_interval(summary['nmi_shuffled'], summary['nmi_shuffled_interval'])
+        lines = [f'NMI expert↔size {nmi}; shuffled baseline {baseline}']
     if summary['nmi_given_level'] is not None:
         lines.append(
             'NMI expert↔size | FPN level '
@@ -176,17 +170,20 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
     heatmap(osp.join(out_dir, f'{stem}_expert_size.png'), given_expert, experts, sizes,
             f'{name}: P(size | expert), {view} view', 'P(size | expert)')
     shuffled = layer.get('nmi_shuffled') or {}
+    # the shuffled baseline is of detections: no match for the image view's NMI
+    baseline = (f'; with the gate weights shuffled across detections: '
+                f'{shuffled.get("mean", 0):.4f} ± {shuffled.get("std", 0):.4f} '
+                f'({shuffled.get("permutations", 0)} permutations)'
+                if summary['view'] == 'detection' else '')
     lines = [f'## {name}', '',
              f'- normalised mutual information I(expert; size) / H(size): '
-             f'**{summary["nmi"]:.4f}** ({view} view); with the gate weights shuffled '
-             f'across detections: {shuffled.get("mean", 0):.4f} ± {shuffled.get("std", 0):.4f} '
-             f'({shuffled.get("permutations", 0)} permutations)',
+             f'**{summary["nmi"]:.4f}** ({view} view){baseline}',
              *[f'- {line}' for line in specialisation_lines(summary, sizes)],
              f'- living experts (mean gate weight > 0.01): {summary["living_experts"]} of '
              f'{summary["num_experts"]}; importance CV: {summary["importance_cv"]:.3f}', '',
              markdown_table(header, rows), '', markdown_table(header2, rows2), '',
              f'![{name} expert × size]({stem}_expert_size.png)', '']
-    if layer.get('detection_levels'):
+    if layer.get('detection_levels') and summary['view'] == 'detection':  # else all 0
         lines += _level_tables(name, layer, experts, sizes, out_dir)
     if layer.get('levels'):
         level_mass = np.asarray(layer['levels']['mass'])

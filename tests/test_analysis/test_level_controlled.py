@@ -132,3 +132,46 @@ def test_verdict_weighs_a_significant_within_level_nmi_by_its_size(within, words
                    nmi_given_level=within, nmi_given_level_significant=True)
     text = verdict(summary)
     assert words in text and f'{within:.4f}' in text
+
+
+def no_detection_layer():
+    """A layer as the hook writes it when no detection reached score_thr: detection
+    tables all zero, baselines of zero weights (0 ± 0), no intervals; the image view
+    (per-image gates × ground-truth sizes) has each expert on one size."""
+    layer = stats_layer()
+    zeros = np.zeros((3, 3, 3))
+    layer.update(detection=dict(mass=zeros.sum(2).tolist()),
+                 detection_levels=dict(mass=zeros.tolist()),
+                 image=dict(mass=np.diag([4.0, 2.0, 1.0]).tolist()),
+                 nmi_shuffled=dict(mean=0.0, std=0.0, interval=[0.0, 0.0]),
+                 nmi_given_level_shuffled=dict(mean=0.0, std=0.0, interval=[0.0, 0.0]),
+                 intervals=None)
+    return layer
+
+
+def test_without_detections_only_the_image_view_is_summarised():
+    """Defect: the image-view NMI was shown beside the detection view's shuffled
+    baseline (and a level-conditioned NMI of an all-zero table)."""
+    from mmdet_moe.analysis import specialisation_lines
+    assert layer_summary(stats_layer(), BUCKET_NAMES)['view'] == 'detection'
+    layer = no_detection_layer()
+    # figures of the detection view left in the file must not be paired with it either
+    layer['intervals'] = dict(nmi=[0.2, 0.3], nmi_given_level=[0.0, 0.0],
+                              p_size_given_expert=[[[0.0, 1.0]] * 3] * 3)
+    summary = layer_summary(layer, BUCKET_NAMES)
+    assert summary['view'] == 'image'
+    assert summary['nmi'] == pytest.approx(1.0)  # each expert sees one size only
+    for key in ('nmi_shuffled', 'nmi_shuffled_interval', 'nmi_interval', 'nmi_given_level',
+                'nmi_given_level_shuffled', 'nmi_given_level_shuffled_interval',
+                'nmi_given_level_interval', 'p_size_given_expert_interval'):
+        assert summary[key] is None, key
+    assert not summary['nmi_significant'] and not summary['nmi_given_level_significant']
+    assert summary['verdict'] == (
+        'no detection above score_thr: only the image view (per-image gates × '
+        'ground-truth sizes) is available; its NMI is not significance-tested')
+    lines = specialisation_lines(summary)
+    assert lines[0] == ('NMI expert↔size, image view (per-image gates × ground-truth '
+                        'sizes): 1.0000; no detection-view baseline (no detection above '
+                        'score_thr)')
+    assert not any('shuffled' in line or 'CI' in line for line in lines), lines
+    assert lines[1] == 'expert 0: P(size | expert) small 1.000, medium 0.000, large 0.000'

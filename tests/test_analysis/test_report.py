@@ -83,6 +83,11 @@ def test_no_detection_falls_back_to_the_image_view(tmp_path):
     render_report(stats, str(tmp_path / 'r'))
     text = (tmp_path / 'r' / 'report.md').read_text()
     assert 'image (no detection above threshold)' in text
+    # the image-view NMI is never set beside the detection view's shuffled baseline
+    assert 'shuffled' not in text.split('## bbox_head.cls_moe')[1], text
+    assert 'no detection-view baseline' in text
+    summary = read_csv(tmp_path / 'r' / 'summary.csv')
+    assert summary[0][5] == 'NMI shuffled' and summary[1][5] == ''
 
 
 def test_level_controlled_view_in_the_report(tmp_path):

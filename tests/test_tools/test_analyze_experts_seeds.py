@@ -219,7 +219,12 @@ def test_bad_runs_are_named(tool, tmp_path, capsys):
                            metrics=dict(ap(0.3), **{'coco/bbox_mAP': 'n/a'}))
     three = stats_file(tmp_path, 'three', MASSES[1])
     data = json.loads(open(three).read())
-    data['layers'][LAYER]['num_experts'] = 3
+    layer = data['layers'][LAYER]  # a consistent 3-expert layer: one row more per table
+    layer['num_experts'] = 3
+    for table in (layer['detection']['mass'], layer['detection']['count'],
+                  layer['classes']['mass'], layer['classes']['count'],
+                  layer['image']['mass'], layer['levels']['mass'], layer['importance']):
+        table.append([0.0] * len(table[0]) if isinstance(table[0], list) else 0.0)
     open(three, 'w').write(json.dumps(data))
     for path, match in [
             (other_layer, "holds MoE layers ['neck.moe']"),
