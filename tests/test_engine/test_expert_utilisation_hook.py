@@ -53,9 +53,9 @@ def test_shares_are_logged_and_collapse_is_warned_once():
         model(x)
         hook.after_train_iter(runner, it)
     hub = runner.message_hub
-    assert hub.get_scalar('train/moe/0/share_e0').current() == pytest.approx(0.5)
-    assert hub.get_scalar('train/moe/0/share_e2').current() == 0.0
-    assert hub.get_scalar('train/moe/0/living_experts').current() == 2
+    assert hub.get_scalar('train/moe_train.0.share_e0').current() == pytest.approx(0.5)
+    assert hub.get_scalar('train/moe_train.0.share_e2').current() == 0.0
+    assert hub.get_scalar('train/moe_train.0.living_experts').current() == 2
     warnings = [m for m in collect.messages if 'collapsing' in m]
     assert len(warnings) == 1 and 'expert 2' in warnings[0] and 'MoE layer 0' in warnings[0]
     hook.after_train(runner)

@@ -18,6 +18,7 @@ from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
 from ...layers import assign_moe_names
 from .gate_recording import GateRecordingMixin, unwrap
 from .gate_rows import rows_by_layer
+from .scalar_names import moe_scalar_name
 from .ground_truth import GroundTruth
 
 
@@ -62,9 +63,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     Sums are gathered over ranks with images padded in by the sampler dropped, and
     written to ``<work_dir>/expert_size_stats/{val_epoch_<e>,test}.json`` and
     ``<work_dir>/expert_size_stats.json`` (latest); headline scalars go to the
-    message hub (``val/moe/<layer>/nmi``, ``.../nmi_given_level``,
-    ``.../living_experts``, ``.../importance_cv``) for LoggerHook and the visualizer
-    backends.
+    message hub, logged as ``moe_val/<layer>.nmi`` (``image_nmi`` when no detection
+    counted), ``.nmi_given_level``, ``.living_experts`` and ``.importance_cv``
+    (``moe_test/...`` in the test loop; see :mod:`.scalar_names`) for LoggerHook and
+    the visualizer backends.
     """
     priority = 'NORMAL'  # before LoggerHook (BELOW_NORMAL) prints the epoch's scalars
 
@@ -181,9 +183,13 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         write_stats(stats, runner.work_dir, tag)
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
-            for key in ('nmi', 'nmi_given_level', 'living_experts', 'importance_cv'):
-                if summary[key] is not None:
-                    runner.message_hub.update_scalar(f'{mode}/moe/{name}/{key}', summary[key])
+            scalars = {key: summary[key] for key in ('nmi_given_level', 'living_experts',
+                                                     'importance_cv')}
+            # without detections the NMI is the image view's, another quantity
+            scalars['nmi' if summary['view'] == 'detection' else 'image_nmi'] = summary['nmi']
+            for key, value in scalars.items():
+                if value is not None:
+                    runner.message_hub.update_scalar(moe_scalar_name(mode, name, key), value)
 
     def gather_and_summarise(self, mode: str, epoch: int, iteration: int) -> Optional[dict]:
         """Gather the per-image records of all ranks (dropping images the sampler

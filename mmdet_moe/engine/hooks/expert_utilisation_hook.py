@@ -8,6 +8,7 @@ from mmdet.registry import HOOKS
 from ...analysis import living_experts
 from ...layers import assign_moe_names
 from .gate_recording import GateRecordingMixin, unwrap
+from .scalar_names import moe_scalar_name
 
 MAX_EXPERTS_LOGGED_ONE_BY_ONE = 16
 
@@ -17,10 +18,11 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
     """Logs each MoE layer's importance share per expert and its living experts.
 
     The gate weights are computed by training anyway; the hook only sums their
-    columns. Every ``interval`` iterations it puts ``train/moe/<layer>/share_e<i>``
-    (layers with at most 16 experts; else the min / max share) and
-    ``train/moe/<layer>/living_experts`` (mean gate weight > 0.01) in the message
-    hub, for LoggerHook and the visualizer backends. An expert whose share stays
+    columns. Every ``interval`` iterations it puts ``share_e<i>`` (layers with at
+    most 16 experts; else ``share_min`` / ``share_max``) and ``living_experts`` (mean
+    gate weight > 0.01) of each layer in the message hub, logged as
+    ``moe_train.<layer>.<key>`` (see :mod:`.scalar_names`), for LoggerHook and the
+    visualizer backends. An expert whose share stays
     below ``collapse_share`` for ``collapse_intervals`` intervals in a row is named
     in a warning (router collapse), once until it recovers.
     """
@@ -70,15 +72,13 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
     def _report(self, runner) -> None:
         for name, importance in self._importance.items():
             share = importance / max(importance.sum(), 1e-12)
-            prefix = f'train/moe/{name}'
-            if len(share) <= MAX_EXPERTS_LOGGED_ONE_BY_ONE:
-                for i, value in enumerate(share):
-                    runner.message_hub.update_scalar(f'{prefix}/share_e{i}', float(value))
-            else:
-                runner.message_hub.update_scalar(f'{prefix}/share_min', float(share.min()))
-                runner.message_hub.update_scalar(f'{prefix}/share_max', float(share.max()))
-            runner.message_hub.update_scalar(f'{prefix}/living_experts',
-                                             living_experts(importance, self._rows[name]))
+            scalars = ({f'share_e{i}': value for i, value in enumerate(share)}
+                       if len(share) <= MAX_EXPERTS_LOGGED_ONE_BY_ONE
+                       else dict(share_min=share.min(), share_max=share.max()))
+            scalars['living_experts'] = living_experts(importance, self._rows[name])
+            for key, value in scalars.items():
+                runner.message_hub.update_scalar(moe_scalar_name('train', name, key),
+                                                 float(value))
             for i, value in enumerate(share):
                 key = (name, i)
                 low = value < self.collapse_share
