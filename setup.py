@@ -29,7 +29,14 @@ setup(
         'matplotlib',
         'entmax',
     ],
-    extras_require={'tests': ['pytest']},
+    extras_require={
+        'tests': ['pytest'],
+        # what mmdet's stock tools/analysis_tools/*.py import beyond mmdet's own
+        # requirements: seaborn (analyze_logs.py; mmdet lists it in its 'tracking'
+        # extra), psutil (benchmark.py through mmdet.utils.benchmark; mmdet's 'tests'),
+        # scikit-learn (PAAHead's training and the tracking interpolation import it)
+        'tools': ['seaborn>=0.12,<0.14', 'psutil>=5.8,<8', 'scikit-learn>=1.0,<2'],
+    },
     license='Apache-2.0',
     zip_safe=False,
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the project's virtual environment in .venv:
 #   torch (kept if present) -> mmcv 2.1.0 built from source with its ops against that
-#   torch -> mmengine / mmdet / pycocotools / ... -> mmdet_moe in editable mode.
+#   torch -> mmengine / mmdet / pycocotools / ... -> mmdet_moe in editable mode, with
+#   the extras 'tests' (pytest) and 'tools' (what mmdet's analysis tools import).
 # Idempotent: every step checks what exists first. The mmcv wheel is cached outside the
 # checkout, keyed by Python and torch version, because pip's own wheel cache does not
 # know which torch a wheel was compiled against.
@@ -59,10 +60,10 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'
   "${PIP[@]}" install -q "$WHEEL"
 fi
 
-step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with test extras)"
-if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax' 2>/dev/null \
+step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests and tools extras)"
+if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax, seaborn, psutil, sklearn' 2>/dev/null \
    || [ "$ROOT/setup.py" -nt "$VENV/.mmdet_moe-installed" ]; then
-  "${PIP[@]}" install -q -e "$ROOT[tests]"
+  "${PIP[@]}" install -q -e "$ROOT[tests,tools]"
   touch "$VENV/.mmdet_moe-installed"
 fi
 
