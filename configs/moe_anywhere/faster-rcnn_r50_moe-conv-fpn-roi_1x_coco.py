@@ -15,3 +15,8 @@ model = dict(
         reg_class_agnostic=False,
         loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
         loss_bbox=dict(type='L1Loss', loss_weight=1.0))))
+
+# tools/test.py --tta: DetTTAModel's merge, keeping each detection's level, gate
+# weights and view (what ExpertSizeStatsHook needs)
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

@@ -9,3 +9,8 @@ model = dict(
         dict(paths=['bbox_head.cls_convs.3.conv', 'bbox_head.reg_convs.3.conv'],
              num_experts=4, top_k=2, balance_cfg=dict(importance=0.5))
     ])
+
+# tools/test.py --tta: DetTTAModel's merge, keeping each detection's level, gate
+# weights and view (what ExpertSizeStatsHook needs)
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

@@ -18,3 +18,8 @@ model = dict(
 
 # sparse routing leaves some experts without gradient in a step
 find_unused_parameters = True
+
+# tools/test.py --tta: DetTTAModel's merge, keeping each detection's level, gate
+# weights and view (what ExpertSizeStatsHook needs)
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

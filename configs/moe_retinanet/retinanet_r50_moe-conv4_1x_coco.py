@@ -16,3 +16,8 @@ model = dict(
         impl='fused',
         gate_cfg=dict(type='TopKGate', noisy=True),
         balance_cfg=dict(importance=0.5)))
+
+# tools/test.py --tta: DetTTAModel's merge, keeping each detection's level, gate
+# weights and view (what ExpertSizeStatsHook needs)
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

@@ -12,3 +12,8 @@ model = dict(
              type='CPMuMoEConv2d', num_experts=256, gate_mode='pixel',
              gate_act='entmax15', norm='bn')
     ])
+
+# tools/test.py --tta: DetTTAModel's merge, keeping each detection's level, gate
+# weights and view (what ExpertSizeStatsHook needs)
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

@@ -5,10 +5,11 @@ from .detectors import MoERetinaNet
 from .insertion import MoEDetector, insert_moe_layers, match_module_paths
 from .moe_losses import collect_moe_losses, install_detector_loss_collection, merge_losses
 from .necks import MoEFPN
+from .test_time_augs import MoEDetTTAModel
 from .upcycling import expand_dense_keys, freeze_all_but_moe, moe_parameters
 
 __all__ = [
-    'ExpertTaggingMixin', 'LAYER_TYPES', 'MoEDetector', 'MoEFPN', 'MoERetinaHead',
+    'ExpertTaggingMixin', 'LAYER_TYPES', 'MoEDetTTAModel', 'MoEDetector', 'MoEFPN', 'MoERetinaHead',
     'MoERetinaNet', 'TowerExpert', 'build_moe_conv', 'collect_moe_losses',
     'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers',
     'install_detector_loss_collection', 'match_module_paths', 'merge_losses',

@@ -42,3 +42,18 @@ default_hooks = dict(
 # give the same numbers. `--cfg-options randomness.seed=N` changes it; on a GPU,
 # `randomness.deterministic=True` also fixes cuDNN's algorithm choice (slower).
 randomness = dict(seed=0, deterministic=False)
+
+# tools/test.py --tta: the image and its horizontal flip at the test scale, merged as
+# DetTTAModel does, keeping each detection's level, gate weights and view
+tta_model = dict(type='MoEDetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='TestTimeAug',
+         transforms=[[dict(type='Resize', scale=(256, 256), keep_ratio=True)],
+                     [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+                     [dict(type='LoadAnnotations', with_bbox=True)],
+                     [dict(type='PackDetInputs',
+                           meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                      'scale_factor', 'flip', 'flip_direction'))]])
+]

@@ -16,7 +16,8 @@ from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
                          level_shuffled_nmi,
                          shuffled_nmi, specialisation_intervals)
 from ...layers import assign_moe_names
-from .gate_recording import GateRecordingMixin, unwrap
+from ...models import MoEDetTTAModel
+from .gate_recording import GateRecordingMixin, tta_model, unwrap
 from .gate_rows import rows_by_layer
 from .scalar_names import moe_scalar_name
 from .ground_truth import GroundTruth
@@ -84,9 +85,18 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self.shuffle_permutations, self.seed = shuffle_permutations, seed
         self.bootstrap_resamples = bootstrap_resamples
         self._images: List[dict] = []
+        self._tta = False
         self._gate_of: dict = {}
 
     def before_run(self, runner) -> None:
+        tta = tta_model(runner.model)
+        if tta is not None and not isinstance(tta, MoEDetTTAModel):
+            raise ValueError(
+                f'ExpertSizeStatsHook: test-time augmentation with {type(tta).__name__} '
+                'drops the FPN level and view of each merged detection, so its gate '
+                'weights cannot be found; set tta_model = dict(type=\'MoEDetTTAModel\', '
+                'tta_cfg=...) in the config (it merges as DetTTAModel and keeps them)')
+        self._tta = tta is not None
         model = unwrap(runner.model)
         self.layer_names = assign_moe_names(model)
         # a layer reusing another's routing decision (a head's reg MoE with
@@ -113,7 +123,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
     before_test_iter = before_val_iter
 
     def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        self._collect(outputs)
+        # test-time augmentation runs the model once per view: inputs[view][image]
+        self._collect(outputs, len(data_batch['inputs']) if self._tta else 1)
 
     after_test_iter = after_val_iter
 
@@ -131,8 +142,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self.start_recording(runner)
 
     # per batch -------------------------------------------------------------------
-    def _collect(self, outputs) -> None:
-        layers = rows_by_layer(self.recorder)
+    def _collect(self, outputs, num_views: int = 1) -> None:
+        layers = rows_by_layer(self.recorder, num_views)
         for b, sample in enumerate(outputs):
             self._images.append(self._image_record(b, sample, layers))
 
@@ -144,12 +155,14 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         scores = pred.scores.cpu().numpy()[keep]
         labels = pred.labels.cpu().numpy()[keep]
         levels = pred.levels.cpu().numpy()[keep] if 'levels' in pred else None
+        views = pred.views.cpu().numpy()[keep] if 'views' in pred else None
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         if self.match_gt:
             matched = match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, self.iou_thr)
             hit = matched >= 0
             areas, labels = gt_areas[matched[hit]], gt_labels[matched[hit]]
             levels = None if levels is None else levels[hit]
+            views = None if views is None else views[hit]
         else:
             hit = np.ones(len(boxes), bool)
         record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
@@ -158,8 +171,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                       det_levels=levels, layers={})
         for name, layer in layers.items():
             record['layers'][name] = dict(
-                det_weights=layer.detection_rows(b, levels, len(areas)).astype(np.float32),
-                image_row=layer.image_row(b), level_rows=layer.rows[:, b])
+                det_weights=layer.detection_rows(b, levels, views, len(areas)).astype(
+                    np.float32),
+                image_row=layer.image_row(b), level_rows=layer.call_rows(b))
         return record
 
     # per epoch -------------------------------------------------------------------

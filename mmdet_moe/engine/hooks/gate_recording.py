@@ -1,14 +1,23 @@
 """Keep one gate recorder active across hook calls (e.g. a whole val epoch)."""
 from typing import Optional
 
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseTTAModel, is_model_wrapper
 
 from ...layers import GateRecorder, record_gates
 
 
 def unwrap(model):
-    """The model inside a DDP / FSDP wrapper, or the model itself."""
-    return model.module if is_model_wrapper(model) else model
+    """The detector inside DDP / FSDP wrappers and a test-time-augmentation model."""
+    while is_model_wrapper(model) or isinstance(model, BaseTTAModel):
+        model = model.module
+    return model
+
+
+def tta_model(model):
+    """The test-time-augmentation model (``tools/test.py --tta``) in ``model``, or None."""
+    while is_model_wrapper(model):
+        model = model.module
+    return model if isinstance(model, BaseTTAModel) else None
 
 
 class GateRecordingMixin:

@@ -7,34 +7,53 @@ from ...layers import GateRecorder
 
 
 class LayerRows:
-    """Gate weights of one MoE layer for a batch: ``rows`` (calls, B, N).
+    """Gate weights of one MoE layer for a batch: ``rows`` (views, calls, B, N).
 
-    ``calls`` is 1 for a layer run once per image (e.g. one FPN conv), or the number
-    of FPN levels for a layer shared over levels (a head), ordered by level.
+    ``views`` is the number of augmented views of each image (test-time
+    augmentation; else 1). ``calls`` is 1 for a layer run once per image (e.g. one
+    FPN conv), or the number of FPN levels for a layer shared over levels (a head),
+    ordered by level.
     """
 
     def __init__(self, rows: np.ndarray, per_level: bool):
         self.rows, self.per_level = rows, per_level
 
     def image_row(self, b: int) -> np.ndarray:
-        """(N,) the image's gate weights, averaged over the layer's calls."""
-        return self.rows[:, b].mean(axis=0)
+        """(N,) the image's gate weights, averaged over its views and the layer's calls."""
+        return self.rows[:, :, b].mean(axis=(0, 1))
 
-    def detection_rows(self, b: int, levels: Optional[np.ndarray], count: int) -> np.ndarray:
-        """(count, N) the gate row that produced each detection of image b."""
-        if self.rows.shape[0] == 1:
-            return np.repeat(self.rows[0, b][None], count, axis=0)
-        if levels is not None and self.per_level and levels.max(initial=-1) < self.rows.shape[0]:
-            return self.rows[levels, b]
-        return np.repeat(self.image_row(b)[None], count, axis=0)
+    def call_rows(self, b: int) -> np.ndarray:
+        """(calls, N) the image's gate weights per call (level), averaged over views."""
+        return self.rows[:, :, b].mean(axis=0)
+
+    def detection_rows(self, b: int, levels: Optional[np.ndarray],
+                       views: Optional[np.ndarray], count: int) -> np.ndarray:
+        """(count, N) the gate row that produced each detection of image b: that of
+        its view (``views``; None: view 0) and its level."""
+        views = np.zeros(count, np.int64) if views is None else views
+        rows = self.rows[views, :, b]  # (count, calls, N)
+        if self.rows.shape[1] == 1:
+            return rows[:, 0]
+        if levels is not None and self.per_level and levels.max(initial=-1) < self.rows.shape[1]:
+            return rows[np.arange(count), levels]
+        return rows.mean(axis=1)
 
 
-def rows_by_layer(recorder: GateRecorder) -> Dict[str, LayerRows]:
+def rows_by_layer(recorder: GateRecorder, num_views: int = 1) -> Dict[str, LayerRows]:
+    """Each layer's records of a batch of ``num_views`` augmented views, run one view
+    after the other (as test-time augmentation does)."""
     layers = {}
     for name, records in recorder.by_layer().items():
+        if len(records) % num_views:
+            raise RuntimeError(f'MoE layer {name} routed {len(records)} times for '
+                               f'{num_views} augmented views: not the same calls per view')
         per_level = all(r.level is not None for r in records)
-        ordered = sorted(records, key=lambda r: r.level if per_level else r.call)
-        layers[name] = LayerRows(
-            np.stack([r.weights.float().cpu().numpy() for r in ordered]),
-            per_level=per_level or len(records) > 1)
+        calls = len(records) // num_views
+        by_call = sorted(records, key=lambda r: r.call)
+        views = []
+        for view in range(num_views):
+            own = by_call[view * calls:(view + 1) * calls]
+            ordered = sorted(own, key=lambda r: r.level if per_level else r.call)
+            views.append(np.stack([r.weights.float().cpu().numpy() for r in ordered]))
+        layers[name] = LayerRows(np.stack(views), per_level=per_level or calls > 1)
     return layers

@@ -1,0 +1,3 @@
+from .moe_det_tta import MoEDetTTAModel
+
+__all__ = ['MoEDetTTAModel']
