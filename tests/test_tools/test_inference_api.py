@@ -81,17 +81,17 @@ def test_det_inferencer_as_image_demo_calls_it(checkpoint, tmp_path):
     an image path with out_dir; the same here, results and visualisation checked."""
     import mmcv
     model, path = checkpoint
-    image = str(tmp_path / 'image.jpg')
+    image = str(tmp_path / 'image.png')  # lossless: the file holds IMAGE exactly
     mmcv.imwrite(IMAGE, image)
     inferencer = DetInferencer(model=TOY_MOE_CONFIG, weights=path, device='cpu')
-    expected = inference_detector(model, image).pred_instances
+    expected = inference_detector(model, IMAGE).pred_instances
     out = inferencer(image, out_dir=str(tmp_path / 'out'), pred_score_thr=0.0,
                      no_save_pred=False)
     with open(tmp_path / 'out' / 'preds' / 'image.json') as f:
         saved = json.load(f)
     np.testing.assert_allclose(saved['bboxes'], expected.bboxes.numpy(), rtol=1e-5)
     assert out['predictions'][0]['labels'] == expected.labels.tolist()
-    assert osp.isfile(tmp_path / 'out' / 'vis' / 'image.jpg')
+    assert osp.isfile(tmp_path / 'out' / 'vis' / 'image.png')
     # the data samples DetInferencer returns on request keep the expert tags
     sample = inferencer(image, return_datasamples=True)['predictions'][0]
     check_tags(inferencer.model, sample.pred_instances)
