@@ -59,6 +59,16 @@ def run_tool(script, *args, cwd=None, timeout=600):
     return proc
 
 
+def load_tool(script):
+    """The module of ``tools/<script>``, loaded from its file (tools/ is no package)."""
+    import importlib.util
+    name = osp.splitext(script)[0] + '_under_test'
+    spec = importlib.util.spec_from_file_location(name, osp.join(TOOLS, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_config(path, **overrides):
     cfg = Config.fromfile(path)
     cfg.merge_from_dict(overrides)

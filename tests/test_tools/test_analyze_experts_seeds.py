@@ -1,25 +1,19 @@
 """tools/analyze_experts.py: seed stability over several statistics files, and the
 equal-weight row of --per-expert, on hand-made statistics and a fake runner."""
 import csv
-import importlib.util
 import json
-import os.path as osp
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from helpers import TOOLS, run_tool
+from helpers import load_tool, run_tool
 
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('analyze_experts_under_test',
-                                                  osp.join(TOOLS, 'analyze_experts.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('analyze_experts.py')
 
 
 LAYER = 'bbox_head.cls_moe'

@@ -3,10 +3,8 @@ and JSON path with what would be right, on stderr, exit code 2, no traceback; va
 files of every readable schema version still give a report."""
 import copy
 import csv
-import importlib.util
 import json
 import math
-import os.path as osp
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData
 
-from helpers import TOOLS, run_tool
+from helpers import load_tool, run_tool
 from mmdet_moe.analysis import StatsFormatError, validate_stats
 
 HEAD, NECK = 'bbox_head.cls_moe', 'neck.moe'
@@ -23,11 +21,7 @@ AT = f'layers["{HEAD}"]'
 
 @pytest.fixture(scope='module')
 def tool():
-    spec = importlib.util.spec_from_file_location('analyze_experts_validation_under_test',
-                                                  osp.join(TOOLS, 'analyze_experts.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('analyze_experts.py')
 
 
 def hook_stats(score_thr: float = 0.5) -> dict:
