@@ -1,13 +1,17 @@
 """mmdet-moe: sparsely-gated Mixture-of-Experts layers for MMDetection 3.x.
 
 Importing the package registers its components into mmdet's registries (use
-``custom_imports = dict(imports=['mmdet_moe'])`` in a config) and lets
-mmengine's checkpoints load under torch >= 2.6 with the safe loader.
+``custom_imports = dict(imports=['mmdet_moe'])`` in a config), lets mmengine resolve
+the provided configs as ``_base_ = 'mmdet_moe::<path under configs/>'`` (see
+:mod:`mmdet_moe.registry`) and lets mmengine's checkpoints load under torch >= 2.6
+with the safe loader.
 """
 from .compat import allow_mmengine_checkpoints
+from .registry import register_config_package
 from .version import __version__
 
 allow_mmengine_checkpoints()
+register_config_package()
 
 from . import analysis, engine, layers, models  # noqa: E402  (registers the components)
 

@@ -3,6 +3,8 @@
 #   torch (kept if present) -> mmcv 2.1.0 built from source with its ops against that
 #   torch -> mmengine / mmdet / pycocotools / ... -> mmdet_moe in editable mode, with
 #   the extras 'tests' (pytest) and 'tools' (what mmdet's analysis tools import).
+# The versions are those of requirements/constraints.txt (pip -c): setup.py itself
+# only asks for ranges. An installed torch is kept, and pinned as it is for the rest.
 # Idempotent: every step checks what exists first. The mmcv wheel is cached outside the
 # checkout, keyed by Python and torch version, because pip's own wheel cache does not
 # know which torch a wheel was compiled against.
@@ -11,13 +13,18 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3.11}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-MMCV_VERSION=2.1.0
+CONSTRAINTS=$ROOT/requirements/constraints.txt
+pinned() { sed -n "s/^$1==\([^ #]*\).*/\1/p" "$CONSTRAINTS" | head -n 1; }
+[ -f "$CONSTRAINTS" ] || { echo "[setup] $CONSTRAINTS is missing" >&2; exit 1; }
+TORCH_SPEC=${TORCH_SPEC:-torch==$(pinned torch)}
+MMCV_VERSION=$(pinned mmcv)
 CACHE=${MMDET_MOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmdet-moe}
 STEP=""
 
 step() { STEP="$1"; echo "[setup] $1"; }
-trap 'status=$?; [ $status -ne 0 ] && echo "[setup] FAILED at step: $STEP (exit $status)" >&2' EXIT
+# the constraints with torch pinned to the installed one (made after the torch step)
+PINS=$(mktemp)
+trap 'status=$?; rm -f "$PINS"; [ $status -ne 0 ] && echo "[setup] FAILED at step: $STEP (exit $status)" >&2' EXIT
 
 step "checking the Python interpreter ($PYTHON)"
 command -v "$PYTHON" >/dev/null || { echo "[setup] $PYTHON not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -33,15 +40,17 @@ PIP=("$PY" -m pip --disable-pip-version-check)
 
 step "build tools (setuptools >=77.0.3,<81: mmcv's setup.py imports pkg_resources)"
 if ! "$PY" -c 'import setuptools, wheel, ninja; v = tuple(map(int, setuptools.__version__.split(".")[:2])); assert (77, 0) <= v < (81, 0)' 2>/dev/null; then
-  "${PIP[@]}" install -q "setuptools>=77.0.3,<81" wheel ninja
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" "setuptools>=77.0.3,<81" wheel ninja
 fi
 
 step "torch (kept if already installed, else $TORCH_SPEC)"
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   "${PIP[@]}" install -q "$TORCH_SPEC"
 fi
-TORCH_TAG=$("$PY" -c 'import sys, torch; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')
+TORCH_INFO=$("$PY" -c 'import sys, torch, importlib.metadata as m; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}", m.version("torch"))')
+read -r TORCH_TAG TORCH_DIST <<<"$TORCH_INFO"
 echo "[setup]   using $TORCH_TAG"
+{ grep -v -i '^torch==' "$CONSTRAINTS"; echo "torch==$TORCH_DIST"; } >"$PINS"
 
 step "mmcv $MMCV_VERSION with compiled ops"
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; then
@@ -57,20 +66,27 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'
     rm -rf "$BUILD"
     WHEEL=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
   fi
-  "${PIP[@]}" install -q "$WHEEL"
+  "${PIP[@]}" install -q -c "$PINS" "$WHEEL"
 fi
 
 step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests and tools extras)"
+# re-installed when setup.py or the constraints changed since, or when the checkout
+# lacks mmdet_moe/.mim (the editable install's link to configs/, git-ignored)
 if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax, seaborn, psutil, sklearn' 2>/dev/null \
-   || [ "$ROOT/setup.py" -nt "$VENV/.mmdet_moe-installed" ]; then
-  "${PIP[@]}" install -q -e "$ROOT[tests,tools]"
+   || [ "$ROOT/setup.py" -nt "$VENV/.mmdet_moe-installed" ] \
+   || [ "$CONSTRAINTS" -nt "$VENV/.mmdet_moe-installed" ] \
+   || [ ! -f "$ROOT/mmdet_moe/.mim/model-index.yml" ] || [ ! -d "$ROOT/mmdet_moe/.mim/configs" ]; then
+  "${PIP[@]}" install -q -c "$PINS" -e "$ROOT[tests,tools]"
   touch "$VENV/.mmdet_moe-installed"
 fi
 
 step "checking the stack"
 "$PY" - <<'PY'
 import torch, mmcv, mmengine, mmdet, mmcv.ops  # noqa: F401
+import os.path as osp
 import mmdet_moe
+configs = osp.join(osp.dirname(mmdet_moe.__file__), '.mim', 'configs')
+assert osp.isdir(configs), f'{configs} is missing (mmdet_moe:: configs)'
 print(f'[setup]   torch {torch.__version__}, mmcv {mmcv.__version__}, '
       f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
       f'mmdet_moe {mmdet_moe.__version__}')
