@@ -51,8 +51,9 @@ def colour(expert: int):
 def draw(image_path: str, pred, moe_index: int, score_thr: float, out_path: str) -> int:
     """Draw one image's detections; returns how many were drawn."""
     if 'expert_weights' not in pred:
-        raise ValueError('the detections carry no expert_weights: the head must tag '
-                         'them (MoERetinaHead or ExpertTaggingMixin)')
+        raise ValueError('the detections carry no expert_weights: the MoE layers must be '
+                         'in a dense head that decodes per FPN level (RetinaNet, FCOS, '
+                         'ATSS, GFL, ...), which tags them')
     num_moes = pred.expert_weights.shape[1]
     if not 0 <= moe_index < num_moes:
         raise ValueError(f'--moe-index {moe_index} is out of range: the head has '

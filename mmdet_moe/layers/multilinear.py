@@ -132,7 +132,10 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         return self.combine(gates, self.input_factor(x))
 
     def _record(self, gates: Tensor) -> None:
-        record_gate(self, gates if gates.dim() == 2 else gates.mean(dim=(2, 3)))
+        if gates.dim() == 2:
+            record_gate(self, gates)
+        else:
+            record_gate(self, gates.mean(dim=(2, 3)), pixel_weights=gates)
 
     def materialize(self) -> Tuple[Tensor, Optional[Tensor]]:
         """Full expert kernels (N, O, I, kh, kw) and biases (N, O) (or None)."""

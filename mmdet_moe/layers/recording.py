@@ -28,14 +28,16 @@ class GateRecord:
         name: the module's path in the model (e.g. ``bbox_head.cls_moe``).
         call: index of this call of the module since the recorder was cleared.
         level: FPN level of the rows when the caller knows it, else ``None``.
-        weights: (B, N) gate weights, detached.
+        weights: (B, N) gate weights, detached (per-pixel gates: their mean).
         module: the MoE module itself.
+        pixel_weights: (B, N, H, W) per-pixel gate weights, detached, or None.
     """
     name: str
     call: int
     level: Optional[int]
     weights: Tensor
     module: Optional[nn.Module] = None
+    pixel_weights: Optional[Tensor] = None
 
 
 class GateRecorder:
@@ -46,9 +48,11 @@ class GateRecorder:
         self._calls: Counter = Counter()
 
     def add(self, name: str, weights: Tensor, level: Optional[int] = None,
-            module: Optional[nn.Module] = None) -> None:
-        self.records.append(GateRecord(name, self._calls[name], level, weights.detach(),
-                                       module))
+            module: Optional[nn.Module] = None,
+            pixel_weights: Optional[Tensor] = None) -> None:
+        self.records.append(GateRecord(
+            name, self._calls[name], level, weights.detach(), module,
+            None if pixel_weights is None else pixel_weights.detach()))
         self._calls[name] += 1
 
     def clear(self) -> None:
@@ -84,13 +88,15 @@ def assign_moe_names(model: nn.Module) -> List[str]:
     return names
 
 
-def record_gate(module: nn.Module, weights: Tensor, level: Optional[int] = None) -> None:
-    """Hand (B, N) gate weights of ``module`` to every active recorder."""
+def record_gate(module: nn.Module, weights: Tensor, level: Optional[int] = None,
+                pixel_weights: Optional[Tensor] = None) -> None:
+    """Hand (B, N) gate weights of ``module`` (and, for per-pixel gates, the
+    (B, N, H, W) map they average) to every active recorder."""
     if not _ACTIVE_RECORDERS:
         return
     name = getattr(module, 'moe_name', None) or type(module).__name__
     for recorder in _ACTIVE_RECORDERS:
-        recorder.add(name, weights, level, module)
+        recorder.add(name, weights, level, module, pixel_weights)
 
 
 @contextmanager

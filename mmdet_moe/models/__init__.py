@@ -1,5 +1,6 @@
 """mmdet components built on :mod:`mmdet_moe.layers` (registered in mmdet's MODELS)."""
-from .dense_heads import ExpertTaggingMixin, MoERetinaHead, TowerExpert
+from .dense_heads import (MoERetinaHead, TowerExpert, install_dense_head_tagging,
+                          tags_detections)
 from .conv_types import LAYER_TYPES, build_moe_conv, register_conv_types
 from .detectors import MoERetinaNet
 from .insertion import MoEDetector, insert_moe_layers, match_module_paths
@@ -9,9 +10,10 @@ from .test_time_augs import MoEDetTTAModel
 from .upcycling import expand_dense_keys, freeze_all_but_moe, moe_parameters
 
 __all__ = [
-    'ExpertTaggingMixin', 'LAYER_TYPES', 'MoEDetTTAModel', 'MoEDetector', 'MoEFPN', 'MoERetinaHead',
+    'LAYER_TYPES', 'MoEDetTTAModel', 'MoEDetector', 'MoEFPN', 'MoERetinaHead',
     'MoERetinaNet', 'TowerExpert', 'build_moe_conv', 'collect_moe_losses',
     'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers',
-    'install_detector_loss_collection', 'match_module_paths', 'merge_losses',
-    'moe_parameters', 'register_conv_types'
+    'install_dense_head_tagging', 'install_detector_loss_collection',
+    'match_module_paths', 'merge_losses', 'moe_parameters', 'register_conv_types',
+    'tags_detections'
 ]

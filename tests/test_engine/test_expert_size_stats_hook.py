@@ -202,3 +202,24 @@ def test_a_layer_that_never_routes_is_not_dropped_silently():
     hook._collect(samples)
     with pytest.raises(RuntimeError, match='unused recorded no gate rows'):
         hook.summarise(hook._images, 'test', 0, 0)
+
+
+def test_each_detection_keeps_the_gate_weights_its_head_tagged():
+    """A head that tags detections (per-pixel gates: a vector per detection) names the
+    layers of ``expert_weights`` in the metainfo; the hook takes those, not the
+    (image, level) rows."""
+    hook = make_hook(score_thr=0.5, shuffle_permutations=1)
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    recorder, samples = batch()
+    own = {1: [[.2, .8], [.6, .4], [.5, .5]], 2: [[.9, .1]]}
+    for s in samples:
+        pred = s.pred_instances
+        pred.expert_weights = torch.tensor(own[s.metainfo['img_id']])[:, None]
+        pred.set_metainfo(dict(expert_layers=['head']))
+    images = [hook._image_record(b, s, rows_by_layer(recorder)) for b, s in enumerate(samples)]
+    stats = hook.summarise(images, 'val', 1, 10)
+    # small: [.2, .8], medium: [.9, .1], large: [.6, .4]; the neck keeps its rows
+    np.testing.assert_allclose(stats['layers']['head']['detection']['mass'],
+                               [[.2, .9, .6], [.8, .1, .4]], rtol=1e-6)
+    np.testing.assert_allclose(stats['layers']['neck']['detection']['mass'],
+                               [[0, 1, 0], [1, 0, 1]])

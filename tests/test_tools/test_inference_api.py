@@ -27,9 +27,9 @@ def small_test_scale(path: str) -> Config:
 
 
 def tagging_heads(model) -> list:
-    from mmdet_moe.models.dense_heads.expert_tagging import ExpertTaggingMixin
-    return [m for m in model.modules() if isinstance(m, ExpertTaggingMixin)
-            and m.moe_modules()]
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+    from mmdet_moe.models import tags_detections
+    return [m for m in model.modules() if isinstance(m, BaseDenseHead) and tags_detections(m)]
 
 
 def check_tags(model, pred) -> None:

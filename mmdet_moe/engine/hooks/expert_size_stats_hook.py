@@ -156,6 +156,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         labels = pred.labels.cpu().numpy()[keep]
         levels = pred.levels.cpu().numpy()[keep] if 'levels' in pred else None
         views = pred.views.cpu().numpy()[keep] if 'views' in pred else None
+        # the gate weights a head tagged each detection with (per-pixel gates: its
+        # prior's location), for the layers it names
+        tagged = pred.metainfo.get('expert_layers', []) if 'expert_weights' in pred else []
+        tags = pred.expert_weights.cpu().numpy()[keep] if tagged else None
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         if self.match_gt:
             matched = match_to_gt(boxes, scores, labels, gt_boxes, gt_labels, self.iou_thr)
@@ -163,6 +167,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             areas, labels = gt_areas[matched[hit]], gt_labels[matched[hit]]
             levels = None if levels is None else levels[hit]
             views = None if views is None else views[hit]
+            tags = None if tags is None else tags[hit]
         else:
             hit = np.ones(len(boxes), bool)
         record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
@@ -170,9 +175,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                       det_buckets=bucket_membership(areas), det_labels=labels,
                       det_levels=levels, layers={})
         for name, layer in layers.items():
+            det_weights = (tags[:, tagged.index(name)] if name in tagged
+                           else layer.detection_rows(b, levels, views, len(areas)))
             record['layers'][name] = dict(
-                det_weights=layer.detection_rows(b, levels, views, len(areas)).astype(
-                    np.float32),
+                det_weights=det_weights.astype(np.float32),
                 image_row=layer.image_row(b), level_rows=layer.call_rows(b))
         return record
 

@@ -1,91 +1,177 @@
-"""Tag each detection of a dense head with its FPN level and its experts' gate weights."""
-import copy
-from typing import List, Optional
+"""Tag the detections of every dense head with their FPN level and their experts'
+gate weights.
+
+mmdet's dense heads (RetinaNet, FCOS, ATSS, GFL, FSAF, TOOD, the RPN, ...) decode in
+``BaseDenseHead._predict_by_feat_single``-style code: per level,
+``filter_scores_and_topk`` keeps the best priors, the kept boxes of all levels are
+concatenated and ``_bbox_post_process`` rescales, filters and runs NMS by indexing an
+``InstanceData``. Once ``mmdet_moe`` is imported, ``BaseDenseHead.predict`` of a head
+that holds MoE modules and decodes that way records the gates of its forward, notes
+which priors each level keeps, and hands ``_bbox_post_process`` the kept detections
+with two more fields, which its indexing carries through NMS:
+
+- ``levels`` (num_dets,): the FPN level of each detection;
+- ``expert_weights`` (num_dets, M, N): for each of the head's M MoE modules that
+  route (a module reusing another's gate decision adds nothing), the gate weights
+  that produced the detection: those of its (image, level), or for a per-pixel gate
+  (μMoE, ``gate_mode='pixel'``) those at the location of its prior;
+- metainfo ``expert_layers``: the names of those M modules.
+
+Boxes, scores and labels are exactly those of the stock decode. Heads that decode
+otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
+"""
+import sys
+from contextlib import contextmanager
+from typing import Iterator, List
 
 import torch
-from mmengine.structures import InstanceData
 from torch import Tensor
+
+from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+from mmdet.models.utils import filter_scores_and_topk
 
 from ...layers import GateRecorder, is_moe_module, record_gates
 
 
-class ExpertTaggingMixin:
-    """For dense heads (RetinaHead-like, ``forward`` per FPN level): ``predict`` adds
+def moe_modules(head) -> list:
+    return [m for m in head.modules() if is_moe_module(m)]
 
-    - ``pred_instances.levels`` (num_dets,): the FPN level of each detection;
-    - ``pred_instances.expert_weights`` (num_dets, M, N): for each of the head's M
-      MoE modules that route (a module reusing another's gate decision adds
-      nothing), the gate weights of the (image, level) the detection came from.
 
-    Detections are decoded level by level (same ``nms_pre`` per level as mmdet) and
-    then share one ``_bbox_post_process`` (rescale, score factors, ``min_bbox_size``,
-    NMS), so the boxes are those of the stock ``predict_by_feat``.
-    """
+def decodes_per_level(head) -> bool:
+    """Whether the head decodes through BaseDenseHead.predict_by_feat with mmdet's
+    ``filter_scores_and_topk`` (what the tagging relies on)."""
+    if type(head).predict_by_feat is not BaseDenseHead.predict_by_feat:
+        return False
+    module = sys.modules[type(head)._predict_by_feat_single.__module__]
+    return getattr(module, 'filter_scores_and_topk', None) is filter_scores_and_topk
 
-    def moe_modules(self) -> list:
-        return [m for m in self.modules() if is_moe_module(m)]
 
-    def predict(self, x, batch_data_samples, rescale: bool = False):
-        batch_img_metas = [s.metainfo for s in batch_data_samples]
-        with record_gates() as recorder:
-            outs = self(x)
-        routing = self.routing_per_level(recorder, len(x), len(batch_img_metas))
-        return self.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
-                                    rescale=rescale, routing=routing)
+class GateMaps:
+    """The gates of one forward of a head, per MoE module that routed, indexable per
+    (image, level, prior): ``rows`` (L, B, N) per-(image, level) gates, or
+    ``maps`` [L × (B, N, H, W)] per-pixel gates."""
 
-    def routing_per_level(self, recorder: GateRecorder, num_levels: int,
-                          batch_size: int) -> Optional[Tensor]:
-        """(L, B, M, N) gate weights of this head's MoE modules, or None without MoE."""
-        per_module = []
-        for module in self.moe_modules():
-            records = [r for r in recorder.records if r.module is module]
+    def __init__(self, head, recorder: GateRecorder, num_levels: int):
+        self.head_name = type(head).__name__
+        self.modules = []
+        for module in moe_modules(head):
+            records = sorted((r for r in recorder.records if r.module is module),
+                             key=lambda r: r.call if r.level is None else r.level)
             if not records:  # reuses another module's routing
                 continue
             if len(records) != num_levels:
-                raise RuntimeError(f'{type(self).__name__}: MoE module '
-                                   f'{module.moe_name or type(module).__name__} was '
-                                   f'called {len(records)} times for {num_levels} levels')
-            ordered = sorted(records, key=lambda r: r.call if r.level is None else r.level)
-            per_module.append(torch.stack([r.weights for r in ordered]))  # (L, B, N)
-        if not per_module:
-            return None
-        sizes = {w.shape[-1] for w in per_module}
-        if len(sizes) != 1:
-            raise ValueError(f'{type(self).__name__}: MoE modules with different numbers '
-                             f'of experts {sorted(sizes)} cannot share expert_weights')
-        return torch.stack(per_module, dim=2)
+                raise RuntimeError(
+                    f'{self.head_name}: MoE module {module.moe_name or type(module).__name__} '
+                    f'was called {len(records)} times for {num_levels} FPN levels; '
+                    'detections can be tagged only when each MoE module of the head runs '
+                    'once per level')
+            self.modules.append(records)
+        sizes = {records[0].weights.shape[-1] for records in self.modules}
+        if len(sizes) > 1:
+            raise ValueError(f'{self.head_name}: MoE modules with different numbers of '
+                             f'experts {sorted(sizes)} cannot share expert_weights')
 
-    def predict_by_feat(self, cls_scores: List[Tensor], bbox_preds: List[Tensor],
-                        score_factors: Optional[List[Tensor]] = None,
-                        batch_img_metas: Optional[List[dict]] = None, cfg=None,
-                        rescale: bool = False, with_nms: bool = True,
-                        routing: Optional[Tensor] = None) -> List[InstanceData]:
-        if routing is None:
-            return super().predict_by_feat(cls_scores, bbox_preds, score_factors,
-                                           batch_img_metas, cfg, rescale, with_nms)
-        cfg = self.test_cfg if cfg is None else cfg
-        # per level: decode only; min_bbox_size (like rescale and NMS) is applied once,
-        # by the final _bbox_post_process, to the rescaled boxes as in mmdet
-        level_cfg = copy.deepcopy(cfg)
-        level_cfg['min_bbox_size'] = -1
-        num_levels = len(cls_scores)
-        priors = self.prior_generator.grid_priors(
-            [s.shape[-2:] for s in cls_scores], dtype=cls_scores[0].dtype,
-            device=cls_scores[0].device)
-        results_list = []
-        for b, img_meta in enumerate(batch_img_metas):
-            per_level = []
-            for level in range(num_levels):
-                factor = None if score_factors is None else score_factors[level][b].detach()
-                result = self._predict_by_feat_single(
-                    [cls_scores[level][b].detach()], [bbox_preds[level][b].detach()],
-                    [factor], [priors[level]], img_meta, level_cfg, rescale=False,
-                    with_nms=False)
-                result.levels = result.scores.new_full((len(result),), level,
-                                                       dtype=torch.long)
-                result.expert_weights = routing[level, b].expand(len(result), -1, -1).clone()
-                per_level.append(result)
-            results_list.append(self._bbox_post_process(
-                InstanceData.cat(per_level), cfg, rescale=rescale, with_nms=with_nms,
-                img_meta=img_meta))
-        return results_list
+    @property
+    def names(self) -> List[str]:
+        """The layer of each of the M columns of ``expert_weights``."""
+        return [records[0].name for records in self.modules]
+
+    def __bool__(self) -> bool:
+        return bool(self.modules)
+
+    def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
+        """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
+        into the level's flattened (H, W, A) priors) of image ``b``."""
+        per_module = []
+        for records in self.modules:
+            record = records[level]
+            if record.pixel_weights is None:
+                per_module.append(record.weights[b].expand(len(priors), -1))
+                continue
+            gates = record.pixel_weights[b]  # (N, H, W)
+            pixels = gates.shape[1] * gates.shape[2]
+            if num_priors % pixels:
+                raise RuntimeError(
+                    f'{self.head_name}: a per-pixel gate map of {tuple(gates.shape[1:])} '
+                    f'does not match the {num_priors} priors of level {level}')
+            per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
+        return torch.stack(per_module, dim=1)
+
+
+@contextmanager
+def kept_priors(head) -> Iterator[List[Tensor]]:
+    """Collect the indices of the priors ``filter_scores_and_topk`` keeps, call by call
+    (level by level, image after image), while the head decodes."""
+    module = sys.modules[type(head)._predict_by_feat_single.__module__]
+    kept: List[Tensor] = []
+
+    def recording(scores, *args, **kwargs):
+        result = filter_scores_and_topk(scores, *args, **kwargs)
+        kept.append((result[2], scores.shape[0]))
+        return result
+
+    module.filter_scores_and_topk = recording
+    try:
+        yield kept
+    finally:
+        module.filter_scores_and_topk = filter_scores_and_topk
+
+
+def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
+    """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``."""
+    batch_img_metas = [s.metainfo for s in batch_data_samples]
+    with record_gates() as recorder:
+        outs = head(x)
+    gates = GateMaps(head, recorder, len(x))
+    if not gates:
+        return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas, rescale=rescale)
+    post_process = type(head)._bbox_post_process
+    num_levels, images = len(x), iter(range(len(batch_img_metas)))
+
+    def tag_then_post_process(results, *args, **kwargs):
+        b = next(images)
+        calls, kept[:] = kept[:num_levels], kept[num_levels:]
+        if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
+            raise RuntimeError(f'{type(head).__name__} decodes image {b} otherwise than '
+                               'one filter_scores_and_topk per level before '
+                               '_bbox_post_process: its detections cannot be tagged')
+        results.levels = torch.cat([torch.full((len(k),), level, dtype=torch.long,
+                                               device=k.device)
+                                    for level, (k, _) in enumerate(calls)])
+        results.expert_weights = torch.cat([gates.weights(b, level, k, n)
+                                            for level, (k, n) in enumerate(calls)])
+        results.set_metainfo(dict(expert_layers=gates.names))
+        return post_process(head, results, *args, **kwargs)
+
+    head._bbox_post_process = tag_then_post_process  # this decode only
+    try:
+        with kept_priors(head) as kept:
+            return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
+                                        rescale=rescale)
+    finally:
+        del head._bbox_post_process
+
+
+def install_dense_head_tagging() -> None:
+    """Make ``predict`` of every dense head with MoE modules tag its detections
+    (idempotent); heads without MoE modules predict as before."""
+    stock = BaseDenseHead.predict
+    if getattr(stock, 'tags_experts', False):
+        return
+
+    def predict(self, x, batch_data_samples, rescale: bool = False):
+        if tags_detections(self):
+            return tagged_predict(self, x, batch_data_samples, rescale)
+        return stock(self, x, batch_data_samples, rescale)
+
+    predict.tags_experts = True
+    predict.__doc__ = stock.__doc__
+    BaseDenseHead.predict = predict
+
+
+def tags_detections(head) -> bool:
+    """Whether ``head.predict`` tags its detections (MoE modules, per-level decode)."""
+    return bool(moe_modules(head)) and decodes_per_level(head)
+
+
+install_dense_head_tagging()

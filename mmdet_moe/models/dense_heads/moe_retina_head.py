@@ -13,7 +13,6 @@ from ...layers import MoE, MoEConv2d
 from ...layers._checks import check_choice, check_num_experts
 from ..moe_losses import collect_moe_losses, merge_losses
 from ..upcycling import expand_dense_keys
-from .expert_tagging import ExpertTaggingMixin
 
 BRANCHES = {'cls': ('cls',), 'reg': ('reg',), 'both': ('cls', 'reg'), 'shared': ('cls', 'reg')}
 
@@ -40,7 +39,7 @@ class TowerExpert(nn.Module):
 
 
 @MODELS.register_module()
-class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
+class MoERetinaHead(RetinaHead):
     r"""RetinaHead with Mixture-of-Experts towers (Pavlitska et al.).
 
     Args:
@@ -63,7 +62,8 @@ class MoERetinaHead(ExpertTaggingMixin, RetinaHead):
         impl: MoE implementation (``'auto'``, ``'dispatch'``, ``'dense'``, ...).
 
     ``predict`` adds ``levels`` and ``expert_weights`` (num_dets, M, N) to each
-    image's ``pred_instances`` (M = number of MoE modules in the head).
+    image's ``pred_instances`` (M = number of MoE modules in the head), as every
+    dense head with MoE modules does (see :mod:`.expert_tagging`).
     """
 
     def __init__(self, *args, moe_branches: str = 'cls', expert_type: str = 'subnet',

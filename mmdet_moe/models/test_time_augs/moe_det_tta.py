@@ -46,7 +46,8 @@ class MoEDetTTAModel(DetTTAModel):
         dets, keep = batched_nms(bboxes, scores, labels, self.tta_cfg.nms)
         max_per_img = self.tta_cfg.max_per_img
         dets, keep = dets[:max_per_img], keep[:max_per_img]
-        merged = InstanceData(bboxes=dets[:, :-1], scores=dets[:, -1], labels=labels[keep])
+        merged = InstanceData(metainfo=preds[0].metainfo, bboxes=dets[:, :-1],
+                              scores=dets[:, -1], labels=labels[keep])
         for key in preds[0].keys():
             if key not in MERGED_FIELDS:
                 merged[key] = torch.cat([p[key] for p in preds])[keep]

@@ -1,0 +1,134 @@
+"""Every dense head that decodes per FPN level tags its detections: ``levels`` and
+``expert_weights`` (num_dets, M, N), with boxes, scores and labels those of the
+stock decode. The independent computation: the head's own ``predict_by_feat`` for
+the boxes, and the gate rows recorded per (image, level) for the tags."""
+import pytest
+import torch
+from mmengine.config import ConfigDict
+
+from helpers import build_model, redraw_parameters, stock_model_cfg
+from mmdet_moe.layers import is_moe_module, record_gates
+
+WIDTH = 32
+MOE = dict(num_experts=3, top_k=2, gate_cfg=dict(type='TopKGate', noisy=False))
+HEADS = {
+    'retinanet': ('retinanet/retinanet_r50_fpn_1x_coco.py', ['bbox_head.cls_convs.1.conv']),
+    'fcos': ('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py',
+             ['bbox_head.cls_convs.*.conv', 'bbox_head.reg_convs.3.conv']),
+    'atss': ('atss/atss_r50_fpn_1x_coco.py', ['bbox_head.reg_convs.0.conv']),
+    'gfl': ('gfl/gfl_r50_fpn_1x_coco.py', ['bbox_head.cls_convs.3.conv']),
+    'tood': ('tood/tood_r50_fpn_1x_coco.py', ['bbox_head.inter_convs.1.conv']),
+    'fsaf': ('fsaf/fsaf_r50_fpn_1x_coco.py', ['bbox_head.reg_convs.0.conv']),
+    'vfnet': ('vfnet/vfnet_r50_fpn_1x_coco.py', ['bbox_head.cls_convs.2.conv']),
+    'reppoints': ('reppoints/reppoints-moment_r50_fpn_1x_coco.py',
+                  ['bbox_head.cls_convs.0.conv']),
+    'fovea': ('foveabox/fovea_r50_fpn_4xb4-1x_coco.py', ['bbox_head.cls_convs.1.conv']),
+    'autoassign': ('autoassign/autoassign_r50-caffe_fpn_1x_coco.py',
+                   ['bbox_head.reg_convs.1.conv']),
+}
+
+
+def batch(model, shapes=((3, 128, 160), (3, 96, 128))):
+    from mmdet.testing import demo_mm_inputs
+    packed = demo_mm_inputs(len(shapes), [list(s) for s in shapes], num_items=[2] * len(shapes),
+                            num_classes=5)
+    data = model.data_preprocessor(packed, False)
+    return data['inputs'], data['data_samples']
+
+
+def moe_model(path, paths):
+    cfg = stock_model_cfg(path, WIDTH)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg,
+                                   moe_layers=[dict(paths=paths, **MOE)]))
+    redraw_parameters(model, seed=2)
+    return model.eval()
+
+
+def expected_weights(head, feats, levels, b):
+    """(num_dets, M, N): for each MoE module of the head that routes, the gate row of
+    the detection's (image, level), from the records of a plain forward."""
+    with record_gates() as recorder, torch.no_grad():
+        head(feats)
+    rows = []
+    for module in (m for m in head.modules() if is_moe_module(m)):
+        records = sorted((r for r in recorder.records if r.module is module),
+                         key=lambda r: r.call)
+        rows.append(torch.stack([r.weights for r in records])[:, b])  # (L, N)
+    return torch.stack([r[levels] for r in rows], dim=1)
+
+
+@pytest.mark.parametrize('name', sorted(HEADS))
+def test_dense_head_tags_its_detections(name):
+    path, paths = HEADS[name]
+    model = moe_model(path, paths)
+    head = model.bbox_head
+    inputs, samples = batch(model)
+    rescale = True
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        stock = head.predict_by_feat(*head(feats), batch_img_metas=[s.metainfo for s in samples],
+                                     rescale=rescale)
+        tagged = head.predict(feats, samples, rescale=rescale)
+    assert sum(len(r) for r in stock) > 0
+    for b, (got, want) in enumerate(zip(tagged, stock, strict=True)):
+        for key in want.keys():
+            torch.testing.assert_close(got[key], want[key])
+        assert (got.levels >= 0).all() and (got.levels < len(feats)).all()
+        torch.testing.assert_close(got.expert_weights,
+                                   expected_weights(head, feats, got.levels, b))
+
+
+def test_dense_head_without_moe_is_untouched():
+    cfg = stock_model_cfg('retinanet/retinanet_r50_fpn_1x_coco.py', WIDTH)
+    model = build_model(cfg).eval()
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        result = model.bbox_head.predict(model.extract_feat(inputs), samples, rescale=True)
+    assert set(result[0].keys()) == {'bboxes', 'scores', 'labels'}
+
+
+def test_detector_predict_tags_fcos_detections():
+    model = moe_model(*HEADS['fcos'])
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        results = model.predict(inputs, samples)
+    assert all({'levels', 'expert_weights'} <= set(r.pred_instances.keys()) for r in results)
+    assert results[0].pred_instances.expert_weights.shape[1:] == (5, 3)
+
+
+def test_per_pixel_gates_tag_each_detection_with_its_location():
+    """A μMoE conv with per-pixel gates: each detection gets the gate vector at its
+    anchor. With the regression output zeroed, every box is its anchor, so the
+    anchor's location (box centre / stride) is known independently of the decode."""
+    cfg = stock_model_cfg('retinanet/retinanet_r50_fpn_1x_coco.py', WIDTH)
+    cfg.bbox_head.anchor_generator.update(octave_base_scale=1, scales_per_octave=1,
+                                          ratios=[1.0])
+    cfg.test_cfg.update(score_thr=0.0, nms_pre=50, max_per_img=100)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths='bbox_head.cls_convs.1.conv', type='CPMuMoEConv2d', num_experts=6,
+             gate_mode='pixel', gate_act='softmax', norm=None)]))
+    redraw_parameters(model, seed=3)
+    head = model.eval().bbox_head
+    torch.nn.init.zeros_(head.retina_reg.weight)
+    torch.nn.init.zeros_(head.retina_reg.bias)
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        results = head.predict(feats, samples, rescale=False)
+        with record_gates() as recorder:
+            head(feats)
+    maps = [r.pixel_weights for r in sorted(recorder.records, key=lambda r: r.call)]
+    strides = [s[0] for s in head.prior_generator.strides]
+    checked = 0
+    for b, (result, sample) in enumerate(zip(results, samples)):
+        assert result.expert_weights.shape[1:] == (1, 6)
+        height, width = sample.metainfo['img_shape']
+        for box, level, weights in zip(result.bboxes, result.levels, result.expert_weights):
+            x1, y1, x2, y2 = box.tolist()
+            if x1 <= 0 or y1 <= 0 or x2 >= width or y2 >= height:
+                continue  # clipped to the image: its centre is not the anchor's
+            stride = strides[level]
+            x, y = round((x1 + x2) / 2 / stride), round((y1 + y2) / 2 / stride)
+            torch.testing.assert_close(weights[0], maps[level][b, :, y, x])
+            checked += 1
+    assert checked > 20
