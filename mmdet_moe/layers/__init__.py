@@ -16,7 +16,7 @@ from .multilinear import (CPMuMoE, CPMuMoEConv2d, TRMuMoE, TRMuMoEConv2d,
                           rank_for_params)
 from .routing_override import override_routing
 from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_module,
-                        record_gate, record_gates)
+                        mark_row_images, record_gate, record_gates)
 
 __all__ = [
     'AbsoluteImportanceGate', 'BALANCE_LOSSES', 'BalanceLosses', 'CPMuMoE',
@@ -24,7 +24,8 @@ __all__ = [
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
     'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'end_iteration', 'global_importance', 'importance_loss',
-    'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mixed_conv2d', 'override_routing',
+    'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mark_row_images', 'mixed_conv2d',
+    'override_routing',
     'prob_in_top_k',
     'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'
 ]

@@ -31,6 +31,8 @@ class GateRecord:
         weights: (B, N) gate weights, detached (per-pixel gates: their mean).
         module: the MoE module itself.
         pixel_weights: (B, N, H, W) per-pixel gate weights, detached, or None.
+        row_images: (B,) the image of each row when rows are not images (e.g. the
+            RoIs of a two-stage detector's bbox head), else None.
     """
     name: str
     call: int
@@ -38,6 +40,7 @@ class GateRecord:
     weights: Tensor
     module: Optional[nn.Module] = None
     pixel_weights: Optional[Tensor] = None
+    row_images: Optional[Tensor] = None
 
 
 class GateRecorder:
@@ -97,6 +100,16 @@ def record_gate(module: nn.Module, weights: Tensor, level: Optional[int] = None,
     name = getattr(module, 'moe_name', None) or type(module).__name__
     for recorder in _ACTIVE_RECORDERS:
         recorder.add(name, weights, level, module, pixel_weights)
+
+
+def mark_row_images(name: str, row_images: Tensor) -> None:
+    """Say which image each row of the latest record of layer ``name`` belongs to, in
+    every active recorder (rows that are objects, not images)."""
+    for recorder in _ACTIVE_RECORDERS:
+        for record in reversed(recorder.records):
+            if record.name == name:
+                record.row_images = row_images.detach()
+                break
 
 
 @contextmanager

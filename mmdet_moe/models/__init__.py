@@ -6,6 +6,7 @@ from .detectors import MoERetinaNet
 from .insertion import MoEDetector, insert_moe_layers, match_module_paths
 from .moe_losses import collect_moe_losses, install_detector_loss_collection, merge_losses
 from .necks import MoEFPN
+from .roi_heads import install_roi_head_tagging
 from .test_time_augs import MoEDetTTAModel
 from .upcycling import expand_dense_keys, freeze_all_but_moe, moe_parameters
 
@@ -14,6 +15,7 @@ __all__ = [
     'MoERetinaNet', 'TowerExpert', 'build_moe_conv', 'collect_moe_losses',
     'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers',
     'install_dense_head_tagging', 'install_detector_loss_collection',
+    'install_roi_head_tagging',
     'match_module_paths', 'merge_losses', 'moe_parameters', 'register_conv_types',
     'tags_detections'
 ]

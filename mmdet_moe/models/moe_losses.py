@@ -7,7 +7,7 @@ import torch.nn as nn
 from mmdet.models.detectors import BaseDetector
 from torch import Tensor
 
-from ..layers import end_iteration, is_moe_module
+from ..layers import assign_moe_names, end_iteration, is_moe_module
 
 LOSS_PREFIX = 'loss_moe_'
 
@@ -59,11 +59,30 @@ def _collecting(loss: Callable) -> Callable:
     return loss_with_moe_losses
 
 
+def _naming(predict: Callable) -> Callable:
+    """``predict`` that first names the detector's MoE modules after their paths (so
+    that ``expert_layers`` of tagged detections name layers as the statistics do)."""
+
+    @functools.wraps(predict)
+    def predict_with_moe_names(self, *args, **kwargs):
+        if not self.__dict__.get('_moe_named', False):
+            assign_moe_names(self)
+            self.__dict__['_moe_named'] = True
+        return predict(self, *args, **kwargs)
+
+    predict_with_moe_names.names_moe_modules = True
+    return predict_with_moe_names
+
+
 def _wrap_loss(cls: type) -> None:
     loss = cls.__dict__.get('loss')
     if loss is not None and not getattr(loss, '__isabstractmethod__', False) \
             and not getattr(loss, 'collects_moe_losses', False):
         cls.loss = _collecting(loss)
+    predict = cls.__dict__.get('predict')
+    if predict is not None and not getattr(predict, '__isabstractmethod__', False) \
+            and not getattr(predict, 'names_moe_modules', False):
+        cls.predict = _naming(predict)
 
 
 def install_detector_loss_collection() -> None:
@@ -77,7 +96,8 @@ def install_detector_loss_collection() -> None:
     directly (e.g. by a tracker wrapping a detector). Only the outermost call
     collects, and ends the training iteration of the detector's gates (hard
     constraints count their warm-up in iterations). A detector without MoE modules
-    returns the same dict as before.
+    returns the same dict as before. Their ``predict()`` first names the detector's
+    MoE modules after their paths (once), as the detections' ``expert_layers`` say.
     """
     classes = [BaseDetector]
     while classes:

@@ -132,3 +132,33 @@ def test_per_pixel_gates_tag_each_detection_with_its_location():
             torch.testing.assert_close(weights[0], maps[level][b, :, y, x])
             checked += 1
     assert checked > 20
+
+
+def test_rpn_tags_each_proposal_with_its_level_and_gate_row():
+    """The RPN keeps its own top-k per level: its proposals are tagged from the level
+    of each box. With the regression output zeroed, a proposal is its anchor, whose
+    size (8 × stride) gives the level independently."""
+    model = moe_model('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', ['rpn_head.rpn_conv'])
+    head = model.rpn_head
+    torch.nn.init.zeros_(head.rpn_reg.weight)
+    torch.nn.init.zeros_(head.rpn_reg.bias)
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        stock = head.predict_by_feat(*head(feats), batch_img_metas=[s.metainfo for s in samples],
+                                     rescale=False)
+        tagged = head.predict(feats, samples, rescale=False)
+    checked = 0
+    for b, (got, want, sample) in enumerate(zip(tagged, stock, samples, strict=True)):
+        for key in want.keys():
+            torch.testing.assert_close(got[key], want[key])
+        torch.testing.assert_close(got.expert_weights,
+                                   expected_weights(head, feats, got.levels, b))
+        height, width = sample.metainfo['img_shape']
+        x1, y1, x2, y2 = got.bboxes.unbind(1)
+        inside = (x1 > 0) & (y1 > 0) & (x2 < width) & (y2 < height)
+        size = ((x2 - x1) * (y2 - y1)).sqrt()[inside]
+        levels = torch.log2(size / 32).round().long()
+        assert torch.equal(got.levels[inside], levels)
+        checked += int(inside.sum())
+    assert checked > 20

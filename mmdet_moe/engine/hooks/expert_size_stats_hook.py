@@ -143,7 +143,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
 
     # per batch -------------------------------------------------------------------
     def _collect(self, outputs, num_views: int = 1) -> None:
-        layers = rows_by_layer(self.recorder, num_views)
+        layers = rows_by_layer(self.recorder, num_views, len(outputs))
         for b, sample in enumerate(outputs):
             self._images.append(self._image_record(b, sample, layers))
 

@@ -2,8 +2,9 @@
 from typing import Dict, Optional
 
 import numpy as np
+import torch
 
-from ...layers import GateRecorder
+from ...layers import GateRecord, GateRecorder
 
 
 class LayerRows:
@@ -39,9 +40,25 @@ class LayerRows:
         return rows.mean(axis=1)
 
 
-def rows_by_layer(recorder: GateRecorder, num_views: int = 1) -> Dict[str, LayerRows]:
-    """Each layer's records of a batch of ``num_views`` augmented views, run one view
-    after the other (as test-time augmentation does)."""
+def image_rows(record: GateRecord, num_images: Optional[int]) -> np.ndarray:
+    """(B, N) a record's gate rows per image: a layer gating objects (RoIs, their
+    ``row_images`` known) gives each image the mean row of its objects."""
+    weights = record.weights.float().cpu()
+    if record.row_images is None:
+        return weights.numpy()
+    if num_images is None:
+        raise ValueError(f'MoE layer {record.name} gates objects, not images: the number '
+                         'of images of the batch is needed')
+    images = record.row_images.cpu()
+    sums = torch.zeros(num_images, weights.shape[1]).index_add_(0, images, weights)
+    counts = torch.bincount(images, minlength=num_images).clamp(min=1)
+    return (sums / counts[:, None]).numpy()
+
+
+def rows_by_layer(recorder: GateRecorder, num_views: int = 1,
+                  num_images: Optional[int] = None) -> Dict[str, LayerRows]:
+    """Each layer's records of a batch of ``num_images`` images in ``num_views``
+    augmented views, run one view after the other (as test-time augmentation does)."""
     layers = {}
     for name, records in recorder.by_layer().items():
         if len(records) % num_views:
@@ -54,6 +71,6 @@ def rows_by_layer(recorder: GateRecorder, num_views: int = 1) -> Dict[str, Layer
         for view in range(num_views):
             own = by_call[view * calls:(view + 1) * calls]
             ordered = sorted(own, key=lambda r: r.level if per_level else r.call)
-            views.append(np.stack([r.weights.float().cpu().numpy() for r in ordered]))
+            views.append(np.stack([image_rows(r, num_images) for r in ordered]))
         layers[name] = LayerRows(np.stack(views), per_level=per_level or calls > 1)
     return layers

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
 
 from ...layers import GateRecorder, is_moe_module, record_gates
@@ -37,13 +38,18 @@ def moe_modules(head) -> list:
     return [m for m in head.modules() if is_moe_module(m)]
 
 
+def decode_module(head):
+    """The module whose code decodes the head's detections."""
+    return sys.modules[type(head)._predict_by_feat_single.__module__]
+
+
 def decodes_per_level(head) -> bool:
-    """Whether the head decodes through BaseDenseHead.predict_by_feat with mmdet's
-    ``filter_scores_and_topk`` (what the tagging relies on)."""
-    if type(head).predict_by_feat is not BaseDenseHead.predict_by_feat:
-        return False
-    module = sys.modules[type(head)._predict_by_feat_single.__module__]
-    return getattr(module, 'filter_scores_and_topk', None) is filter_scores_and_topk
+    """Whether the head decodes through BaseDenseHead.predict_by_feat, keeping priors
+    with mmdet's ``filter_scores_and_topk`` or, as the RPN, tagging each kept box
+    with its ``level_ids`` (what the tagging relies on)."""
+    return (type(head).predict_by_feat is BaseDenseHead.predict_by_feat and
+            (getattr(decode_module(head), 'filter_scores_and_topk', None)
+             is filter_scores_and_topk or isinstance(head, RPNHead)))
 
 
 class GateMaps:
@@ -79,6 +85,15 @@ class GateMaps:
     def __bool__(self) -> bool:
         return bool(self.modules)
 
+    def level_weights(self, b: int, levels: Tensor) -> Tensor:
+        """(len(levels), M, N): the (image, level) gate rows of image ``b``."""
+        if any(records[0].pixel_weights is not None for records in self.modules):
+            raise RuntimeError(f'{self.head_name} keeps no prior indices: per-pixel gates '
+                               'cannot be tagged in it; use a per-image gate')
+        rows = torch.stack([torch.stack([r.weights[b] for r in records])
+                            for records in self.modules], dim=1)  # (L, M, N)
+        return rows[levels]
+
     def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
         """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
         into the level's flattened (H, W, A) priors) of image ``b``."""
@@ -102,8 +117,11 @@ class GateMaps:
 def kept_priors(head) -> Iterator[List[Tensor]]:
     """Collect the indices of the priors ``filter_scores_and_topk`` keeps, call by call
     (level by level, image after image), while the head decodes."""
-    module = sys.modules[type(head)._predict_by_feat_single.__module__]
+    module = decode_module(head)
     kept: List[Tensor] = []
+    if getattr(module, 'filter_scores_and_topk', None) is not filter_scores_and_topk:
+        yield kept  # the RPN keeps its own top-k and tags levels itself
+        return
 
     def recording(scores, *args, **kwargs):
         result = filter_scores_and_topk(scores, *args, **kwargs)
@@ -130,6 +148,11 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
     def tag_then_post_process(results, *args, **kwargs):
         b = next(images)
+        if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
+            results.levels = results.level_ids.long()
+            results.expert_weights = gates.level_weights(b, results.levels)
+            results.set_metainfo(dict(expert_layers=gates.names))
+            return post_process(head, results, *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
             raise RuntimeError(f'{type(head).__name__} decodes image {b} otherwise than '
