@@ -8,7 +8,7 @@ import csv
 import json
 import os.path as osp
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -48,17 +48,67 @@ def write_csv(path: str, header: List[str], rows: List[list]) -> None:
         writer.writerows(rows)
 
 
+# beyond this many experts the Markdown groups experts by their dominant size and
+# the heatmaps drop per-cell values (a row per expert would bury the answer); the
+# CSVs keep every expert
+MAX_EXPERTS_LISTED = 16
+
+
+def _label_rows(ax, row_names, fontsize: int = 8) -> None:
+    """Every row's label, or about 16 of them for many rows."""
+    step = max(1, -(-len(row_names) // MAX_EXPERTS_LISTED))
+    ticks = range(0, len(row_names), step)
+    ax.set_yticks(ticks, [row_names[i] for i in ticks], fontsize=fontsize)
+
+
+def by_dominant_size(table: np.ndarray) -> List[int]:
+    """Expert order for heatmaps: grouped by dominant size, most specialised first
+    (unused experts last)."""
+    given_expert = normalise_rows(table)
+    unused = table.shape[1]
+    dom = [int(row.argmax()) if table[i].sum() > 0 else unused
+           for i, row in enumerate(given_expert)]
+    return sorted(range(len(table)), key=lambda i: (
+        dom[i], -given_expert[i, dom[i]] if dom[i] < unused else 0.0))
+
+
+def size_groups(table: np.ndarray, names, top: int = 5) -> Tuple[List[str], List[list]]:
+    """One row per size: how many experts it dominates, their share of the gate mass,
+    and the most specialised of them with P(size | expert)."""
+    given_expert = normalise_rows(table)
+    dom = dominant(table, names)
+    total = max(float(table.sum()), 1e-12)
+    rows = []
+    for j, name in enumerate(names):
+        members = [i for i, d in enumerate(dom) if d == name]
+        ranked = sorted(members, key=lambda i: -given_expert[i, j])[:top]
+        rows.append([name, len(members), float(table[members].sum()) / total,
+                     ', '.join(f'expert {i} ({given_expert[i, j]:.2f})' for i in ranked)])
+    if None in dom:
+        rows.append(['(unused)', dom.count(None), 0.0, ''])
+    header = ['dominant size', 'experts', 'share of the gate mass',
+              f'most specialised (top {top}, P(size | expert))']
+    return header, rows
+
+
+def dominant_counts(dominants: list, names) -> str:
+    """``small 80, medium 100, large 76``: experts per dominant size."""
+    return ', '.join(f'{name} {dominants.count(name)}' for name in names)
+
+
 def heatmap(path: str, table: np.ndarray, row_names, col_names, title: str,
             value_label: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(col_names), 1.0 + 0.5 * len(row_names)))
+    listed = len(row_names) <= MAX_EXPERTS_LISTED
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(col_names) if listed else 6.5,
+                                    1.0 + 0.5 * len(row_names) if listed else 8.0))
     image = ax.imshow(table, cmap='viridis', vmin=0, vmax=max(float(table.max()), 1e-9),
-                      aspect='auto')
+                      aspect='auto', interpolation='nearest')
     ax.set_xticks(range(len(col_names)), col_names)
-    ax.set_yticks(range(len(row_names)), row_names)
-    for (i, j), value in np.ndenumerate(table):
+    _label_rows(ax, row_names)
+    for (i, j), value in (np.ndenumerate(table) if listed else ()):
         ax.text(j, i, f'{value:.2f}', ha='center', va='center',
                 color='white' if value < 0.6 * table.max() else 'black', fontsize=8)
     ax.set_title(title, fontsize=9)
@@ -74,14 +124,16 @@ def heatmap_grid(path: str, tables: List[np.ndarray], titles: List[str], row_nam
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    listed = len(row_names) <= MAX_EXPERTS_LISTED
     fig, axes = plt.subplots(1, len(tables), squeeze=False, sharey=True,
                              figsize=(0.6 + 0.9 * len(col_names) * len(tables),
-                                      1.2 + 0.5 * len(row_names)))
+                                      1.2 + 0.5 * len(row_names) if listed else 8.0))
     for ax, table, sub in zip(axes[0], tables, titles, strict=True):
-        ax.imshow(table, cmap='viridis', vmin=0, vmax=1, aspect='auto')
+        ax.imshow(table, cmap='viridis', vmin=0, vmax=1, aspect='auto',
+                  interpolation='nearest')
         ax.set_xticks(range(len(col_names)), col_names, fontsize=7)
-        ax.set_yticks(range(len(row_names)), row_names, fontsize=7)
-        for (i, j), value in np.ndenumerate(table):
+        _label_rows(ax, row_names, fontsize=7)
+        for (i, j), value in (np.ndenumerate(table) if listed else ()):
             ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=6,
                     color='white' if value < 0.6 else 'black')
         ax.set_title(sub, fontsize=8)
@@ -116,6 +168,11 @@ def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> L
             'shuffled within levels '
             f'{_with_interval(summary["nmi_given_level_shuffled"], summary["nmi_given_level_shuffled_interval"])}')
     bounds = summary['p_size_given_expert_interval']
+    if summary['num_experts'] > MAX_EXPERTS_LISTED:
+        return lines + [f'{summary["num_experts"]} experts by dominant size: '
+                        f'{dominant_counts(summary["dominant_size"], sizes)} (each '
+                        "expert's P(size | expert) in the report's CSVs)",
+                        f'verdict: {summary["verdict"]}']
     for i, row in enumerate(summary['p_size_given_expert']):
         lines.append(f'expert {i}: P(size | expert) ' + ', '.join(
             f'{size} {value:.3f}' + (f' [{bounds[i][j][0]:.3f}, {bounds[i][j][1]:.3f}]'
@@ -125,7 +182,7 @@ def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> L
 
 
 def _level_tables(name: str, layer: dict, experts: List[str], sizes: List[str],
-                  out_dir: str) -> List[str]:
+                  out_dir: str, order: List[int]) -> List[str]:
     """P(size | expert, level) and P(expert | size, level): Markdown, CSV, one grid."""
     table = np.asarray(layer['detection_levels']['mass'], dtype=np.float64)
     levels = [f'P{3 + i}' for i in range(table.shape[2])]
@@ -140,10 +197,13 @@ def _level_tables(name: str, layer: dict, experts: List[str], sizes: List[str],
                  for i, e in enumerate(experts)]
     write_csv(osp.join(out_dir, f'{stem}_size_expert_given_level.csv'), header, rows)
     heatmap_grid(osp.join(out_dir, f'{stem}_size_given_expert_level.png'),
-                 [normalise_rows(table[:, :, level]) for level in range(len(levels))],
-                 levels, experts, sizes, f'{name}: P(size | expert, FPN level)')
+                 [normalise_rows(table[order, :, level]) for level in range(len(levels))],
+                 levels, [experts[i] for i in order], sizes,
+                 f'{name}: P(size | expert, FPN level)')
+    listed = len(experts) <= MAX_EXPERTS_LISTED
     return ['Within each FPN level (the level-controlled view):', '',
-            markdown_table(header, rows), '',
+            markdown_table(header, rows) if listed
+            else f'`{stem}_size_expert_given_level.csv`', '',
             f'![{name} size given expert and level]({stem}_size_given_expert_level.png)', '']
 
 
@@ -153,6 +213,7 @@ VIEW_LABELS = dict(detection='detection', image='image (no detection above thres
 def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
                    classes: List[str], out_dir: str) -> List[str]:
     experts = [f'expert {i}' for i in range(layer['num_experts'])]
+    listed = layer['num_experts'] <= MAX_EXPERTS_LISTED
     mass, view = size_table(layer)
     view = VIEW_LABELS[view]
     given_expert, given_size = normalise_rows(mass), normalise_columns(mass)
@@ -167,8 +228,12 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
     rows2 = [[e, *map(float, given_size[i])] for i, e in enumerate(experts)]
     header2 = ['expert', *[f'P(expert | {s})' for s in sizes]]
     write_csv(osp.join(out_dir, f'{stem}_expert_given_size.csv'), header2, rows2)
-    heatmap(osp.join(out_dir, f'{stem}_expert_size.png'), given_expert, experts, sizes,
-            f'{name}: P(size | expert), {view} view', 'P(size | expert)')
+    order = list(range(len(experts))) if listed else by_dominant_size(mass)
+    heatmap(osp.join(out_dir, f'{stem}_expert_size.png'), given_expert[order],
+            [experts[i] for i in order], sizes,
+            f'{name}: P(size | expert), {view} view' + ('' if listed else
+                                                         ', experts by dominant size'),
+            'P(size | expert)')
     shuffled = layer.get('nmi_shuffled') or {}
     # the shuffled baseline is of detections: no match for the image view's NMI
     baseline = (f'; with the gate weights shuffled across detections: '
@@ -181,10 +246,13 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
              *[f'- {line}' for line in specialisation_lines(summary, sizes)],
              f'- living experts (mean gate weight > 0.01): {summary["living_experts"]} of '
              f'{summary["num_experts"]}; importance CV: {summary["importance_cv"]:.3f}', '',
-             markdown_table(header, rows), '', markdown_table(header2, rows2), '',
+             *((markdown_table(header, rows), '', markdown_table(header2, rows2)) if listed
+               else (markdown_table(*size_groups(mass, sizes)), '',
+                     f'Every expert: `{stem}_size_given_expert.csv`, '
+                     f'`{stem}_expert_given_size.csv`.')), '',
              f'![{name} expert × size]({stem}_expert_size.png)', '']
     if layer.get('detection_levels') and summary['view'] == 'detection':  # else all 0
-        lines += _level_tables(name, layer, experts, sizes, out_dir)
+        lines += _level_tables(name, layer, experts, sizes, out_dir, order)
     if layer.get('levels'):
         level_mass = np.asarray(layer['levels']['mass'])
         levels = [f'P{3 + i}' for i in range(level_mass.shape[1])]
@@ -192,10 +260,11 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
         header3 = ['expert', *[f'P(expert | {lv})' for lv in levels]]
         rows3 = [[e, *map(float, given_level[i])] for i, e in enumerate(experts)]
         write_csv(osp.join(out_dir, f'{stem}_levels.csv'), header3, rows3)
-        heatmap(osp.join(out_dir, f'{stem}_expert_level.png'), given_level, experts, levels,
+        heatmap(osp.join(out_dir, f'{stem}_expert_level.png'), given_level[order],
+                [experts[i] for i in order], levels,
                 f'{name}: P(expert | FPN level)', 'P(expert | level)')
         lines += ['Routing per FPN level (gate rows of all images):', '',
-                  markdown_table(header3, rows3), '',
+                  markdown_table(header3, rows3) if listed else f'`{stem}_levels.csv`', '',
                   f'![{name} expert × level]({stem}_expert_level.png)', '']
     class_mass = np.asarray(layer['classes']['mass'])
     if classes and class_mass.sum() > 0:
@@ -206,7 +275,7 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
         write_csv(osp.join(out_dir, f'{stem}_classes.csv'), header4, rows4)
         lines += [f'Class view (NMI expert ↔ class: '
                   f'{normalised_mutual_information(class_mass):.4f}):', '',
-                  markdown_table(header4, rows4), '']
+                  markdown_table(header4, rows4) if listed else f'`{stem}_classes.csv`', '']
     return lines
 
 
@@ -242,8 +311,10 @@ def render_report(stats: dict, out_dir: str,
             summary_rows.append([name, s['num_experts'], s['living_experts'],
                                  s['importance_cv'], s['nmi'], s['nmi_shuffled'],
                                  s['nmi_given_level'], s['nmi_given_level_shuffled'],
-                                 ', '.join(str(d) for d in s['dominant_size']),
-                                 ', '.join(str(d) for d in s['over_represented_size']),
+                                 *[', '.join(str(d) for d in s[key])
+                                   if s['num_experts'] <= MAX_EXPERTS_LISTED
+                                   else dominant_counts(s[key], sizes)
+                                   for key in ('dominant_size', 'over_represented_size')],
                                  s['verdict']])
         header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
                   'NMI shuffled', 'NMI | level', 'NMI | level shuffled',

@@ -116,3 +116,43 @@ def test_level_controlled_view_in_the_report(tmp_path):
     rows = read_csv(out / 'bbox_head.cls_moe_size_expert_given_level.csv')
     assert rows[1][:5] == ['P3', 'expert 0', '0.75', '0.25', '0.0']
     assert (out / 'bbox_head.cls_moe_size_given_expert_level.png').exists()
+
+
+def many_experts_stats(num_experts=256, seed=0):
+    """Version-2 statistics of a μMoE-like layer: every expert prefers one size."""
+    rng = np.random.RandomState(seed)
+    stats = known_stats()
+    stats['version'] = 2
+    favourite = rng.randint(0, 3, num_experts)
+    mass = rng.rand(num_experts, 3) * 0.2
+    mass[np.arange(num_experts), favourite] += 1
+    levels = np.repeat(mass[:, :, None], 5, axis=2) / 5
+    stats['layers'] = {'bbox_head.cls_convs.3.conv': dict(
+        num_experts=num_experts,
+        detection=dict(mass=mass.tolist(), count=(mass > 0).astype(float).tolist()),
+        classes=dict(mass=np.ones((num_experts, 2)).tolist(),
+                     count=np.ones((num_experts, 2)).tolist()),
+        image=dict(mass=mass.tolist()),
+        levels=dict(mass=np.ones((num_experts, 5)).tolist(), rows=4),
+        importance=mass.sum(1).tolist(), rows=20,
+        detection_levels=dict(mass=levels.tolist()),
+        nmi_shuffled=dict(mean=0.01, std=0.005, permutations=20))}
+    return stats, favourite
+
+
+def test_report_stays_readable_with_hundreds_of_experts(tmp_path):
+    """N = 256: experts grouped by their dominant size in the Markdown (no table or
+    list with a row per expert); every expert stays in the CSVs."""
+    stats, favourite = many_experts_stats()
+    out = tmp_path / 'report'
+    render_report(stats, str(out))
+    text = (out / 'report.md').read_text()
+    assert len(text.splitlines()) < 150
+    assert 'expert 200' not in text.replace('expert 200 ', '')  # not listed one by one
+    counts = np.bincount(favourite, minlength=3)
+    for size, count in zip(('small', 'medium', 'large'), counts):
+        assert f'| {size} | {count} |' in text
+    rows = read_csv(out / 'bbox_head.cls_convs.3.conv_size_given_expert.csv')
+    assert len(rows) == 1 + 256
+    summary = read_csv(out / 'summary.csv')
+    assert f'small {counts[0]}, medium {counts[1]}, large {counts[2]}' in summary[1]
