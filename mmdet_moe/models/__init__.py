@@ -8,12 +8,15 @@ from .moe_losses import collect_moe_losses, install_detector_loss_collection, me
 from .necks import MoEFPN
 from .roi_heads import install_roi_head_tagging
 from .test_time_augs import MoEDetTTAModel
+from .tower_moe import OutputInExperts, TowerMoE, UpcycleOutputKeys, insert_subnet_moe
 from .upcycling import expand_dense_keys, freeze_all_but_moe, moe_parameters
 
 __all__ = [
     'LAYER_TYPES', 'MoEDetTTAModel', 'MoEDetector', 'MoEFPN', 'MoERetinaHead',
-    'MoERetinaNet', 'TowerExpert', 'build_moe_conv', 'collect_moe_losses',
-    'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers',
+    'MoERetinaNet', 'OutputInExperts', 'TowerExpert', 'TowerMoE', 'UpcycleOutputKeys',
+    'build_moe_conv',
+    'collect_moe_losses', 'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers',
+    'insert_subnet_moe',
     'install_dense_head_tagging', 'install_detector_loss_collection',
     'install_roi_head_tagging',
     'match_module_paths', 'merge_losses', 'moe_parameters', 'register_conv_types',

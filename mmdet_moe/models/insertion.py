@@ -13,6 +13,16 @@ Each matched ``nn.Conv2d`` is replaced by a layer of ``type`` with its geometry;
 other keys of the spec go to that layer. State-dict keys stay where they were
 (``...conv.weight`` keeps its name), so a stock checkpoint loads with only the new
 MoE keys missing, and ``MoEConv2d`` upcycles the dense weights into its experts.
+
+``expert='subnet'`` (default ``'conv'``) makes whole towers the experts, the paper's
+main variant: each matched ``nn.ModuleList`` / ``nn.Sequential`` that its owner runs
+in order becomes a :class:`~mmdet_moe.models.tower_moe.TowerMoE` of N copies routed
+per (image, level) by one gate, optionally with the output conv in each expert::
+
+    dict(paths='bbox_head.cls_convs', expert='subnet', num_experts=4, top_k=2,
+         output='retina_cls', balance_cfg=dict(importance=0.5))
+
+(see :mod:`.tower_moe`; a stock checkpoint upcycles into every expert).
 """
 import fnmatch
 from typing import List, Optional, Sequence
@@ -25,6 +35,7 @@ from mmdet.registry import MODELS
 from ..layers import MoEConv2d
 from ..layers._checks import has_zero_padding
 from .conv_types import LAYER_TYPES, build_moe_conv, check_servable
+from .tower_moe import insert_subnet_moe
 from .upcycling import freeze_all_but_moe
 
 
@@ -62,7 +73,8 @@ def _replace_conv(model: nn.Module, path: str, layer_type: str, kwargs: dict,
 
 def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
                       key: str = 'moe_layers') -> List[str]:
-    """Replace the convs named by each spec of ``moe_layers`` in place.
+    """Replace the convs (``expert='subnet'``: the towers) named by each spec of
+    ``moe_layers`` in place.
 
     Returns:
         The replaced module paths. Errors name ``key[i]`` and the module path.
@@ -75,6 +87,15 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
             raise ValueError(f'{where} needs "paths" (module paths or patterns)')
         paths = spec.pop('paths')
         paths = [paths] if isinstance(paths, str) else list(paths)
+        expert = spec.pop('expert', 'conv')
+        if expert not in ('conv', 'subnet'):
+            raise ValueError(f"{where}.expert={expert!r} is unknown; choose 'conv' (MoE "
+                             "convs in place of single convs) or 'subnet' (whole towers)")
+        if expert == 'subnet':
+            replaced += _insert_subnets(model, paths, spec, where)
+            continue
+        if 'output' in spec:
+            raise ValueError(f"{where}.output needs expert='subnet'")
         layer_type = spec.pop('type', 'MoEConv2d')
         if layer_type not in LAYER_TYPES:
             raise ValueError(f'{where}.type={layer_type!r} is unknown; choose from '
@@ -94,6 +115,34 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
         if shared_gate:
             _share_gate(new_layers, where)
     return replaced
+
+
+def _insert_subnets(model: nn.Module, paths: List[str], spec: dict,
+                    where: str) -> List[str]:
+    """Replace each tower matched by ``paths`` by a subnet MoE (see .tower_moe)."""
+    for key, why in (('type', "MoE conv types apply to expert='conv'"),
+                     ('shared_gate', "one gate routing two towers is MoERetinaHead("
+                      "moe_branches='shared'); expert='subnet' gives each tower its gate")):
+        if key in spec:
+            raise ValueError(f"{where}.{key} is not a setting of expert='subnet': {why}")
+    names = []
+    for pattern in paths:
+        matched = match_module_paths(model, pattern)
+        if not matched:
+            towers = [n for n, m in model.named_modules()
+                      if isinstance(m, (nn.ModuleList, nn.Sequential)) and n]
+            near = [n for n in towers if n.split('.')[0] == pattern.split('.')[0]]
+            towers = near or towers
+            raise ValueError(f'{where}.paths: {pattern!r} matches no module of '
+                             f'{type(model).__name__}; tower paths include '
+                             f'{towers[:8]}{" ..." if len(towers) > 8 else ""}')
+        names += matched
+    if spec.get('output') is not None and len(names) > 1:
+        raise ValueError(f'{where}.output={spec["output"]!r} names one conv but paths '
+                         f'match {len(names)} towers {names}: give one spec per tower')
+    for name in names:
+        insert_subnet_moe(model, name, spec, where)
+    return names
 
 
 def _share_gate(layers: list, where: str) -> None:
