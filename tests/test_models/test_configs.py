@@ -18,7 +18,7 @@ def test_configs_are_named_the_openmmlab_way():
     assert len(COCO_CONFIGS) >= 12
     for path in COCO_CONFIGS:
         name = osp.basename(path)
-        assert name.split('_')[0] in ('retinanet', 'fcos', 'faster-rcnn')
+        assert name.split('_')[0] in ('retinanet', 'fcos', 'atss', 'gfl', 'faster-rcnn')
         assert 'coco' in name and '_r50_' in name
 
 
@@ -48,13 +48,20 @@ def test_config_builds_and_trains_one_step(path):
 @pytest.mark.parametrize('path', TOY_CONFIGS, ids=osp.basename)
 def test_toy_config_builds_and_trains_one_step(path):
     cfg = load_config(path)
-    assert osp.basename(path).startswith('retinanet_r18_fpn_') and 'toy-coco' in path
+    name = osp.basename(path)
+    assert name.split('_')[0] in ('retinanet', 'fcos', 'faster-rcnn') and 'toy-coco' in path
+    assert '_r18_fpn_' in name
     model = build_model(cfg.model)
     losses, _ = one_training_step(model, num_classes=5)
     assert all_finite(losses)
     if 'moe' in path:
         hooks = {h['type'] for h in cfg.custom_hooks}
         assert hooks == {'ExpertSizeStatsHook', 'ExpertUtilisationHook'}
+    if cfg.model.type == 'MoEDetector':  # MoE anywhere: the paths' convs are MoE layers
+        layers = {n for n, m in model.named_modules() if type(m).__name__ == 'MoEConv2d'}
+        assert layers == set(cfg.model.moe_layers[0].paths)
+        assert 'loss_moe_importance' in losses
+    elif 'moe' in path:  # MoERetinaNet
         gate = model.bbox_head.cls_moe.gate
         hard, equal = 'hard' in path, 'equal' in path
         assert type(gate).__name__ == ('RelativeImportanceGate' if hard else
