@@ -48,6 +48,10 @@ def global_importance(weights: Tensor) -> tuple[Tensor, Tensor]:
     return stats[:-1], stats[-1]
 
 
+# training iterations between two host reads of the gates' non-finite flags
+NONFINITE_CHECK_INTERVAL = 50
+
+
 class TopKGate(nn.Module):
     """Noisy top-k gating on global-average-pooled features.
 
@@ -96,6 +100,11 @@ class TopKGate(nn.Module):
         self.noisy, self.gate_type, self.noise_epsilon = noisy, gate_type, noise_epsilon
         self.moe_name = None  # set by assign_moe_names(); used in error messages
         self.forced_expert = None  # set by override_routing() for analysis
+        # training: non-finite logits are flagged on the device and checked every
+        # NONFINITE_CHECK_INTERVAL iterations (a check per call would stall a GPU)
+        self.register_buffer('_nonfinite', torch.zeros((), dtype=torch.bool),
+                             persistent=False)
+        self._unchecked_iters = 0
         if conv_channels is not None and (gate_type not in ('conv', 'paper_conv') or
                                           not isinstance(conv_channels, int) or
                                           conv_channels < 1):
@@ -154,10 +163,11 @@ class TopKGate(nn.Module):
         pooled = [self.pooled_features(level) for level in maps]
         feats = torch.cat([p[0] for p in pooled])
         logits = self.w_gate(feats)
-        if not torch.isfinite(logits).all():
-            raise NonFiniteGateError(
-                f'{self._label()}: gate logits are not finite (NaN/Inf) for input '
-                f'of shape {tuple(feats.shape)}; check the learning rate and inputs')
+        finite = torch.isfinite(logits).all()
+        if self.training:
+            self._nonfinite |= ~finite
+        elif not finite:
+            self._raise_nonfinite(f'for input of shape {tuple(feats.shape)}')
         noisy_logits = noise_std = None
         routing = logits
         if self.noisy and self.training:
@@ -177,6 +187,18 @@ class TopKGate(nn.Module):
         mask = None if masks[0] is None else torch.cat(masks)
         return GateOutput(torch.cat(weights), torch.cat(indices), logits, noisy_logits,
                           noise_std, mask)
+
+    def _raise_nonfinite(self, when: str) -> None:
+        raise NonFiniteGateError(f'{self._label()}: gate logits are not finite (NaN/Inf) '
+                                 f'{when}; check the learning rate and inputs')
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteGateError` if a training forward since the last check
+        had non-finite logits (one host read)."""
+        self._unchecked_iters = 0
+        if self._nonfinite:
+            self._nonfinite.zero_()
+            self._raise_nonfinite('in a training step')
 
     def routing_chunks(self, level_sizes: List[int]) -> List[int]:
         """Row counts routed one after the other: one top-k over all rows here (a
@@ -208,7 +230,11 @@ class TopKGate(nn.Module):
         """Hook for hard constraints, called with each routed chunk's weights."""
 
     def end_iteration(self) -> None:
-        """Hook for hard constraints, called once at the end of a training iteration."""
+        """Called once at the end of a training iteration: checks the logits every
+        NONFINITE_CHECK_INTERVAL iterations (hard constraints also count iterations)."""
+        self._unchecked_iters += 1
+        if self._unchecked_iters >= NONFINITE_CHECK_INTERVAL:
+            self.check_finite()
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, num_experts={self.num_experts}, '
@@ -290,6 +316,7 @@ class _HardConstraintGate(TopKGate):
         raise NotImplementedError
 
     def end_iteration(self) -> None:
+        super().end_iteration()
         self.num_iters += 1
 
     def extra_repr(self):

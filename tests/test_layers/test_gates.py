@@ -68,12 +68,22 @@ def test_build_gate_rejects_unknown_type():
 
 
 def test_non_finite_logits_name_the_layer():
+    """In eval at once; in training flagged on the device and raised by the check
+    at the end of every NONFINITE_CHECK_INTERVAL-th iteration (no host read per call)."""
+    from mmdet_moe.layers import end_iteration
+    from mmdet_moe.layers.gates import NONFINITE_CHECK_INTERVAL
     model = torch.nn.Sequential(MoEConv2d(4, 4, 3, padding=1))
     assign_moe_names(model)
     x = torch.randn(2, 4, 5, 5)
     x[0, 0, 0, 0] = float('nan')
-    with pytest.raises(NonFiniteGateError, match=r'0\.gate'):
-        model(x)
+    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*input of shape'):
+        model.eval()(x)
+    model.train()(x)  # flagged, not raised
+    for _ in range(NONFINITE_CHECK_INTERVAL - 1):
+        end_iteration(model)
+    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*training step'):
+        end_iteration(model)
+    end_iteration(model)  # the flag was reset with the error
 
 
 def biased_gate(cls, **kwargs):

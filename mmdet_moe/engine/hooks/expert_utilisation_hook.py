@@ -61,9 +61,10 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         if self.recorder is None:
             return
+        # summed on the device: read on the host once per interval, not per iteration
         for record in self.recorder.records:
             self._importance[record.name] = (self._importance[record.name] +
-                                             record.weights.float().sum(0).cpu().numpy())
+                                             record.weights.float().sum(0))
             self._rows[record.name] += record.weights.shape[0]
         self.recorder.clear()
         if self.every_n_train_iters(runner, self.interval):
@@ -71,6 +72,7 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
 
     def _report(self, runner) -> None:
         for name, importance in self._importance.items():
+            importance = importance.cpu().numpy()
             share = importance / max(importance.sum(), 1e-12)
             scalars = ({f'share_e{i}': value for i, value in enumerate(share)}
                        if len(share) <= MAX_EXPERTS_LOGGED_ONE_BY_ONE
