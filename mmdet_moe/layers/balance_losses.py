@@ -3,6 +3,9 @@ r"""Soft constraints: auxiliary losses that push a top-k gate towards balanced u
 Notation: a batch of B gate rows over N experts, dense weights ``G`` (B×N),
 importance ``Imp = Σ_b G_b`` (column sums), ``CV²(v) = Var(v) / (Mean(v)² + 1e-10)``
 with the unbiased variance.
+
+Every loss is computed in float32 (float64 for float64 gates), with autocast off
+when called through :class:`BalanceLosses`: half-precision gate rows are upcast.
 """
 import math
 from typing import Callable, Dict, Optional, Union
@@ -11,18 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import autocast_off, full_dtype
 from .gate_output import GateOutput
 
 EPS = 1e-10
 
 
+def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` in float32 (or float64): half-precision gate rows are upcast."""
+    return None if t is None else t.to(full_dtype(t))
+
+
 def _weights(gates: Union[Tensor, GateOutput]) -> Tensor:
-    return gates.weights if isinstance(gates, GateOutput) else gates
+    return _full(gates.weights if isinstance(gates, GateOutput) else gates)
 
 
 def cv_squared(values: Tensor) -> Tensor:
     """Squared coefficient of variation ``Var(v) / (Mean(v)² + 1e-10)``; 0 for one value."""
-    values = values.float()
+    values = _full(values)
     if values.numel() < 2:
         return values.new_zeros(())
     return values.var() / (values.mean() ** 2 + EPS)
@@ -61,7 +70,8 @@ def prob_in_top_k(gate_output: GateOutput) -> Tensor:
     Returns:
         (B, N) probabilities.
     """
-    noisy, clean, std = gate_output.noisy_logits, gate_output.logits, gate_output.noise_std
+    noisy, clean, std = (_full(t) for t in (gate_output.noisy_logits, gate_output.logits,
+                                            gate_output.noise_std))
     k, num_experts = gate_output.top_k, gate_output.num_experts
     if k == num_experts:
         # every expert is always selected: its load is deterministic.
@@ -102,7 +112,7 @@ def switch_loss(gate_output: GateOutput) -> Tensor:
     counts.index_add_(0, gate_output.indices.reshape(-1),
                       torch.ones(gate_output.indices.numel(), device=counts.device))
     fraction = counts / max(gate_output.indices.numel(), 1)
-    mean_prob = F.softmax(gate_output.logits.float(), dim=1).mean(0)
+    mean_prob = F.softmax(_full(gate_output.logits), dim=1).mean(0)
     return num_experts * (fraction * mean_prob).sum()
 
 
@@ -110,7 +120,7 @@ def router_z_loss(logits: Union[Tensor, GateOutput]) -> Tensor:
     """ST-MoE router z-loss ``mean_b (logsumexp_i h_bi)²`` on the clean logits."""
     if isinstance(logits, GateOutput):
         logits = logits.logits
-    return torch.logsumexp(logits.float(), dim=1).pow(2).mean()
+    return torch.logsumexp(_full(logits), dim=1).pow(2).mean()
 
 
 BALANCE_LOSSES: Dict[str, Callable[[GateOutput], Tensor]] = {
@@ -147,8 +157,9 @@ class BalanceLosses:
         return bool(self.weights)
 
     def __call__(self, gate_output: GateOutput) -> Dict[str, Tensor]:
-        return {name: weight * BALANCE_LOSSES[name](gate_output)
-                for name, weight in self.weights.items()}
+        with autocast_off(gate_output.weights.device):  # float32 losses under AMP
+            return {name: weight * BALANCE_LOSSES[name](gate_output)
+                    for name, weight in self.weights.items()}
 
     def __repr__(self):
         return f'BalanceLosses({self.weights})'

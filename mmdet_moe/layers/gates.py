@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_choice, check_num_experts
+from ._precision import autocast_off, full_dtype, full_precision_linear
 from .gate_output import GateOutput
 from .routing_override import EQUAL_WEIGHTS
 
@@ -78,6 +79,10 @@ class TopKGate(nn.Module):
     ``forward(x)`` takes a (B, C, H, W) map, a (B, C) pooled vector, or a list of
     maps (FPN levels) that share this gate; rows of a list are concatenated level
     by level, giving L·B rows. It returns a :class:`GateOutput`.
+
+    Mixed precision: a conv gate's conv runs in the activation dtype (autocast), the
+    pooled features, logits, noise, softmax and weights in float32 with autocast off
+    (float64 for float64 inputs), so a :class:`GateOutput` is never half precision.
     """
 
     def __init__(self, in_channels: int, num_experts: int, top_k: int,
@@ -136,24 +141,30 @@ class TopKGate(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'{self._label()}: expected (B, {self.in_channels}, H, W) '
                              f'input, got shape {tuple(x.shape)}')
-        raw = x.mean(dim=(2, 3))
+
+        def gap(t):  # accumulated and returned in float32 under mixed precision
+            return t.mean(dim=(2, 3), dtype=full_dtype(t))
+        raw = gap(x)
         if self.gate_type == 'linear':
             return raw, raw
         if self.gate_type == 'conv':
-            feats = F.relu(self.conv(x)).mean(dim=(2, 3))
+            feats = gap(F.relu(self.conv(x)))
             return feats, feats
         if self.gate_type == 'paper_conv' and min(x.shape[-2:]) < 3:
             raise ValueError(f"{self._label()}: gate_type='paper_conv' (3×3, no padding) "
                              f'needs maps of at least 3×3, got {tuple(x.shape[-2:])}; '
                              "use gate_type='conv' (padded) or larger inputs")
         hidden = F.relu(x) if self.gate_type == 'paper_fc' else self.conv(x)
-        return hidden.mean(dim=(2, 3)), raw
+        return gap(hidden), raw
 
     def noise_std(self, noise_feats: Tensor) -> Tensor:
-        """σ = softplus(W_n·f) + ε, or the paper's softplus(W_n·GAP(x) + ε)."""
-        if self._paper:
-            return F.softplus(self.w_noise(noise_feats) + self.noise_epsilon)
-        return F.softplus(self.w_noise(noise_feats)) + self.noise_epsilon
+        """σ = softplus(W_n·f) + ε, or the paper's softplus(W_n·GAP(x) + ε), in
+        float32 (see :func:`full_precision_linear`)."""
+        hidden = full_precision_linear(self.w_noise, noise_feats)
+        with autocast_off(hidden.device):
+            if self._paper:
+                return F.softplus(hidden + self.noise_epsilon)
+            return F.softplus(hidden) + self.noise_epsilon
 
     def _label(self) -> str:
         return self.moe_name or type(self).__name__
@@ -162,7 +173,13 @@ class TopKGate(nn.Module):
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
         pooled = [self.pooled_features(level) for level in maps]
         feats = torch.cat([p[0] for p in pooled])
-        logits = self.w_gate(feats)
+        logits = full_precision_linear(self.w_gate, feats)  # float32 under autocast
+        with autocast_off(logits.device):
+            return self._gate(logits, feats, pooled)
+
+    def _gate(self, logits: Tensor, feats: Tensor,
+              pooled: List[Tuple[Tensor, Tensor]]) -> GateOutput:
+        """Noise, top-k and weights from the clean logits, with autocast off."""
         finite = torch.isfinite(logits).all()
         if self.training:
             self._nonfinite |= ~finite
@@ -378,7 +395,7 @@ class EqualWeightGate(nn.Module):
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> GateOutput:
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
         rows = sum(len(level) for level in maps)
-        logits = maps[0].new_zeros(rows, self.num_experts)
+        logits = maps[0].new_zeros(rows, self.num_experts, dtype=full_dtype(maps[0]))
         if self.forced_expert is not None and self.forced_expert != EQUAL_WEIGHTS:
             indices = logits.new_full((rows, 1), self.forced_expert, dtype=torch.long)
             return GateOutput(logits.scatter(1, indices, 1.0), indices, logits)

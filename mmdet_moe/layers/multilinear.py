@@ -29,6 +29,7 @@ from entmax import entmax15
 from torch.nn.modules.utils import _pair
 
 from ._checks import check_choice, check_num_experts
+from ._precision import autocast_off, full_dtype
 from .base import MoEModuleMixin
 from .recording import record_gate
 from .routing_override import EQUAL_WEIGHTS
@@ -68,6 +69,10 @@ class _GateNorm(nn.Module):
 
     def forward(self, logits: Tensor) -> Tensor:
         if self.kind == 'bn':
+            stats = self.norm.running_mean
+            if stats is not None and stats.dtype != logits.dtype:
+                # a model cast to half precision (no autocast): its statistics' dtype
+                return self(logits.to(stats.dtype)).to(logits.dtype)
             return self.norm(logits.flatten(2)).view_as(logits) if logits.dim() > 2 \
                 else self.norm(logits)
         if self.kind == 'ln':
@@ -111,11 +116,20 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
             nn.init.zeros_(self.input_factor.bias)
 
     def gate_weights(self, x: Tensor) -> Tensor:
-        """Expert weights a: (B, N, H', W') per pixel or (B, N) per image."""
+        """Expert weights a: (B, N, H', W') per pixel or (B, N) per image.
+
+        Logits, norm and entmax / softmax run in float32 with autocast off (float64
+        for float64 inputs), whatever the activation dtype under mixed precision.
+        """
+        dtype = full_dtype(x, self.gate_weight)
+        with autocast_off(x.device):
+            return self._gate_weights(x, self.gate_weight.to(dtype), dtype)
+
+    def _gate_weights(self, x: Tensor, gate_weight: Tensor, dtype: torch.dtype) -> Tensor:
         if self.gate_mode == 'pixel':
-            logits = F.conv2d(x, self.gate_weight[:, :, None, None], stride=self.stride)
+            logits = F.conv2d(x.to(dtype), gate_weight[:, :, None, None], stride=self.stride)
         else:
-            logits = x.mean(dim=(2, 3)) @ self.gate_weight.t()
+            logits = x.mean(dim=(2, 3), dtype=dtype) @ gate_weight.t()
         logits = self.gate_norm(logits)
         if self.forced_expert == EQUAL_WEIGHTS:
             return torch.full_like(logits, 1.0 / self.num_experts)
@@ -177,6 +191,7 @@ class CPMuMoEConv2d(_MuMoEConvBase):
                                           math.sqrt(3 * rank))
 
     def combine(self, gates: Tensor, z: Tensor) -> Tensor:
+        gates = gates.to(self.expert_factor.dtype)  # autocast casts on to z's dtype
         expert_part = torch.einsum('bn...,nr->br...', gates, self.expert_factor)
         if expert_part.dim() == 2:
             expert_part = expert_part[:, :, None, None]
@@ -222,6 +237,7 @@ class TRMuMoEConv2d(_MuMoEConvBase):
     def combine(self, gates: Tensor, z: Tensor) -> Tensor:
         r1, r2, r3 = self.ranks
         z = z.view(z.shape[0], r2, r3, *z.shape[-2:])
+        gates = gates.to(self.expert_core.dtype)  # autocast casts on to z's dtype
         if gates.dim() == 2:
             expert_part = torch.einsum('bn,anc->bac', gates, self.expert_core)
             mixed = torch.einsum('bac,bcdhw->badhw', expert_part, z)
