@@ -6,8 +6,13 @@
 # The versions are those of requirements/constraints.txt (pip -c): setup.py itself
 # only asks for ranges. An installed torch is kept, and pinned as it is for the rest.
 # Idempotent: every step checks what exists first. The mmcv wheel is cached outside the
-# checkout, keyed by Python and torch version, because pip's own wheel cache does not
-# know which torch a wheel was compiled against.
+# checkout, keyed by Python and torch version (and, for a CUDA build of torch, its CUDA
+# version and the archs compiled for), because pip's own wheel cache does not know
+# which torch a wheel was compiled against.
+# A CUDA build of torch gets mmcv's CUDA ops (FORCE_CUDA=1, also where the build sees
+# no GPU), which needs nvcc: tools/mmcv_build_plan.py decides, and stops with what to
+# install when nvcc is missing (FORCE_CUDA=0 accepts mmcv without CUDA ops instead).
+# TORCH_SPEC and TORCH_INDEX_URL choose the torch installed into a venv without one.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -43,9 +48,10 @@ if ! "$PY" -c 'import setuptools, wheel, ninja; v = tuple(map(int, setuptools.__
   "${PIP[@]}" install -q -c "$CONSTRAINTS" "setuptools>=77.0.3,<81" wheel ninja
 fi
 
-step "torch (kept if already installed, else $TORCH_SPEC)"
+step "torch (kept if already installed, else $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL})"
 if ! "$PY" -c 'import torch' 2>/dev/null; then
-  "${PIP[@]}" install -q "$TORCH_SPEC"
+  # e.g. TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 for a CUDA build
+  "${PIP[@]}" install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 fi
 TORCH_INFO=$("$PY" -c 'import sys, torch, importlib.metadata as m; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}", m.version("torch"))')
 read -r TORCH_TAG TORCH_DIST <<<"$TORCH_INFO"
@@ -53,20 +59,27 @@ echo "[setup]   using $TORCH_TAG"
 { grep -v -i '^torch==' "$CONSTRAINTS"; echo "torch==$TORCH_DIST"; } >"$PINS"
 
 step "mmcv $MMCV_VERSION with compiled ops"
-if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '$MMCV_VERSION'" 2>/dev/null; then
-  WHEELS="$CACHE/wheels/$TORCH_TAG"
-  WHEEL=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
-  if [ -z "$WHEEL" ]; then
-    echo "[setup]   no cached wheel in $WHEELS: building from source (about 17 min on 2 cores)"
+# keep the installed mmcv, install the cached wheel or build one: decided by
+# tools/mmcv_build_plan.py from torch (CUDA build or not), nvcc, FORCE_CUDA,
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS, the installed mmcv and the cache; it prints shell
+# assignments (MMCV_ACTION, MMCV_WHEELS, MMCV_WHEEL, MMCV_BUILD_ENV, ...), or exits 2
+# with what to install
+PLAN=$("$PY" "$ROOT/tools/mmcv_build_plan.py" --mmcv-version "$MMCV_VERSION" --wheels "$CACHE/wheels")
+eval "$PLAN"
+if [ "$MMCV_ACTION" != keep ]; then
+  WHEELS=$MMCV_WHEELS
+  WHEEL=$MMCV_WHEEL
+  if [ "$MMCV_ACTION" = build ]; then
+    echo "[setup]   no cached wheel in $WHEELS: building from source ($MMCV_BUILD_TIME)"
     BUILD=$(mktemp -d)
-    MMCV_WITH_OPS=1 FORCE_CUDA=${FORCE_CUDA:-0} MAX_JOBS=${MAX_JOBS:-2} \
+    env "${MMCV_BUILD_ENV[@]}" \
       "${PIP[@]}" wheel --no-deps --no-build-isolation --no-cache-dir -w "$BUILD" "mmcv==$MMCV_VERSION"
     mkdir -p "$WHEELS"
     mv "$BUILD"/mmcv-*.whl "$WHEELS"/   # only a finished wheel ever lands in the cache
     rm -rf "$BUILD"
     WHEEL=$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n 1)
   fi
-  "${PIP[@]}" install -q -c "$PINS" "$WHEEL"
+  "${PIP[@]}" install -q -c "$PINS" ${MMCV_PIP_FLAGS[@]+"${MMCV_PIP_FLAGS[@]}"} "$WHEEL"
 fi
 
 step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests and tools extras)"
@@ -90,6 +103,10 @@ assert osp.isdir(configs), f'{configs} is missing (mmdet_moe:: configs)'
 print(f'[setup]   torch {torch.__version__}, mmcv {mmcv.__version__}, '
       f'mmengine {mmengine.__version__}, mmdet {mmdet.__version__}, '
       f'mmdet_moe {mmdet_moe.__version__}')
+if torch.version.cuda is not None:
+    from mmcv.ops import get_compiling_cuda_version
+    print(f"[setup]   CUDA: torch {torch.version.cuda}, mmcv's ops "
+          f'{get_compiling_cuda_version()}, GPUs visible: {torch.cuda.device_count()}')
 PY
 STEP=""
 echo "[setup] done: $VENV"
