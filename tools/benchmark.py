@@ -1,10 +1,14 @@
 """Benchmarks (scripts, not tests): forward+backward time of MoE layers and detectors.
 
     python tools/benchmark.py layers [--batch 8 --size 64 --channels 256 --repeats 5]
+                                     [--device cpu|cuda]
+    python tools/benchmark.py sweep [--experts 4 8 16 32 64 --size 32] [--device cuda]
     python tools/benchmark.py detectors [--batch 4 --size 256 --repeats 10]
     python tools/benchmark.py iteration CONFIG [--iters 30] [--cfg-options ...]
 
-``layers`` prints median times and ratios to a plain dense conv. ``detectors`` times
+``layers`` prints median times and ratios to a plain dense conv; ``sweep`` the cost
+of fused and dispatch ``MoEConv2d`` against the number of experts at fixed k, with
+the ratio of the largest N to the smallest. ``detectors`` times
 a training iteration (forward, backward, SGD step) of each RetinaNet variant of the
 toy config (ResNet-18, random images), round-robin in one process so that every
 variant sees the same machine state, measures each variant's peak memory in a
@@ -30,17 +34,79 @@ from mmengine.hooks import Hook
 from mmdet_moe.layers import CPMuMoEConv2d, MoEConv2d, rank_for_params
 
 
-def time_fwd_bwd(module: nn.Module, make_input, repeats: int, warmup: int = 2):
+class Stopwatch:
+    """Seconds of the work queued between ``start()`` and ``stop()``: CUDA events
+    (the GPU's own clock, read after a synchronisation), else ``perf_counter``."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start, self._end = (torch.cuda.Event(enable_timing=True),
+                                      torch.cuda.Event(enable_timing=True))
+            self._start.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self._end.record()
+            torch.cuda.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3
+        return time.perf_counter() - self._begin
+
+
+def time_fwd_bwd(module: nn.Module, make_input, repeats: int, warmup: int = 2,
+                 device: torch.device = torch.device('cpu')):
     """Median seconds of forward + backward (sum of outputs) over ``repeats`` runs."""
-    times = []
+    module.to(device)
+    watch, times = Stopwatch(device), []
     for i in range(warmup + repeats):
-        x = make_input()
-        start = time.perf_counter()
+        x = make_input().to(device)
+        watch.start()
         module(x).sum().backward()
+        seconds = watch.stop()
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
         module.zero_grad(set_to_none=True)
     return statistics.median(times)
+
+
+def peak_memory_note(device: torch.device) -> str:
+    if device.type != 'cuda':
+        return ''
+    return f', peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB'
+
+
+def bench_sweep(args):
+    """Cost against the number of experts N at fixed k: fused and dispatch MoEConv2d
+    for N in --experts, as ratios to a dense conv, and N_max / N_min per impl."""
+    c, device = args.channels, args.device
+
+    def make_input():
+        return torch.randn(args.batch, c, args.size, args.size)
+
+    dense = time_fwd_bwd(nn.Conv2d(c, c, 3, padding=1), make_input, args.repeats,
+                         device=device)
+    print(f'forward+backward on {device}, B={args.batch}, {c}→{c} channels, '
+          f'{args.size}×{args.size}, k={args.top_k}, median of {args.repeats}; '
+          f'dense conv {dense * 1e3:.1f} ms')
+    print(f'| {"impl":8s} | ' + ' | '.join(f'N={n:<4d}' for n in args.experts) +
+          f' | N={args.experts[-1]} / N={args.experts[0]} |')
+    print('|' + '---|' * (len(args.experts) + 2))
+    for impl in ('fused', 'dispatch'):
+        times = []
+        for n in args.experts:
+            layer = MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=args.top_k,
+                              impl=impl).train()
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            times.append(time_fwd_bwd(layer, make_input, args.repeats, device=device))
+            print(f'  {impl} N={n}: {times[-1] * 1e3:.1f} ms'
+                  f'{peak_memory_note(device)}', file=sys.stderr, flush=True)
+        print(f'| {impl:8s} | ' + ' | '.join(f'{t / dense:5.2f}×' for t in times) +
+              f' | {times[-1] / times[0]:.2f} |')
 
 
 def num_params(module: nn.Module) -> int:
@@ -70,12 +136,14 @@ def bench_layers(args):
         layers.append((f'CPMuMoEConv2d N={args.mu_experts} R={rank} gate={mode}',
                        CPMuMoEConv2d(c, c, 3, padding=1, num_experts=args.mu_experts,
                                      rank=rank, gate_mode=mode)))
-    print(f'forward+backward, B={args.batch}, {c}→{c} channels, {args.size}×{args.size}, '
-          f'{torch.get_num_threads()} threads, median of {args.repeats}')
+    print(f'forward+backward on {args.device}, B={args.batch}, {c}→{c} channels, '
+          f'{args.size}×{args.size}, {torch.get_num_threads()} threads, median of '
+          f'{args.repeats}')
     rows = []
     for name, layer in layers:
         layer.train()
-        rows.append((name, num_params(layer), time_fwd_bwd(layer, make_input, args.repeats)))
+        rows.append((name, num_params(layer), time_fwd_bwd(layer, make_input, args.repeats,
+                                                           device=args.device)))
         print(f'  {name}: {rows[-1][2] * 1e3:.1f} ms', flush=True)
     print_table(rows, rows[0][2])
 
@@ -299,7 +367,7 @@ def profile_iteration(args):
     print(timer.table())
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark MoE layers and detectors')
     sub = parser.add_subparsers(dest='command', required=True)
     layers = sub.add_parser('layers', help='MoE conv layers against a dense conv')
@@ -311,7 +379,17 @@ def parse_args():
     layers.add_argument('--mu-experts', type=int, default=256,
                         help='experts of the CP μMoE conv (parameters matched to dense)')
     layers.add_argument('--repeats', type=int, default=5)
+    add_device_argument(layers)
     layers.set_defaults(func=bench_layers)
+    sweep = sub.add_parser('sweep', help='MoEConv2d cost against the number of experts')
+    sweep.add_argument('--batch', type=int, default=8)
+    sweep.add_argument('--size', type=int, default=32, help='feature map height/width')
+    sweep.add_argument('--channels', type=int, default=256)
+    sweep.add_argument('--top-k', type=int, default=2)
+    sweep.add_argument('--experts', type=int, nargs='+', default=[4, 8, 16, 32, 64])
+    sweep.add_argument('--repeats', type=int, default=5)
+    add_device_argument(sweep)
+    sweep.set_defaults(func=bench_sweep)
     detectors = sub.add_parser('detectors', help='MoE RetinaNet variants against stock')
     detectors.add_argument('--batch', type=int, default=4)
     detectors.add_argument('--size', type=int, default=256, help='image height/width')
@@ -328,7 +406,22 @@ def parse_args():
     iteration.add_argument('--work-dir', default=osp.join('work_dirs', 'benchmark_iteration'))
     iteration.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     iteration.set_defaults(func=profile_iteration)
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if getattr(args, 'device', None) is not None:
+        if args.device == 'cuda' and not torch.cuda.is_available():
+            parser.error('--device cuda: no CUDA GPU is available to this torch '
+                         f'({torch.__version__}); use --device cpu')
+        args.device = torch.device(args.device)
+    if getattr(args, 'experts', None) is not None and (
+            len(args.experts) < 2 or min(args.experts) < args.top_k):
+        parser.error(f'--experts {args.experts}: at least two numbers of experts, each '
+                     f'>= --top-k {args.top_k}')
+    return args
+
+
+def add_device_argument(parser) -> None:
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help='cuda: timed with CUDA events after a synchronisation')
 
 
 if __name__ == '__main__':

@@ -174,7 +174,13 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             return mixed_conv2d(x, gates, self.weight, self.bias, self.stride,
                                 self.padding, self.dilation, self.groups)
         if impl == 'dispatch':
-            return dispatch(x, gates, self.expert_forward)
+            # one unbind per call: indexing the (N, ...) weight per expert would
+            # allocate a full-size gradient per expert in backward (cost ∝ N)
+            weights = self.weight.unbind(0)
+            biases = self.bias.unbind(0) if self.bias is not None else [None] * len(weights)
+            return dispatch(x, gates, lambda n, rows: F.conv2d(
+                rows, weights[n], biases[n], self.stride, self.padding, self.dilation,
+                self.groups))
         return dense_mixture(x, gates, self.expert_forward)
 
     def forward(self, x: Tensor) -> Tensor:
