@@ -169,6 +169,28 @@ def build_model(model_cfg):
     return model
 
 
+def assert_losses_equal_dense(dense, moe, make_data, name, seed=None):
+    """The MoE detector's loss dict is the dense one's plus ``loss_moe_importance``
+    (each model on ``make_data(model)``; ``seed`` set before each forward, for the
+    random samplers of two-stage detectors)."""
+    from mmengine.logging import MessageHub
+    MessageHub.get_current_instance().update_info('epoch', 0)  # TOOD reads it
+    losses = []
+    for model in (dense, moe):
+        data = make_data(model)
+        model.train()
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            losses.append(model(**data, mode='loss'))
+        finally:
+            model.eval()
+    want, got = losses
+    assert set(got) - set(want) == {'loss_moe_importance'}, name
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
 def all_finite(losses):
     values = [v for value in losses.values()
               for v in (value if isinstance(value, list) else [value])]
