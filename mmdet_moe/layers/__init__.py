@@ -5,7 +5,7 @@ from .balance_losses import (BALANCE_LOSSES, BalanceLosses, cv_squared, importan
                              switch_loss)
 from .base import MoEModuleMixin
 from .complexity import ParameterCount, count_parameters
-from .conv_ops import dense_mixture, dispatch, mixed_conv2d
+from .conv_ops import dense_mixture, dispatch, dispatch_with_capacity, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import (GATE_TYPES, GATES, AbsoluteImportanceGate, EqualWeightGate,
                     NonFiniteGateError, RelativeImportanceGate, TopKGate, build_gate,
@@ -23,7 +23,7 @@ __all__ = [
     'CPMuMoEConv2d', 'EqualWeightGate', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'MoE',
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
-    'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'end_iteration', 'global_importance', 'importance_loss',
+    'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',
     'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mark_row_images', 'mixed_conv2d',
     'override_routing',
     'prob_in_top_k',

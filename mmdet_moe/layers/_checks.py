@@ -18,3 +18,23 @@ def check_choice(name, value, choices):
 def has_zero_padding(conv) -> bool:
     """A conv with numeric zero padding (what MoE convs and kernel mixing support)."""
     return conv.padding_mode == 'zeros' and not isinstance(conv.padding, str)
+
+
+def check_capacity_factor(capacity_factor) -> None:
+    """None (every routed row runs) or a number > 0 (rows per expert, see ``_dispatch``)."""
+    if capacity_factor is None:
+        return
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
+            or not 0 < capacity_factor < float('inf'):
+        raise ValueError(f'capacity_factor must be a finite number > 0 (each expert takes '
+                         f'ceil(capacity_factor · B · top_k / num_experts) rows per call) or '
+                         f'None (every routed row runs), got {capacity_factor!r}')
+
+
+def check_capacity_impl(capacity_factor, impl: str) -> None:
+    """A capacity fixes the rows per expert of ``impl='dispatch'``; other impls run none."""
+    if capacity_factor is not None and impl != 'dispatch':
+        raise ValueError(f"capacity_factor={capacity_factor!r} applies to impl='dispatch' "
+                         f'(experts run on their routed rows); this layer runs '
+                         f'impl={impl!r}, whose cost does not depend on the routing: set '
+                         "impl='dispatch' or capacity_factor=None")

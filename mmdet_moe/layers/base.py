@@ -1,10 +1,13 @@
 """Bookkeeping shared by every MoE module: naming, auxiliary losses, gate recording."""
-from typing import Dict, List, Optional, Sequence
+import math
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ._checks import check_capacity_factor
 from .balance_losses import BalanceLosses
+from .conv_ops import dispatch, dispatch_with_capacity
 from .gate_output import GateOutput
 from .recording import record_gate
 
@@ -23,11 +26,36 @@ class MoEModuleMixin:
     """
     is_moe_module = True
 
-    def _init_moe(self, balance_cfg: Optional[dict], noisy: bool = True) -> None:
+    def _init_moe(self, balance_cfg: Optional[dict], noisy: bool = True,
+                  capacity_factor: Optional[float] = None) -> None:
         self.moe_name: Optional[str] = None
         self.balance_losses = BalanceLosses(balance_cfg, noisy=noisy)
         self._gate_outputs: List[GateOutput] = []
         self._collected = False
+        check_capacity_factor(capacity_factor)
+        self.capacity_factor = capacity_factor
+        self._overflow: Optional[Tensor] = None
+
+    def _dispatch(self, x: Tensor, gates: Tensor,
+                  expert_forward: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Run the experts on their routed rows (:func:`dispatch`). With a
+        ``capacity_factor`` f, in training, each expert takes ``ceil(f · B · k / N)``
+        rows (:func:`dispatch_with_capacity`: no host read; the overflow is dropped
+        and counted, see :meth:`pop_overflow`); in eval every routed row runs."""
+        if self.capacity_factor is None or not self.training:
+            return dispatch(x, gates, expert_forward)
+        num_rows, num_experts = gates.shape
+        capacity = max(1, math.ceil(self.capacity_factor * num_rows * self.top_k / num_experts))
+        out, dropped = dispatch_with_capacity(x, gates, expert_forward, capacity)
+        counts = torch.stack([dropped, (gates > 0).sum()])
+        self._overflow = counts if self._overflow is None else self._overflow + counts
+        return out
+
+    def pop_overflow(self) -> Optional[Tensor]:
+        """(dropped, routed) (row, expert) pairs of capacity dispatch since the last
+        call, summed on the device (read it when logging); None if none ran."""
+        overflow, self._overflow = self._overflow, None
+        return overflow
 
     def _track(self, gate_output: GateOutput,
                level_sizes: Optional[Sequence[int]] = None) -> None:

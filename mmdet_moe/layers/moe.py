@@ -6,9 +6,9 @@ import torch.nn as nn
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_num_experts, has_zero_padding
+from ._checks import check_capacity_impl, check_choice, check_num_experts, has_zero_padding
 from .base import MoEModuleMixin
-from .conv_ops import dense_mixture, dispatch, mixed_conv2d
+from .conv_ops import dense_mixture, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import TopKGate, build_gate
 from .moe_conv import IMPLS, noisy_copy
@@ -46,6 +46,10 @@ class MoE(MoEModuleMixin, nn.Module):
         balance_cfg: auxiliary losses, e.g. ``dict(importance=0.5)``.
         impl: ``'dispatch'``, ``'dense'`` (reference), ``'fused'`` (only for plain
             ``nn.Conv2d`` experts of one geometry) or ``'auto'`` (fused when valid).
+        capacity_factor: with ``impl='dispatch'``, fixed rows per expert in training,
+            ``ceil(capacity_factor · B · k / N)``: no host read per call, rows over
+            an expert's capacity dropped and counted (:meth:`pop_overflow`). None:
+            every routed row runs (one host read per call, to size the batches).
 
     Shapes: (B, C, H, W) → (B, C', H', W'); a list of L maps → a list of L maps.
     """
@@ -55,7 +59,7 @@ class MoE(MoEModuleMixin, nn.Module):
                  expert_factory: Optional[Callable[[], nn.Module]] = None,
                  num_experts: Optional[int] = None, gate: Optional[TopKGate] = None,
                  gate_cfg: Optional[dict] = None, balance_cfg: Optional[dict] = None,
-                 impl: str = 'auto'):
+                 impl: str = 'auto', capacity_factor: Optional[float] = None):
         super().__init__()
         if (experts is None) == (expert_factory is None):
             raise ValueError('give either experts or expert_factory + num_experts')
@@ -76,12 +80,13 @@ class MoE(MoEModuleMixin, nn.Module):
                              f'top_k={gate.top_k}, this MoE has {self.num_experts} '
                              f'experts with top_k={top_k}')
         self.gate = gate
-        self._init_moe(balance_cfg, noisy=gate.noisy)
+        self._init_moe(balance_cfg, noisy=gate.noisy, capacity_factor=capacity_factor)
         fusable = self.fusable()
         if impl == 'fused' and not fusable:
             raise ValueError("impl='fused' needs plain nn.Conv2d experts of one geometry "
                              f'(zero padding); got {type(experts[0]).__name__} experts')
         self.impl = ('fused' if fusable else 'dispatch') if impl == 'auto' else impl
+        check_capacity_impl(capacity_factor, self.impl)
 
     def _check_same_structure(self):
         shapes = [[tuple(p.shape) for p in e.parameters()] for e in self.experts]
@@ -117,17 +122,18 @@ class MoE(MoEModuleMixin, nn.Module):
         self._track(gate_output, sizes)
         return gate_output
 
-    def mix(self, x: Tensor, gates: Tensor) -> Tensor:
-        """Apply the experts to ``x`` (B, ...) with (B, N) gate weights."""
+    def mix(self, x: Tensor, gates: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+        """Apply the experts to ``x`` (B, ...) with (B, N) gate weights (``indices``:
+        the (B, k) experts with non-zero weights, see :func:`mixed_conv2d`)."""
         if self.impl == 'fused':
             convs = list(self.experts)
             bias = (torch.stack([c.bias for c in convs]) if convs[0].bias is not None
                     else None)
             c = convs[0]
             return mixed_conv2d(x, gates, torch.stack([c.weight for c in convs]), bias,
-                                c.stride, c.padding, c.dilation, c.groups)
+                                c.stride, c.padding, c.dilation, c.groups, indices)
         run = self._run_expert
-        return dispatch(x, gates, run) if self.impl == 'dispatch' else \
+        return self._dispatch(x, gates, run) if self.impl == 'dispatch' else \
             dense_mixture(x, gates, run)
 
     def _run_expert(self, n: int, x: Tensor) -> Tensor:
@@ -140,13 +146,17 @@ class MoE(MoEModuleMixin, nn.Module):
         if gate_output is None:
             gate_output = self.route(x)
         if not isinstance(x, (list, tuple)):
-            return self.mix(x, gate_output.weights)
+            return self.mix(x, gate_output.weights, gate_output.indices)
         parts = gate_output.split([level.shape[0] for level in x])
-        return [self.mix(level, part.weights) for level, part in zip(x, parts, strict=True)]
+        return [self.mix(level, part.weights, part.indices)
+                for level, part in zip(x, parts, strict=True)]
 
     def expert_parameters(self) -> Iterator[nn.Parameter]:
         """The experts' parameters (k of N experts run per row; see count_parameters)."""
         return self.experts.parameters()
 
     def extra_repr(self):
-        return f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}'
+        capacity = ('' if self.capacity_factor is None
+                    else f', capacity_factor={self.capacity_factor}')
+        return (f'num_experts={self.num_experts}, top_k={self.top_k}, '
+                f'impl={self.impl!r}{capacity}')

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from ._checks import check_choice, check_num_experts, has_zero_padding
+from ._checks import check_capacity_impl, check_choice, check_num_experts, has_zero_padding
 from .base import MoEModuleMixin
-from .conv_ops import dense_mixture, dispatch, mixed_conv2d
+from .conv_ops import dense_mixture, mixed_conv2d
 from .gates import build_gate
 
 IMPLS = {'auto', 'fused', 'dispatch', 'dense'}
@@ -52,6 +52,9 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             conv), ``'dispatch'`` (each image through its k experts, ≈ k convs),
             ``'dense'`` (all N experts, reference) or ``'auto'`` (= fused, which is
             exact for linear experts and the fastest).
+        capacity_factor: with ``impl='dispatch'``, fixed rows per expert in training
+            (no host read; overflow dropped and counted), see
+            :meth:`~mmdet_moe.layers.MoE`; None: every routed image runs.
 
     Parameters:
         weight: (N, out_channels, in_channels / groups, kh, kw).
@@ -64,10 +67,11 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
                  stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = True,
                  num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
                  balance_cfg: Optional[dict] = None, impl: str = 'auto',
-                 upcycle_noise_std: float = 0.0):
+                 upcycle_noise_std: float = 0.0, capacity_factor: Optional[float] = None):
         super().__init__()
         check_num_experts(num_experts, top_k)
         check_choice('impl', impl, IMPLS)
+        check_capacity_impl(capacity_factor, impl)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f'in_channels={in_channels} and out_channels={out_channels} '
                              f'must be divisible by groups={groups}')
@@ -81,7 +85,7 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             raise ValueError(f'upcycle_noise_std must be >= 0, got {upcycle_noise_std!r}')
         self.upcycle_noise_std = upcycle_noise_std
         self.gate = build_gate(gate_cfg, in_channels, num_experts, top_k)
-        self._init_moe(balance_cfg, noisy=self.gate.noisy)
+        self._init_moe(balance_cfg, noisy=self.gate.noisy, capacity_factor=capacity_factor)
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels,
                                                in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
@@ -167,18 +171,21 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         return F.conv2d(x, self.weight[n], bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
-    def mix(self, x: Tensor, gates: Tensor, impl: Optional[str] = None) -> Tensor:
-        """Apply the experts to ``x`` with given (B, N) gate weights."""
+    def mix(self, x: Tensor, gates: Tensor, impl: Optional[str] = None,
+            indices: Optional[Tensor] = None) -> Tensor:
+        """Apply the experts to ``x`` with given (B, N) gate weights; ``indices``
+        (B, k), the experts with non-zero weights, lets the fused kernel mix only
+        those (see :func:`mixed_conv2d`)."""
         impl = impl or self.impl
         if impl in ('fused', 'auto'):
             return mixed_conv2d(x, gates, self.weight, self.bias, self.stride,
-                                self.padding, self.dilation, self.groups)
+                                self.padding, self.dilation, self.groups, indices)
         if impl == 'dispatch':
             # one unbind per call: indexing the (N, ...) weight per expert would
             # allocate a full-size gradient per expert in backward (cost ∝ N)
             weights = self.weight.unbind(0)
             biases = self.bias.unbind(0) if self.bias is not None else [None] * len(weights)
-            return dispatch(x, gates, lambda n, rows: F.conv2d(
+            return self._dispatch(x, gates, lambda n, rows: F.conv2d(
                 rows, weights[n], biases[n], self.stride, self.padding, self.dilation,
                 self.groups))
         return dense_mixture(x, gates, self.expert_forward)
@@ -186,7 +193,7 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate_output = self.gate(x)
         self._track(gate_output)
-        return self.mix(x, gate_output.weights)
+        return self.mix(x, gate_output.weights, indices=gate_output.indices)
 
     def expert_parameters(self) -> Iterator[nn.Parameter]:
         """The N experts' kernels and biases (k of them mix per row; see count_parameters)."""
@@ -198,4 +205,6 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
                 f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
                 f'groups={self.groups}, bias={self.bias is not None}, '
-                f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}')
+                f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}'
+                + ('' if self.capacity_factor is None
+                   else f', capacity_factor={self.capacity_factor}'))

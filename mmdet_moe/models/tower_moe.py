@@ -47,8 +47,8 @@ from ..layers.moe_conv import noisy_copy
 from .conv_types import check_servable
 
 # spec keys of expert='subnet' (besides paths and expert)
-SUBNET_KEYS = ('num_experts', 'top_k', 'gate_cfg', 'balance_cfg', 'impl', 'in_channels',
-               'output', 'upcycle_noise_std')
+SUBNET_KEYS = ('num_experts', 'top_k', 'gate_cfg', 'balance_cfg', 'impl', 'capacity_factor',
+               'in_channels', 'output', 'upcycle_noise_std')
 # classes whose methods are not read: the framework's own, which never run a head's towers
 _FRAMEWORK_PACKAGES = ('torch', 'mmengine', 'builtins', 'abc', 'typing')
 

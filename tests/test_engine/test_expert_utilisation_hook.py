@@ -67,3 +67,24 @@ def test_hooks_refuse_a_model_without_moe():
         ExpertSizeStatsHook().before_run(runner)
     with pytest.raises(ValueError, match='no MoE layer'):
         ExpertUtilisationHook().before_train(runner)
+
+
+def test_dropped_share_of_capacity_dispatch_is_logged_per_interval():
+    """8 images all routed to expert 0 or 1 (k=1 of 3), capacity ceil(1.0·8·1/3) = 3
+    rows per expert: 4 images each want experts 0 and 1, so 1 + 1 of 8 pairs drop."""
+    model = starving_model()
+    model[0].impl, model[0].capacity_factor = 'dispatch', 1.0
+    runner = FakeRunner(model)
+    hook = ExpertUtilisationHook(interval=2)
+    hook.before_train(runner)
+    x = torch.randn(8, 4, 5, 5)
+    x[:4, 0] += 1.0
+    x[4:, 0] -= 1.0
+    for it in range(2):
+        runner.iter = it
+        model(x)
+        hook.after_train_iter(runner, it)
+    dropped = runner.message_hub.get_scalar('train/moe_train.0.dropped_share').current()
+    assert dropped == pytest.approx(2 / 8)
+    assert model[0].pop_overflow() is None  # read and reset by the report
+    hook.after_train(runner)

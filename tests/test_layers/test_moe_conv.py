@@ -50,7 +50,7 @@ def test_impls_agree_with_reference_values_and_gradients(geometry):
             torch.testing.assert_close(grads[impl][name], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['fused', 'dispatch'])
+@pytest.mark.parametrize('impl', ['fused', 'fused-k', 'dispatch'])
 def test_gradcheck_float64(impl):
     x = torch.randn(2, 2, 4, 4, dtype=torch.double, requires_grad=True)
     weight = torch.randn(3, 3, 2, 3, 3, dtype=torch.double, requires_grad=True)
@@ -61,6 +61,9 @@ def test_gradcheck_float64(impl):
     def run(x, gates, weight, bias):
         if impl == 'fused':
             return mixed_conv2d(x, gates, weight, bias, 1, 1)
+        if impl == 'fused-k':  # only the selected kernels (GateOutput.indices) mixed
+            return mixed_conv2d(x, gates, weight, bias, 1, 1,
+                                indices=torch.tensor([[1, 0], [2, 1]]))
         return dispatch(x, gates, lambda n, rows: F.conv2d(rows, weight[n], bias[n], padding=1))
 
     # routing is fixed by the zeros of the sparse gates; gate values vary where routed

@@ -72,6 +72,23 @@ def test_training_steps_read_nothing_on_the_host(path):
         assert n <= 3 * layers * 5, (key, n, layers)
 
 
+@pytest.mark.parametrize('path', TOY_MOE_CONFIGS, ids=osp.basename)
+def test_capacity_dispatch_reads_nothing_on_the_host(path):
+    """With a capacity factor, dispatched experts run on fixed row counts: no read."""
+    model = build_model(load_config(path).model)
+    dispatched = [m for m in model.modules() if getattr(m, 'impl', None) == 'dispatch']
+    if not dispatched:
+        pytest.skip('no dispatched MoE layer in this config')
+    for module in dispatched:
+        module.capacity_factor = 1.25
+    one_training_step(model, image_size=96)
+    with count_host_reads() as counts:
+        for _ in range(3):
+            one_training_step(model, image_size=96)
+    assert not counts, f'host reads from mmdet_moe in 3 training steps: {dict(counts)}'
+    assert all(m.pop_overflow() is not None for m in dispatched)
+
+
 def test_the_counter_sees_a_host_read():
     from mmdet_moe.layers import TopKGate
     with count_host_reads() as counts:

@@ -6,7 +6,7 @@ from mmengine.hooks import Hook
 from mmdet.registry import HOOKS
 
 from ...analysis import living_experts
-from ...layers import assign_moe_names
+from ...layers import assign_moe_names, is_moe_module
 from .gate_recording import GateRecordingMixin, unwrap
 from .scalar_names import moe_scalar_name
 
@@ -22,7 +22,9 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
     most 16 experts; else ``share_min`` / ``share_max``) and ``living_experts`` (mean
     gate weight > 0.01) of each layer in the message hub, logged as
     ``moe_train.<layer>.<key>`` (see :mod:`.scalar_names`), for LoggerHook and the
-    visualizer backends. An expert whose share stays
+    visualizer backends. Layers with a ``capacity_factor`` also log
+    ``dropped_share``: the share of their routed (row, expert) pairs dropped for
+    exceeding an expert's capacity since the last report. An expert whose share stays
     below ``collapse_share`` for ``collapse_intervals`` intervals in a row is named
     in a warning (router collapse), once until it recovers.
     """
@@ -71,6 +73,13 @@ class ExpertUtilisationHook(GateRecordingMixin, Hook):
             self._report(runner)
 
     def _report(self, runner) -> None:
+        for module in unwrap(runner.model).modules():
+            overflow = module.pop_overflow() if is_moe_module(module) else None
+            if overflow is not None:
+                dropped, routed = overflow.tolist()
+                runner.message_hub.update_scalar(
+                    moe_scalar_name('train', module.moe_name, 'dropped_share'),
+                    dropped / max(routed, 1))
         for name, importance in self._importance.items():
             importance = importance.cpu().numpy()
             share = importance / max(importance.sum(), 1e-12)

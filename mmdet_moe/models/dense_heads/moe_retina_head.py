@@ -60,6 +60,8 @@ class MoERetinaHead(RetinaHead):
         upcycle_noise_std: noise (× std of the dense weights) added to each expert
             when a dense checkpoint is loaded (upcycling).
         impl: MoE implementation (``'auto'``, ``'dispatch'``, ``'dense'``, ...).
+        capacity_factor: fixed rows per expert for ``impl='dispatch'`` in training
+            (no host read; see :class:`~mmdet_moe.layers.MoE`).
 
     ``predict`` adds ``levels`` and ``expert_weights`` (num_dets, M, N) to each
     image's ``pred_instances`` (M = number of MoE modules in the head), as every
@@ -70,7 +72,7 @@ class MoERetinaHead(RetinaHead):
                  num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
                  balance_cfg: Optional[dict] = None, moe_convs: Sequence[int] = (3,),
                  experts_include_output: bool = True, upcycle_noise_std: float = 0.0,
-                 impl: str = 'auto',
+                 impl: str = 'auto', capacity_factor: Optional[float] = None,
                  init_cfg=dict(type='Normal', layer='Conv2d', std=0.01),
                  **kwargs):
         check_choice('moe_branches', moe_branches, set(BRANCHES))
@@ -81,7 +83,8 @@ class MoERetinaHead(RetinaHead):
                              'experts of the two towers see different inputs)')
         self.moe_branches, self.expert_type = moe_branches, expert_type
         self.moe_kwargs = dict(num_experts=num_experts, top_k=top_k, gate_cfg=gate_cfg,
-                               balance_cfg=balance_cfg, impl=impl)
+                               balance_cfg=balance_cfg, impl=impl,
+                               capacity_factor=capacity_factor)
         self.moe_convs = tuple(moe_convs)
         self.experts_include_output = experts_include_output
         self.upcycle_noise_std = upcycle_noise_std
