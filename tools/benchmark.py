@@ -2,13 +2,16 @@
 
     python tools/benchmark.py layers [--batch 8 --size 64 --channels 256 --repeats 5]
                                      [--device cpu|cuda]
-    python tools/benchmark.py sweep [--experts 4 8 16 32 64 --size 32] [--device cuda]
+    python tools/benchmark.py sweep [--experts 4 8 16 32 64 --mu-experts 64 256 1024
+                                     --size 32] [--device cuda]
     python tools/benchmark.py detectors [--batch 4 --size 256 --repeats 10]
     python tools/benchmark.py iteration CONFIG [--iters 30] [--cfg-options ...]
+    python tools/benchmark.py hooks CONFIG [--checkpoint CKPT --iters 30 --test-images 100]
 
 ``layers`` prints median times and ratios to a plain dense conv; ``sweep`` the cost
-of fused and dispatch ``MoEConv2d`` against the number of experts at fixed k, with
-the ratio of the largest N to the smallest. ``detectors`` times
+against the number of experts at fixed k of ``MoEConv2d`` (fused, dispatch, dispatch
+with a capacity), of whole-subnet experts and of the CP μMoE conv, with the ratio of
+the largest N to the smallest and each variant's peak memory. ``detectors`` times
 a training iteration (forward, backward, SGD step) of each RetinaNet variant of the
 toy config (ResNet-18, random images), round-robin in one process so that every
 variant sees the same machine state, measures each variant's peak memory in a
@@ -16,7 +19,9 @@ process of its own, and prints ratios to the stock detector (and, for whole-subn
 experts, to running k subnets densely). ``iteration`` profiles training iterations of
 a config on its own data, through mmengine's Runner as ``tools/train.py`` runs them,
 and splits their wall time into data loading, data preprocessor, forward (model and
-losses), backward, optimizer step and each hook.
+losses), backward, optimizer step and each hook. ``hooks`` measures the overhead of
+ExpertUtilisationHook on training iterations and of ExpertSizeStatsHook on a test
+run of a config (its own data), as the time inside the hook relative to the rest.
 """
 import argparse
 import os.path as osp
@@ -25,13 +30,14 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Dict
 
 import torch
 import torch.nn as nn
 from mmengine.config import DictAction
 from mmengine.hooks import Hook
 
-from mmdet_moe.layers import CPMuMoEConv2d, MoEConv2d, rank_for_params
+from mmdet_moe.layers import MoE, CPMuMoEConv2d, MoEConv2d, rank_for_params
 
 
 class Stopwatch:
@@ -57,56 +63,138 @@ class Stopwatch:
         return time.perf_counter() - self._begin
 
 
-def time_fwd_bwd(module: nn.Module, make_input, repeats: int, warmup: int = 2,
-                 device: torch.device = torch.device('cpu')):
-    """Median seconds of forward + backward (sum of outputs) over ``repeats`` runs."""
-    module.to(device)
-    watch, times = Stopwatch(device), []
+def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
+    module(x).sum().backward()
+    module.zero_grad(set_to_none=True)
+
+
+def time_fwd_bwd(modules: Dict[str, nn.Module], make_input, repeats: int, warmup: int = 2,
+                 device: torch.device = torch.device('cpu')) -> Dict[str, float]:
+    """Median seconds of forward + backward (sum of outputs) of each module over
+    ``repeats`` rounds; the modules run round-robin within a round, so that every
+    one sees the same machine state (timings of a shared machine drift)."""
+    watch, times = Stopwatch(device), {name: [] for name in modules}
+    for module in modules.values():
+        module.to(device)
     for i in range(warmup + repeats):
-        x = make_input().to(device)
-        watch.start()
-        module(x).sum().backward()
-        seconds = watch.stop()
-        if i >= warmup:
-            times.append(seconds)
-        module.zero_grad(set_to_none=True)
-    return statistics.median(times)
+        for name, module in modules.items():
+            x = make_input().to(device)
+            watch.start()
+            fwd_bwd(module, x)
+            if i >= warmup:
+                times[name].append(watch.stop())
+            else:
+                watch.stop()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peak_memory_note(device: torch.device) -> str:
-    if device.type != 'cuda':
-        return ''
-    return f', peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB'
+def cuda_peak_mib(module: nn.Module, make_input, device: torch.device) -> float:
+    """CUDA allocator peak of one forward + backward (module, its gradients, activations)."""
+    x = make_input().to(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fwd_bwd(module, x)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+SWEEP_CAPACITY = 1.25
+
+
+def sweep_tables(args):
+    """The sweep's tables: title → (reference module factory, numbers of experts,
+    {row: factory(N)}). Ratios in a table are to its reference, run densely."""
+    c, k = args.channels, args.top_k
+
+    def conv():
+        return nn.Conv2d(c, c, 3, padding=1)
+
+    def tower():  # a whole-subnet expert: two conv3×3 + ReLU
+        return nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU())
+
+    def moe_conv(impl, capacity=None):
+        return lambda n: MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=k, impl=impl,
+                                   capacity_factor=capacity)
+
+    def subnets(capacity=None):
+        return lambda n: MoE(expert_factory=tower, num_experts=n, top_k=k, in_channels=c,
+                             impl='dispatch', capacity_factor=capacity)
+
+    def mumoe(mode):
+        return lambda n: CPMuMoEConv2d(c, c, 3, padding=1, num_experts=n, gate_mode=mode)
+
+    capacity = f'dispatch, capacity {SWEEP_CAPACITY}'
+    return {
+        'MoEConv2d (× dense conv)': (conv, args.experts, {
+            'fused': moe_conv('fused'), 'dispatch': moe_conv('dispatch'),
+            capacity: moe_conv('dispatch', SWEEP_CAPACITY)}),
+        'subnet experts, 2 × conv3×3+ReLU (× one subnet)': (tower, args.experts, {
+            'dispatch': subnets(), capacity: subnets(SWEEP_CAPACITY)}),
+        'CP μMoE conv, rank matched to dense (× dense conv)': (conv, args.mu_experts, {
+            'gate=image': mumoe('image'), 'gate=pixel': mumoe('pixel')}),
+    }
+
+
+def sweep_module(args, table: int, row: int, n: int) -> nn.Module:
+    """Variant ``row`` (-1: the table's reference) of table ``table`` at N = ``n``."""
+    reference, _, rows = list(sweep_tables(args).values())[table]
+    return (reference() if row < 0 else list(rows.values())[row](n)).train()
+
+
+def sweep_rss_mib(args, table: int, row: int, n: int) -> float:
+    """Peak RSS of a fresh process running forward + backward of one variant."""
+    out = subprocess.run(
+        [sys.executable, __file__, 'sweep', '--memory-of', str(table), str(row), str(n),
+         '--batch', str(args.batch), '--size', str(args.size), '--channels',
+         str(args.channels), '--top-k', str(args.top_k), '--experts', *map(str, args.experts),
+         '--mu-experts', *map(str, args.mu_experts)],
+        capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f'sweep variant ({table}, {row}, {n}) failed:\n{out.stderr[-2000:]}')
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def bench_sweep(args):
-    """Cost against the number of experts N at fixed k: fused and dispatch MoEConv2d
-    for N in --experts, as ratios to a dense conv, and N_max / N_min per impl."""
-    c, device = args.channels, args.device
+    """Cost against the number of experts N at fixed k: per table, forward + backward
+    time as a ratio to the table's dense reference (all variants of a table timed
+    round-robin), N_max / N_min per row, and peak memory per variant."""
+    device = args.device
 
     def make_input():
-        return torch.randn(args.batch, c, args.size, args.size)
+        return torch.randn(args.batch, args.channels, args.size, args.size)
 
-    dense = time_fwd_bwd(nn.Conv2d(c, c, 3, padding=1), make_input, args.repeats,
-                         device=device)
-    print(f'forward+backward on {device}, B={args.batch}, {c}→{c} channels, '
-          f'{args.size}×{args.size}, k={args.top_k}, median of {args.repeats}; '
-          f'dense conv {dense * 1e3:.1f} ms')
-    print(f'| {"impl":8s} | ' + ' | '.join(f'N={n:<4d}' for n in args.experts) +
-          f' | N={args.experts[-1]} / N={args.experts[0]} |')
-    print('|' + '---|' * (len(args.experts) + 2))
-    for impl in ('fused', 'dispatch'):
-        times = []
-        for n in args.experts:
-            layer = MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=args.top_k,
-                              impl=impl).train()
-            if device.type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            times.append(time_fwd_bwd(layer, make_input, args.repeats, device=device))
-            print(f'  {impl} N={n}: {times[-1] * 1e3:.1f} ms'
-                  f'{peak_memory_note(device)}', file=sys.stderr, flush=True)
-        print(f'| {impl:8s} | ' + ' | '.join(f'{t / dense:5.2f}×' for t in times) +
-              f' | {times[-1] / times[0]:.2f} |')
+    if args.memory_of:  # child process: peak RSS of one variant
+        fwd_bwd(sweep_module(args, *args.memory_of), make_input())
+        print(own_peak_rss_mib())
+        return
+    print(f'forward+backward on {device}, B={args.batch}, {args.channels}→{args.channels} '
+          f'channels, {args.size}×{args.size}, k={args.top_k}, '
+          f'{torch.get_num_threads()} threads, median of {args.repeats} rounds; peak memory: '
+          + ('CUDA allocator peak' if device.type == 'cuda' else
+             'peak RSS of a process running the variant alone (torch included)'))
+    for table, (title, (_, experts, rows)) in enumerate(sweep_tables(args).items()):
+        keys = [(-1, experts[0])] + [(row, n) for row in range(len(rows)) for n in experts]
+        modules = {key: sweep_module(args, table, *key) for key in keys}
+        seconds = time_fwd_bwd(modules, make_input, args.repeats, device=device)
+        if not args.memory:
+            peak = {}
+        elif device.type == 'cuda':
+            peak = {key: cuda_peak_mib(m, make_input, device) for key, m in modules.items()}
+        else:
+            peak = {key: sweep_rss_mib(args, table, *key) for key in modules}
+        del modules
+        reference = seconds[-1, experts[0]]
+        print(f'\n{title}: reference {reference * 1e3:.1f} ms'
+              + (f', {peak[-1, experts[0]]:.0f} MiB' if peak else ''))
+        header = ' | '.join(f'N={n:<5d}' for n in experts)
+        print(f'| {"variant":26s} | {header} | N={experts[-1]} / N={experts[0]} |'
+              + (f' peak MiB, N={experts[0]} … N={experts[-1]} |' if peak else ''))
+        print('|' + '---|' * (len(experts) + 2 + bool(peak)))
+        for row, name in enumerate(rows):
+            times = [seconds[row, n] for n in experts]
+            memory = ' … '.join(f'{peak[row, n]:.0f}' for n in experts) + ' |' if peak else ''
+            print(f'| {name:26s} | ' + ' | '.join(f'{t / reference:6.2f}×' for t in times)
+                  + f' | {times[-1] / times[0]:.2f} |' + (f' {memory}' if peak else ''),
+                  flush=True)
 
 
 def num_params(module: nn.Module) -> int:
@@ -139,12 +227,9 @@ def bench_layers(args):
     print(f'forward+backward on {args.device}, B={args.batch}, {c}→{c} channels, '
           f'{args.size}×{args.size}, {torch.get_num_threads()} threads, median of '
           f'{args.repeats}')
-    rows = []
-    for name, layer in layers:
-        layer.train()
-        rows.append((name, num_params(layer), time_fwd_bwd(layer, make_input, args.repeats,
-                                                           device=args.device)))
-        print(f'  {name}: {rows[-1][2] * 1e3:.1f} ms', flush=True)
+    modules = {name: layer.train() for name, layer in layers}
+    seconds = time_fwd_bwd(modules, make_input, args.repeats, device=args.device)
+    rows = [(name, num_params(layer), seconds[name]) for name, layer in modules.items()]
     print_table(rows, rows[0][2])
 
 
@@ -343,28 +428,104 @@ class PhaseTimer(Hook):
         return '\n'.join(lines)
 
 
-def profile_iteration(args):
-    """Profile training iterations of a config through the stock Runner."""
+def training_config(args, iters: int):
+    """The config of ``args.config`` (with ``--cfg-options``) for ``iters`` training
+    iterations on its own data, without validation or checkpoints."""
     from mmengine.config import Config
-    from mmengine.runner import Runner
     import mmdet_moe  # noqa: F401
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    batch = cfg.train_dataloader.batch_size
-    # one more: an iteration is timed when the next one starts
-    cfg.train_dataloader.dataset.indices = (args.iters + args.warmup + 1) * batch
+    cfg.train_dataloader.dataset.indices = iters * cfg.train_dataloader.batch_size
     cfg.train_cfg.update(max_epochs=1, val_interval=10 ** 6)
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None  # training only
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=10 ** 6)
     cfg.work_dir = args.work_dir
+    return cfg
+
+
+def profile_iteration(args):
+    """Profile training iterations of a config through the stock Runner."""
+    from mmengine.runner import Runner
+    # one more: an iteration is timed when the next one starts
+    cfg = training_config(args, args.iters + args.warmup + 1)
     runner = Runner.from_cfg(cfg)
     timer = PhaseTimer(skip=args.warmup)
     runner.register_hook(timer, priority='LOWEST')
     runner.train()
     print(f'{args.config}: {args.iters} training iterations after {args.warmup} '
-          f'warm-up, batch {batch}, {torch.get_num_threads()} threads')
+          f'warm-up, batch {cfg.train_dataloader.batch_size}, {torch.get_num_threads()} '
+          'threads')
     print(timer.table())
+
+
+class HookCost(Hook):
+    """Seconds spent in the ``mode`` methods of the hooks of one class, and the wall
+    time of the ``mode`` loop (``runner.train_loop.run`` / ``test_loop.run``)."""
+
+    def __init__(self, mode: str, hook_type: str):
+        self.mode, self.hook_type = mode, hook_type
+        self.hook_seconds = self.loop_seconds = 0.0
+
+    def _timed(self, fn, add):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                add(time.perf_counter() - start)
+        return wrapper
+
+    def _add_hook(self, seconds):
+        self.hook_seconds += seconds
+
+    def _add_loop(self, seconds):
+        self.loop_seconds += seconds
+
+    def before_run(self, runner) -> None:
+        loop = getattr(runner, f'{self.mode}_loop')  # built before before_run
+        loop.run = self._timed(loop.run, self._add_loop)
+        hooks = [h for h in runner.hooks if type(h).__name__ == self.hook_type]
+        if not hooks:
+            raise ValueError(f'the config has no {self.hook_type} in custom_hooks')
+        for hook in hooks:
+            for stage in Hook.stages:
+                if self.mode in stage:
+                    setattr(hook, stage, self._timed(getattr(hook, stage), self._add_hook))
+
+    def line(self) -> str:
+        rest = self.loop_seconds - self.hook_seconds
+        return (f'| {self.hook_type:22s} | {self.mode:5s} | {self.loop_seconds:8.2f} | '
+                f'{self.hook_seconds * 1e3:9.1f} | {self.hook_seconds / rest:8.2%} |')
+
+
+def bench_hooks(args):
+    """Overhead of the statistics hooks: ExpertUtilisationHook in training,
+    ExpertSizeStatsHook in a test run, as the time inside their methods relative to
+    the rest of the loop (what a run without the hook takes)."""
+    from mmengine.runner import Runner
+    train = HookCost('train', 'ExpertUtilisationHook')
+    runner = Runner.from_cfg(training_config(args, args.iters))
+    runner.register_hook(train, priority='LOWEST')
+    runner.train()
+    cfg = training_config(args, 1)
+    cfg.test_dataloader.dataset.indices = args.test_images
+    cfg.load_from = args.checkpoint
+    cfg.work_dir = osp.join(args.work_dir, 'test')
+    test = HookCost('test', 'ExpertSizeStatsHook')
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(test, priority='LOWEST')
+    runner.test()
+    print(f'{args.config}: {args.iters} training iterations, a test run over '
+          f'{args.test_images} images ('
+          + (f'weights of {args.checkpoint}' if args.checkpoint else 'random weights')
+          + f'), {torch.get_num_threads()} threads; overhead = time in the hook / the '
+          'rest of the loop')
+    print(f'| {"hook":22s} | {"loop":5s} | {"loop s":>8s} | {"hook ms":>9s} | '
+          f'{"overhead":>8s} |')
+    print(f'|{"-" * 24}|{"-" * 7}|{"-" * 10}|{"-" * 11}|{"-" * 10}|')
+    print(train.line())
+    print(test.line())
 
 
 def parse_args(argv=None):
@@ -386,8 +547,14 @@ def parse_args(argv=None):
     sweep.add_argument('--size', type=int, default=32, help='feature map height/width')
     sweep.add_argument('--channels', type=int, default=256)
     sweep.add_argument('--top-k', type=int, default=2)
-    sweep.add_argument('--experts', type=int, nargs='+', default=[4, 8, 16, 32, 64])
+    sweep.add_argument('--experts', type=int, nargs='+', default=[4, 8, 16, 32, 64],
+                       help='numbers of experts of MoEConv2d and the subnet experts')
+    sweep.add_argument('--mu-experts', type=int, nargs='+', default=[64, 256, 1024],
+                       help='numbers of experts of the CP μMoE conv')
     sweep.add_argument('--repeats', type=int, default=5)
+    sweep.add_argument('--no-memory', dest='memory', action='store_false',
+                       help='skip peak memory (on a CPU: a process per variant, slow)')
+    sweep.add_argument('--memory-of', type=int, nargs=3, help=argparse.SUPPRESS)
     add_device_argument(sweep)
     sweep.set_defaults(func=bench_sweep)
     detectors = sub.add_parser('detectors', help='MoE RetinaNet variants against stock')
@@ -406,6 +573,15 @@ def parse_args(argv=None):
     iteration.add_argument('--work-dir', default=osp.join('work_dirs', 'benchmark_iteration'))
     iteration.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     iteration.set_defaults(func=profile_iteration)
+    hooks = sub.add_parser('hooks', help='overhead of ExpertUtilisationHook in training and '
+                           'ExpertSizeStatsHook in a test run of a config')
+    hooks.add_argument('config')
+    hooks.add_argument('--checkpoint', help='weights for the test run (default: random)')
+    hooks.add_argument('--iters', type=int, default=30, help='training iterations')
+    hooks.add_argument('--test-images', type=int, default=100)
+    hooks.add_argument('--work-dir', default=osp.join('work_dirs', 'benchmark_hooks'))
+    hooks.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    hooks.set_defaults(func=bench_hooks)
     args = parser.parse_args(argv)
     if getattr(args, 'device', None) is not None:
         if args.device == 'cuda' and not torch.cuda.is_available():
@@ -416,6 +592,10 @@ def parse_args(argv=None):
             len(args.experts) < 2 or min(args.experts) < args.top_k):
         parser.error(f'--experts {args.experts}: at least two numbers of experts, each '
                      f'>= --top-k {args.top_k}')
+    if getattr(args, 'mu_experts', None) is not None and (
+            len(args.mu_experts) < 2 or min(args.mu_experts) < 2):
+        parser.error(f'--mu-experts {args.mu_experts}: at least two numbers of experts, '
+                     'each >= 2')
     return args
 
 

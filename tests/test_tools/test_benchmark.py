@@ -27,12 +27,33 @@ def test_iteration_profile_splits_the_wall_time(tmp_path):
 
 def test_sweep_prints_the_cost_against_the_number_of_experts():
     proc = run_tool('benchmark.py', 'sweep', '--channels', 8, '--size', 8, '--batch', 2,
-                    '--experts', 4, 8, '--repeats', 1)
+                    '--experts', 4, 8, '--mu-experts', 4, 16, '--repeats', 1, '--no-memory')
     assert proc.returncode == 0, proc.output[-3000:]
-    rows = re.findall(r'^\| (fused|dispatch) +\| +([0-9.]+)× \| +([0-9.]+)× \| ([0-9.]+) \|$',
+    rows = re.findall(r'^\| (\S.*?) +\| +([0-9.]+)× \| +([0-9.]+)× \| ([0-9.]+) \|$',
                       proc.stdout, re.MULTILINE)
-    assert [r[0] for r in rows] == ['fused', 'dispatch']
-    assert 'on cpu' in proc.stdout
+    assert [r[0] for r in rows] == ['fused', 'dispatch', 'dispatch, capacity 1.25',
+                                    'dispatch', 'dispatch, capacity 1.25',
+                                    'gate=image', 'gate=pixel']
+    for _, first, last, ratio in rows:
+        first, last = float(first), float(last)
+        rounding = 0.006 + 0.005 * (1 / first + last / first ** 2)  # of the printed figures
+        assert float(ratio) == pytest.approx(last / first, abs=rounding)
+    for title in ('MoEConv2d (× dense conv)', 'subnet experts, 2 × conv3×3+ReLU (× one subnet)',
+                  'CP μMoE conv, rank matched to dense (× dense conv)'):
+        assert f'\n{title}: reference ' in proc.stdout
+    assert 'N=16 / N=4' in proc.stdout and 'on cpu' in proc.stdout
+
+
+def test_sweep_peak_memory_of_a_variant_in_a_process_of_its_own():
+    """What the sweep runs per variant on a CPU: its peak RSS, larger for more experts."""
+    common = ['--channels', 64, '--size', 8, '--batch', 2, '--experts', 4, 64]
+    peaks = []
+    for n in (4, 64):  # table 0, row 0: fused MoEConv2d, 64·64·9·N float32 weights
+        proc = run_tool('benchmark.py', 'sweep', '--memory-of', 0, 0, n, *common)
+        assert proc.returncode == 0, proc.output[-3000:]
+        peaks.append(float(proc.stdout.strip().splitlines()[-1]))
+    assert 100 < peaks[0] < peaks[1]  # torch's own footprint and more
+    assert peaks[1] - peaks[0] > 60 * 64 * 64 * 9 * 4 / 2**20  # weights (+ grads) of 60 experts
 
 
 @pytest.mark.parametrize('args, message', [
@@ -41,7 +62,26 @@ def test_sweep_prints_the_cost_against_the_number_of_experts():
         torch.cuda.is_available(), reason='a GPU is available')),
     (['--experts', '4'], 'at least two numbers of experts'),
     (['--experts', '1', '4'], '>= --top-k 2'),
+    (['--mu-experts', '1', '4'], '--mu-experts [1, 4]: at least two numbers of experts'),
 ])
 def test_bad_arguments_exit_with_code_2(args, message):
     proc = run_tool('benchmark.py', 'sweep', *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.output[-2000:]
+
+
+def test_hooks_overhead_in_training_and_test(tmp_path):
+    data = make_tiny_coco(tmp_path / 'data', train=4, val=2, size=64)
+    options = toy_overrides(data, batch_size=2)
+    proc = run_tool('benchmark.py', 'hooks', TOY_MOE_CONFIG, '--iters', 2, '--test-images', 2,
+                    '--work-dir', tmp_path / 'work', *as_cli_options(options))
+    assert proc.returncode == 0, proc.output[-3000:]
+    rows = re.findall(r'^\| (\w+) +\| (train|test) +\| +([0-9.]+) \| +([0-9.]+) \| '
+                      r'+(-?[0-9.]+)% \|$', proc.stdout, re.MULTILINE)
+    assert [(r[0], r[1]) for r in rows] == [('ExpertUtilisationHook', 'train'),
+                                            ('ExpertSizeStatsHook', 'test')]
+    for _, _, loop_s, hook_ms, overhead in rows:
+        loop_s, hook_ms = float(loop_s), float(hook_ms)
+        assert 0 < hook_ms / 1e3 < loop_s
+        assert float(overhead) == pytest.approx(100 * hook_ms / (1e3 * loop_s - hook_ms),
+                                                rel=0.05, abs=0.02)
+    assert (tmp_path / 'work' / 'test').is_dir()  # the test run's statistics went there
