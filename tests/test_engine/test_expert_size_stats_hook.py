@@ -223,3 +223,22 @@ def test_each_detection_keeps_the_gate_weights_its_head_tagged():
                                [[.2, .9, .6], [.8, .1, .4]], rtol=1e-6)
     np.testing.assert_allclose(stats['layers']['neck']['detection']['mass'],
                                [[0, 1, 0], [1, 0, 1]])
+
+
+def test_a_test_run_does_not_build_the_training_loop(tmp_path):
+    """tools/test.py's Runner holds the training config too; reading ``runner.epoch``
+    there builds the train loop and loads its dataset (COCO train2017: its 450 MB of
+    annotations). The test-mode statistics say epoch 0, iteration 0 without it."""
+    from mmengine.runner import BaseLoop, Runner
+
+    from helpers import TOY_MOE_CONFIG, load_config, make_tiny_coco, toy_overrides
+    data = make_tiny_coco(tmp_path / 'data', train=2, val=2, size=64)
+    cfg = load_config(TOY_MOE_CONFIG, **toy_overrides(data),
+                      **{'train_dataloader.dataset.ann_file': 'no_such_file.json'})
+    cfg.work_dir = str(tmp_path / 'work')
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    stats = json.loads((tmp_path / 'work' / 'expert_size_stats' / 'test.json').read_text())
+    assert (stats['mode'], stats['epoch'], stats['iter'], stats['num_images']) == \
+        ('test', 0, 0, 2)
+    assert not isinstance(runner._train_loop, BaseLoop)  # still its config

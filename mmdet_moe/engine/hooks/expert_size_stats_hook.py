@@ -184,8 +184,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
 
     # per epoch -------------------------------------------------------------------
     def _finish(self, runner, tag: str, mode: str, metrics: Optional[dict]) -> None:
+        # a test run's runner.epoch would build the train loop and load its dataset
+        epoch, iteration = (runner.epoch, runner.iter) if mode == 'val' else (0, 0)
         try:
-            stats = self.gather_and_summarise(mode, runner.epoch, runner.iter)
+            stats = self.gather_and_summarise(mode, epoch, iteration)
         finally:
             self.stop_recording()
             self._images = []
