@@ -24,8 +24,9 @@ EPS = 1e-12
 
 
 def normalise_rows(table: np.ndarray) -> np.ndarray:
+    """Rows (the last axis) scaled to sum to 1; all-zero rows stay 0."""
     table = np.asarray(table, dtype=np.float64)
-    sums = table.sum(axis=1, keepdims=True)
+    sums = table.sum(axis=-1, keepdims=True)
     return np.divide(table, sums, out=np.zeros_like(table), where=sums > 0)
 
 
@@ -39,36 +40,38 @@ def entropy(p: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _entropies(p: np.ndarray, axis) -> np.ndarray:
+    """``−Σ p log p`` over ``axis`` (0 log 0 = 0), for every index of the other axes."""
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=axis)
+
+
+def conditional_nmis(tables: np.ndarray) -> np.ndarray:
+    """:func:`conditional_nmi` of every (N, S, L) table of a (..., N, S, L) stack,
+    at once (e.g. all bootstrap resamples)."""
+    tables = np.asarray(tables, dtype=np.float64)
+    mass = tables.sum(axis=(-3, -2))  # (..., L)
+    level_mass = mass[..., None, None, :]
+    joint = np.divide(tables, level_mass, out=np.zeros_like(tables), where=level_mass > 0)
+    h_size = _entropies(joint.sum(axis=-3), -2)  # (..., L)
+    mutual = np.maximum(h_size + _entropies(joint.sum(axis=-2), -2)
+                        - _entropies(joint, (-3, -2)), 0)
+    total = mass.sum(axis=-1, keepdims=True)
+    share = np.divide(mass, total, out=np.zeros_like(mass), where=total > 0)  # P(l)
+    numerator, denominator = (share * mutual).sum(-1), (share * h_size).sum(-1)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator),
+                     where=denominator > EPS)
+
+
 def normalised_mutual_information(table: np.ndarray) -> float:
-    """``I(E; S) / H(S)`` of the joint distribution proportional to ``table``."""
-    table = np.asarray(table, dtype=np.float64)
-    total = table.sum()
-    if total <= 0:
-        return 0.0
-    joint = table / total
-    h_size = entropy(joint.sum(axis=0))
-    if h_size <= EPS:
-        return 0.0
-    mutual = h_size + entropy(joint.sum(axis=1)) - entropy(joint)
-    return float(max(mutual, 0.0) / h_size)
+    """``I(E; S) / H(S)`` of the joint distribution proportional to ``table``; 0 when
+    the table is empty or S has no entropy."""
+    return float(conditional_nmis(np.asarray(table, dtype=np.float64)[:, :, None]))
 
 
 def conditional_nmi(table: np.ndarray) -> float:
     """``NMI(E; S | L)`` of an (N, S, L) table: ``Σ_l P(l)·I(E; S | L=l) /
     Σ_l P(l)·H(S | L=l)``; 0 when no level has size entropy."""
-    table = np.asarray(table, dtype=np.float64)
-    total = table.sum()
-    mutual = conditional_entropy = 0.0
-    for level in range(table.shape[2]):
-        joint = table[:, :, level]
-        mass = joint.sum()
-        if mass <= 0:
-            continue
-        joint = joint / mass
-        h_size = entropy(joint.sum(axis=0))
-        mutual += mass / total * max(h_size + entropy(joint.sum(axis=1)) - entropy(joint), 0)
-        conditional_entropy += mass / total * h_size
-    return float(mutual / conditional_entropy) if conditional_entropy > EPS else 0.0
+    return float(conditional_nmis(table))
 
 
 def expert_size_level_table(weights: np.ndarray, categories: np.ndarray,
@@ -152,7 +155,8 @@ def bootstrap(per_image: np.ndarray, statistic: Callable[[np.ndarray], np.ndarra
 
     Args:
         per_image: (I, ...) one table per image (its detections kept together).
-        statistic: table (...) → array of figures.
+        statistic: (resamples, ...) tables → (resamples, ...) figures, all
+            resamples at once.
 
     Returns:
         (resamples, ...) the figures of each resample.
@@ -163,7 +167,7 @@ def bootstrap(per_image: np.ndarray, statistic: Callable[[np.ndarray], np.ndarra
                                    minlength=len(per_image)) for _ in range(resamples)])
     sums = (counts @ per_image.reshape(len(per_image), -1)).reshape(
         resamples, *per_image.shape[1:])
-    return np.stack([np.asarray(statistic(t), dtype=np.float64) for t in sums])
+    return np.asarray(statistic(sums), dtype=np.float64)
 
 
 def specialisation_intervals(per_image: np.ndarray, resamples: int = 1000,
@@ -173,11 +177,11 @@ def specialisation_intervals(per_image: np.ndarray, resamples: int = 1000,
     per_image = np.asarray(per_image, dtype=np.float64)
     num_experts, num_sizes = per_image.shape[1:3]
 
-    def figures(table):
-        flat = table.sum(axis=2)
-        return np.concatenate([[normalised_mutual_information(flat),
-                                conditional_nmi(table) if with_levels else 0.0],
-                               normalise_rows(flat).ravel()])
+    def figures(tables):  # (R, N, S, L) → (R, 2 + N·S)
+        flat = tables.sum(axis=3)
+        given_level = conditional_nmis(tables) if with_levels else np.zeros(len(tables))
+        return np.concatenate([conditional_nmis(flat[..., None])[:, None], given_level[:, None],
+                               normalise_rows(flat).reshape(len(tables), -1)], axis=1)
 
     values = bootstrap(per_image, figures, resamples, seed)
     bounds = np.percentile(values, [2.5, 97.5], axis=0)
