@@ -117,15 +117,16 @@ def mixed_conv2d(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor
         weight: (N, C_out, C_in / groups, kh, kw).
         bias: (N, C_out) or None.
         indices: (B, k) the experts with non-zero gates per image (a gate's
-            ``GateOutput.indices``), or None for any gates. Given, only the k
-            selected kernels are read and mixed (cost ∝ B·k, not N).
+            ``GateOutput.indices``), or None for any gates. Given, and fewer than
+            N (B·k < N), only the selected kernels are read and mixed: the mixing
+            costs min(B·k, N) kernels, not N.
 
     Returns:
         (B, C_out, H', W').
     """
     batch, channels, height, width = x.shape
     out_channels = weight.shape[1]
-    if indices is None:
+    if indices is None or indices.numel() >= weight.shape[0]:
         kernel = torch.einsum('bn,n...->b...', gates.to(weight.dtype), weight)
     else:  # Σ_j g_{b,i_bj} W_{i_bj}: one gather-and-sum, gradients to gates included
         kernel = F.embedding_bag(indices, weight.flatten(1), mode='sum',

@@ -134,3 +134,17 @@ def test_conv_layer_matches_functional_form():
     want, _ = dispatch_with_capacity(x, gates, lambda n, r: F.conv2d(
         r, layer.weight[n], layer.bias[n], padding=1), math.ceil(6 * 2 / 4))
     torch.testing.assert_close(layer(x), want)
+
+
+def test_every_expert_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
+    """Each expert runs on its capacity rows (padded with weight 0) in every step, so
+    DDP sees a gradient for every parameter even for experts nobody was routed to."""
+    moe = MoE(expert_factory=lambda: nn.Conv2d(3, 3, 3, padding=1), num_experts=6,
+              in_channels=3, top_k=1, impl='dispatch', capacity_factor=1.0,
+              gate_cfg=dict(noisy=False, renormalize=False)).train()
+    with torch.no_grad():
+        moe.gate.w_gate.weight.zero_()
+        moe.gate.w_gate.bias.copy_(torch.tensor([9., 0, 0, 0, 0, 0]))  # all to expert 0
+    moe(torch.randn(4, 3, 5, 5)).sum().backward()
+    assert all(p.grad is not None for p in moe.experts.parameters())
+    assert all(not e.weight.grad.any() for e in list(moe.experts)[1:])  # zeros: not routed

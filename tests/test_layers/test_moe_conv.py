@@ -25,9 +25,11 @@ def reference_mixture(x, gates, weight, bias, **conv):
     return torch.cat(rows)
 
 
+# N=4 < B·k = 10: the fused kernel mixes all N; N=16: only the B·k selected ones
+@pytest.mark.parametrize('num_experts', [4, 16])
 @pytest.mark.parametrize('geometry', GEOMETRIES)
-def test_impls_agree_with_reference_values_and_gradients(geometry):
-    layer = MoEConv2d(4, 6, num_experts=4, top_k=2, **geometry)
+def test_impls_agree_with_reference_values_and_gradients(geometry, num_experts):
+    layer = MoEConv2d(4, 6, num_experts=num_experts, top_k=2, **geometry)
     conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                 groups=layer.groups)
     layer.eval()  # deterministic gates
@@ -53,15 +55,16 @@ def test_impls_agree_with_reference_values_and_gradients(geometry):
 @pytest.mark.parametrize('impl', ['fused', 'fused-k', 'dispatch'])
 def test_gradcheck_float64(impl):
     x = torch.randn(2, 2, 4, 4, dtype=torch.double, requires_grad=True)
-    weight = torch.randn(3, 3, 2, 3, 3, dtype=torch.double, requires_grad=True)
-    bias = torch.randn(3, 3, dtype=torch.double, requires_grad=True)
-    sparse = torch.tensor([[.3, .7, 0], [0, .4, .6]], dtype=torch.double)
-    dense = torch.tensor([[.2, .5, .3], [.1, .4, .5]], dtype=torch.double, requires_grad=True)
+    weight = torch.randn(5, 3, 2, 3, 3, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
+    sparse = torch.tensor([[.3, .7, 0, 0, 0], [0, .4, .6, 0, 0]], dtype=torch.double)
+    dense = torch.tensor([[.2, .5, .3, .1, .2], [.1, .4, .5, .3, .1]], dtype=torch.double,
+                         requires_grad=True)
 
     def run(x, gates, weight, bias):
         if impl == 'fused':
             return mixed_conv2d(x, gates, weight, bias, 1, 1)
-        if impl == 'fused-k':  # only the selected kernels (GateOutput.indices) mixed
+        if impl == 'fused-k':  # only the selected kernels mixed (B·k = 4 < N = 5)
             return mixed_conv2d(x, gates, weight, bias, 1, 1,
                                 indices=torch.tensor([[1, 0], [2, 1]]))
         return dispatch(x, gates, lambda n, rows: F.conv2d(rows, weight[n], bias[n], padding=1))
