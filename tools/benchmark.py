@@ -38,6 +38,7 @@ from mmengine.config import DictAction
 from mmengine.hooks import Hook
 
 from mmdet_moe.layers import MoE, CPMuMoEConv2d, MoEConv2d, rank_for_params
+from mmdet_moe.layers._checks import check_capacity_factor
 
 
 class Stopwatch:
@@ -97,9 +98,6 @@ def cuda_peak_mib(module: nn.Module, make_input, device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-SWEEP_CAPACITY = 1.25
-
-
 def sweep_tables(args):
     """The sweep's tables: title → (reference module factory, numbers of experts,
     {row: factory(N)}). Ratios in a table are to its reference, run densely."""
@@ -122,13 +120,14 @@ def sweep_tables(args):
     def mumoe(mode):
         return lambda n: CPMuMoEConv2d(c, c, 3, padding=1, num_experts=n, gate_mode=mode)
 
-    capacity = f'dispatch, capacity {SWEEP_CAPACITY}'
+    factor = args.capacity_factor
+    capacity = f'dispatch, capacity {factor:g}'
     return {
         'MoEConv2d (× dense conv)': (conv, args.experts, {
             'fused': moe_conv('fused'), 'dispatch': moe_conv('dispatch'),
-            capacity: moe_conv('dispatch', SWEEP_CAPACITY)}),
+            capacity: moe_conv('dispatch', factor)}),
         'subnet experts, 2 × conv3×3+ReLU (× one subnet)': (tower, args.experts, {
-            'dispatch': subnets(), capacity: subnets(SWEEP_CAPACITY)}),
+            'dispatch': subnets(), capacity: subnets(factor)}),
         'CP μMoE conv, rank matched to dense (× dense conv)': (conv, args.mu_experts, {
             'gate=image': mumoe('image'), 'gate=pixel': mumoe('pixel')}),
     }
@@ -146,7 +145,8 @@ def sweep_rss_mib(args, table: int, row: int, n: int) -> float:
         [sys.executable, __file__, 'sweep', '--memory-of', str(table), str(row), str(n),
          '--batch', str(args.batch), '--size', str(args.size), '--channels',
          str(args.channels), '--top-k', str(args.top_k), '--experts', *map(str, args.experts),
-         '--mu-experts', *map(str, args.mu_experts)],
+         '--mu-experts', *map(str, args.mu_experts), '--capacity-factor',
+         str(args.capacity_factor)],
         capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f'sweep variant ({table}, {row}, {n}) failed:\n{out.stderr[-2000:]}')
@@ -551,6 +551,8 @@ def parse_args(argv=None):
                        help='numbers of experts of MoEConv2d and the subnet experts')
     sweep.add_argument('--mu-experts', type=int, nargs='+', default=[64, 256, 1024],
                        help='numbers of experts of the CP μMoE conv')
+    sweep.add_argument('--capacity-factor', type=float, default=1.25,
+                       help='of the capacity-dispatch rows: ceil(f · B · k / N) rows per expert')
     sweep.add_argument('--repeats', type=int, default=5)
     sweep.add_argument('--no-memory', dest='memory', action='store_false',
                        help='skip peak memory (on a CPU: a process per variant, slow)')
@@ -592,6 +594,11 @@ def parse_args(argv=None):
             len(args.experts) < 2 or min(args.experts) < args.top_k):
         parser.error(f'--experts {args.experts}: at least two numbers of experts, each '
                      f'>= --top-k {args.top_k}')
+    if getattr(args, 'capacity_factor', None) is not None:
+        try:
+            check_capacity_factor(args.capacity_factor)
+        except ValueError as err:
+            parser.error(f'--capacity-factor: {err}')
     if getattr(args, 'mu_experts', None) is not None and (
             len(args.mu_experts) < 2 or min(args.mu_experts) < 2):
         parser.error(f'--mu-experts {args.mu_experts}: at least two numbers of experts, '

@@ -63,6 +63,11 @@ def test_sweep_peak_memory_of_a_variant_in_a_process_of_its_own():
     (['--experts', '4'], 'at least two numbers of experts'),
     (['--experts', '1', '4'], '>= --top-k 2'),
     (['--mu-experts', '1', '4'], '--mu-experts [1, 4]: at least two numbers of experts'),
+    (['--capacity-factor', '0'], '--capacity-factor: capacity_factor must be a finite number '
+                                 '> 0 (each expert takes ceil(capacity_factor · B · top_k / '
+                                 'num_experts) rows per call) or None (every routed row runs), '
+                                 'got 0.0'),
+    (['--capacity-factor', '-1.5'], 'got -1.5'),
 ])
 def test_bad_arguments_exit_with_code_2(args, message):
     proc = run_tool('benchmark.py', 'sweep', *args)
