@@ -599,8 +599,7 @@ def parse_args(argv=None):
             check_capacity_factor(args.capacity_factor)
         except ValueError as err:
             parser.error(f'--capacity-factor: {err}')
-    if getattr(args, 'mu_experts', None) is not None and (
-            len(args.mu_experts) < 2 or min(args.mu_experts) < 2):
+    if args.command == 'sweep' and (len(args.mu_experts) < 2 or min(args.mu_experts) < 2):
         parser.error(f'--mu-experts {args.mu_experts}: at least two numbers of experts, '
                      'each >= 2')
     return args

@@ -44,6 +44,15 @@ def test_sweep_prints_the_cost_against_the_number_of_experts():
     assert 'N=16 / N=4' in proc.stdout and 'on cpu' in proc.stdout
 
 
+def test_layers_prints_every_layer_against_the_dense_conv():
+    proc = run_tool('benchmark.py', 'layers', '--channels', 8, '--size', 8, '--batch', 2,
+                    '--num-experts', 4, '--mu-experts', 8, '--repeats', 1)
+    assert proc.returncode == 0, proc.output[-3000:]
+    names = re.findall(r'^\| (\S.*?) +\| +[0-9,]+ \| +[0-9.]+ \| +[0-9.]+ \|$', proc.stdout,
+                       re.MULTILINE)
+    assert names[0] == 'Conv2d 3×3 (dense reference)' and len(names) == 6, proc.stdout
+
+
 def test_sweep_peak_memory_of_a_variant_in_a_process_of_its_own():
     """What the sweep runs per variant on a CPU: its peak RSS, larger for more experts."""
     common = ['--channels', 64, '--size', 8, '--batch', 2, '--experts', 4, 64]
