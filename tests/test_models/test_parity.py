@@ -118,10 +118,17 @@ def heads_test_cfgs(model):
     return [head.test_cfg for head in heads]
 
 
-def detection_distance(a, b):
-    """(len(a), len(b)) distances: box L∞ + 100 × |score difference| + label mismatch."""
-    return ((a.bboxes[:, None] - b.bboxes[None]).abs().amax(-1) +
-            100 * (a.scores[:, None] - b.scores[None]).abs() +
+# float32 rounding of the head's outputs grows into a box as stride × rescale ×
+# regression: an absolute tolerance alone fails large boxes on some CPUs' conv kernels
+BOX_REL_TOL = 1e-4
+
+
+def detection_distance(a, b, tol):
+    """(len(a), len(b)) distances in tolerances: box L∞ over tol + BOX_REL_TOL·|box|,
+    100 × |score difference| over tol, and any label mismatch far beyond 1."""
+    box = ((a.bboxes[:, None] - b.bboxes[None]).abs() /
+           (tol + BOX_REL_TOL * b.bboxes[None].abs())).amax(-1)
+    return (box + 100 * (a.scores[:, None] - b.scores[None]).abs() / tol +
             1e3 * (a.labels[:, None] != b.labels[None]))
 
 
@@ -138,12 +145,11 @@ def assert_same_predictions(got, want, tol=5e-3):
         assert len(g) == len(w)
         if not len(w):
             continue
-        moved = ((g.bboxes - w.bboxes).abs().amax(-1) + 100 * (g.scores - w.scores).abs() +
-                 1e3 * (g.labels != w.labels)) >= tol
+        moved = detection_distance(g, w, tol).diagonal() >= 1
         if moved.any():
-            distance = detection_distance(g[moved], w[moved])
-            assert distance.min(dim=1).values.max() < tol
-            assert distance.min(dim=0).values.max() < tol
+            distance = detection_distance(g[moved], w[moved], tol)
+            assert distance.min(dim=1).values.max() < 1
+            assert distance.min(dim=0).values.max() < 1
 
 
 @pytest.mark.parametrize('batch_size', [1, 3])
