@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict
+from typing import Dict, Hashable, List
 
 import torch
 import torch.nn as nn
@@ -69,8 +69,9 @@ def fwd_bwd(module: nn.Module, x: torch.Tensor) -> None:
     module.zero_grad(set_to_none=True)
 
 
-def time_fwd_bwd(modules: Dict[str, nn.Module], make_input, repeats: int, warmup: int = 2,
-                 device: torch.device = torch.device('cpu')) -> Dict[str, float]:
+def time_fwd_bwd(modules: Dict[Hashable, nn.Module], make_input, repeats: int,
+                 warmup: int = 2, device: torch.device = torch.device('cpu')
+                 ) -> Dict[Hashable, float]:
     """Median seconds of forward + backward (sum of outputs) of each module over
     ``repeats`` rounds; the modules run round-robin within a round, so that every
     one sees the same machine state (timings of a shared machine drift)."""
@@ -90,12 +91,16 @@ def time_fwd_bwd(modules: Dict[str, nn.Module], make_input, repeats: int, warmup
 
 
 def cuda_peak_mib(module: nn.Module, make_input, device: torch.device) -> float:
-    """CUDA allocator peak of one forward + backward (module, its gradients, activations)."""
+    """CUDA allocator peak of one forward + backward of ``module`` alone on the device
+    (its parameters, gradients, activations and input); it goes back to the CPU after."""
+    module.to(device)
     x = make_input().to(device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fwd_bwd(module, x)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    module.cpu()
+    return peak
 
 
 def sweep_tables(args):
@@ -141,16 +146,11 @@ def sweep_module(args, table: int, row: int, n: int) -> nn.Module:
 
 def sweep_rss_mib(args, table: int, row: int, n: int) -> float:
     """Peak RSS of a fresh process running forward + backward of one variant."""
-    out = subprocess.run(
-        [sys.executable, __file__, 'sweep', '--memory-of', str(table), str(row), str(n),
-         '--batch', str(args.batch), '--size', str(args.size), '--channels',
-         str(args.channels), '--top-k', str(args.top_k), '--experts', *map(str, args.experts),
-         '--mu-experts', *map(str, args.mu_experts), '--capacity-factor',
-         str(args.capacity_factor)],
-        capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f'sweep variant ({table}, {row}, {n}) failed:\n{out.stderr[-2000:]}')
-    return float(out.stdout.strip().splitlines()[-1])
+    return child_peak_rss_mib(
+        ['sweep', '--memory-of', str(table), str(row), str(n), '--batch', str(args.batch),
+         '--size', str(args.size), '--channels', str(args.channels), '--top-k',
+         str(args.top_k), '--experts', *map(str, args.experts), '--mu-experts',
+         *map(str, args.mu_experts), '--capacity-factor', str(args.capacity_factor)])
 
 
 def bench_sweep(args):
@@ -178,6 +178,9 @@ def bench_sweep(args):
         if not args.memory:
             peak = {}
         elif device.type == 'cuda':
+            for module in modules.values():  # each variant measured alone on the GPU
+                module.cpu()
+            torch.cuda.empty_cache()
             peak = {key: cuda_peak_mib(m, make_input, device) for key, m in modules.items()}
         else:
             peak = {key: sweep_rss_mib(args, table, *key) for key in modules}
@@ -318,14 +321,19 @@ def own_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def child_peak_rss_mib(argv: List[str]) -> float:
+    """Run this script with ``argv`` in a fresh process; the peak RSS it prints last."""
+    out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f'{" ".join(argv)} failed:\n{out.stderr[-2000:]}')
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def peak_memory_mib(variant: str, batch: int, size: int) -> float:
     """Peak RSS of a fresh process running 3 iterations of ``variant``."""
-    out = subprocess.run(
-        [sys.executable, __file__, 'detectors', '--memory-of', variant, '--batch',
-         str(batch), '--size', str(size)], capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f'variant {variant!r} failed:\n{out.stderr[-2000:]}')
-    return float(out.stdout.strip().splitlines()[-1])
+    return child_peak_rss_mib(['detectors', '--memory-of', variant, '--batch', str(batch),
+                               '--size', str(size)])
 
 
 def bench_detectors(args):

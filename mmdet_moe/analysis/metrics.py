@@ -167,7 +167,12 @@ def bootstrap(per_image: np.ndarray, statistic: Callable[[np.ndarray], np.ndarra
                                    minlength=len(per_image)) for _ in range(resamples)])
     sums = (counts @ per_image.reshape(len(per_image), -1)).reshape(
         resamples, *per_image.shape[1:])
-    return np.asarray(statistic(sums), dtype=np.float64)
+    values = np.asarray(statistic(sums), dtype=np.float64)
+    if values.shape[:1] != (resamples,):
+        raise ValueError(f'bootstrap: statistic must map the ({resamples}, ...) stack of '
+                         f'resampled tables to ({resamples}, ...) figures, got shape '
+                         f'{values.shape}')
+    return values
 
 
 def specialisation_intervals(per_image: np.ndarray, resamples: int = 1000,

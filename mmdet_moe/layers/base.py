@@ -39,9 +39,9 @@ class MoEModuleMixin:
     def _dispatch(self, x: Tensor, gates: Tensor,
                   expert_forward: Callable[[int, Tensor], Tensor]) -> Tensor:
         """Run the experts on their routed rows (:func:`dispatch`). With a
-        ``capacity_factor`` f, in training, each expert takes ``ceil(f · B · k / N)``
-        rows (:func:`dispatch_with_capacity`: no host read; the overflow is dropped
-        and counted, see :meth:`pop_overflow`); in eval every routed row runs."""
+        ``capacity_factor`` f, in training, each expert takes ``min(ceil(f · B · k /
+        N), B)`` rows (:func:`dispatch_with_capacity`: no host read; the overflow is
+        dropped and counted, see :meth:`pop_overflow`); in eval every routed row runs."""
         if self.capacity_factor is None or not self.training:
             return dispatch(x, gates, expert_forward)
         num_rows, num_experts = gates.shape
@@ -50,6 +50,9 @@ class MoEModuleMixin:
         counts = torch.stack([dropped, (gates > 0).sum()])
         self._overflow = counts if self._overflow is None else self._overflow + counts
         return out
+
+    def _capacity_repr(self) -> str:
+        return '' if self.capacity_factor is None else f', capacity_factor={self.capacity_factor}'
 
     def pop_overflow(self) -> Optional[Tensor]:
         """(dropped, routed) (row, expert) pairs of capacity dispatch since the last

@@ -17,8 +17,10 @@ from torch import Tensor
 
 
 def _scale_rows(y: Tensor, row_weights: Tensor) -> Tensor:
-    """(B, ...) outputs times (B,) weights, one per row."""
-    return y * row_weights.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    """(B, ...) outputs times (B,) weights, one per row; a row of weight 0 gives 0
+    even where the expert overflowed on it (inf · 0 would be NaN)."""
+    weights = row_weights.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return torch.where(weights != 0, y * weights, 0)
 
 
 def _run_routed(x: Tensor, slots: Iterable[Tuple[int, Tensor, Tensor]],
@@ -117,9 +119,9 @@ def mixed_conv2d(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor
         weight: (N, C_out, C_in / groups, kh, kw).
         bias: (N, C_out) or None.
         indices: (B, k) the experts with non-zero gates per image (a gate's
-            ``GateOutput.indices``), or None for any gates. Given, and fewer than
-            N (B·k < N), only the selected kernels are read and mixed: the mixing
-            costs min(B·k, N) kernels, not N.
+            ``GateOutput.indices``; it must hold every non-zero gate), or None for
+            any gates. Given, and fewer than N (B·k < N), only the selected kernels
+            are read and mixed: the mixing costs min(B·k, N) kernels, not N.
 
     Returns:
         (B, C_out, H', W').

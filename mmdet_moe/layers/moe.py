@@ -47,7 +47,8 @@ class MoE(MoEModuleMixin, nn.Module):
         impl: ``'dispatch'``, ``'dense'`` (reference), ``'fused'`` (only for plain
             ``nn.Conv2d`` experts of one geometry) or ``'auto'`` (fused when valid).
         capacity_factor: with ``impl='dispatch'``, fixed rows per expert in training,
-            ``ceil(capacity_factor · B · k / N)``: no host read per call, rows over
+            ``min(ceil(capacity_factor · B · k / N), B)`` per call (B rows: one FPN
+            level's images for a shared head): no host read per call, rows over
             an expert's capacity dropped and counted (:meth:`pop_overflow`). None:
             every routed row runs (one host read per call, to size the batches).
 
@@ -156,7 +157,5 @@ class MoE(MoEModuleMixin, nn.Module):
         return self.experts.parameters()
 
     def extra_repr(self):
-        capacity = ('' if self.capacity_factor is None
-                    else f', capacity_factor={self.capacity_factor}')
         return (f'num_experts={self.num_experts}, top_k={self.top_k}, '
-                f'impl={self.impl!r}{capacity}')
+                f'impl={self.impl!r}{self._capacity_repr()}')

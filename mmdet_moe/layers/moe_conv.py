@@ -206,5 +206,4 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
                 f'stride={self.stride}, padding={self.padding}, dilation={self.dilation}, '
                 f'groups={self.groups}, bias={self.bias is not None}, '
                 f'num_experts={self.num_experts}, top_k={self.top_k}, impl={self.impl!r}'
-                + ('' if self.capacity_factor is None
-                   else f', capacity_factor={self.capacity_factor}'))
+                f'{self._capacity_repr()}')

@@ -90,7 +90,7 @@ class TowerMoE(MoE):
         upcycle_noise_std: noise (× std of each dense tensor) added to each expert's
             copy when a dense checkpoint is loaded.
         **kwargs: for :class:`~mmdet_moe.layers.MoE` (in_channels, top_k, gate_cfg,
-            balance_cfg, impl).
+            balance_cfg, impl, capacity_factor).
     """
 
     def __init__(self, experts: Sequence[nn.Module], *, tower_name: str,
