@@ -148,3 +148,13 @@ def test_every_expert_gets_a_gradient_so_ddp_needs_no_unused_parameter_search():
     moe(torch.randn(4, 3, 5, 5)).sum().backward()
     assert all(p.grad is not None for p in moe.experts.parameters())
     assert all(not e.weight.grad.any() for e in list(moe.experts)[1:])  # zeros: not routed
+
+
+def test_a_padding_row_the_expert_overflows_on_adds_nothing():
+    """Expert 0 is padded with row 1 (not routed to it), where it returns inf:
+    weight 0 must give 0 there, not inf · 0 = NaN."""
+    x = torch.tensor([[1.], [0.], [0.]])
+    gates = torch.tensor([[1., 0.], [0., 1.], [0., 1.]])
+    experts = [lambda rows: 1 / rows, lambda rows: rows + 1]
+    out, dropped = dispatch_with_capacity(x, gates, lambda n, rows: experts[n](rows), 2)
+    assert out.flatten().tolist() == [1.0, 1.0, 1.0] and dropped.item() == 0
