@@ -37,19 +37,24 @@ class MoEModuleMixin:
         self._overflow: Optional[Tensor] = None
 
     def _dispatch(self, x: Tensor, gates: Tensor,
-                  expert_forward: Callable[[int, Tensor], Tensor]) -> Tensor:
+                  expert_forward: Callable[[int, Tensor], Tensor],
+                  counts: Optional[Sequence[int]] = None) -> Tensor:
         """Run the experts on their routed rows (:func:`dispatch`). With a
         ``capacity_factor`` f, in training, each expert takes ``min(ceil(f · B · k /
         N), B)`` rows (:func:`dispatch_with_capacity`: no host read; the overflow is
-        dropped and counted, see :meth:`pop_overflow`); in eval every routed row runs."""
-        if self.capacity_factor is None or not self.training:
-            return dispatch(x, gates, expert_forward)
+        dropped and counted, see :meth:`pop_overflow`); in eval every routed row runs.
+        ``counts``: see :func:`dispatch`."""
+        if not self._capacity_applies():
+            return dispatch(x, gates, expert_forward, counts)
         num_rows, num_experts = gates.shape
         capacity = max(1, math.ceil(self.capacity_factor * num_rows * self.top_k / num_experts))
         out, dropped = dispatch_with_capacity(x, gates, expert_forward, capacity)
         counts = torch.stack([dropped, (gates > 0).sum()])
         self._overflow = counts if self._overflow is None else self._overflow + counts
         return out
+
+    def _capacity_applies(self) -> bool:
+        return self.capacity_factor is not None and self.training
 
     def _capacity_repr(self) -> str:
         return '' if self.capacity_factor is None else f', capacity_factor={self.capacity_factor}'

@@ -9,7 +9,7 @@ All compute ``y_b = Σ_n G_bn · E_n(x_b)`` for gates G (B, N):
   ``Σ_n G_bn (W_n ∗ x_b + b_n) = (Σ_n G_bn W_n) ∗ x_b + Σ_n G_bn b_n`` exactly
   (CondConv); one grouped conv with a per-image kernel, cost ≈ one dense conv.
 """
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,25 +39,28 @@ def _run_routed(x: Tensor, slots: Iterable[Tuple[int, Tensor, Tensor]],
     return out
 
 
-def dispatch(x: Tensor, gates: Tensor,
-             expert_forward: Callable[[int, Tensor], Tensor]) -> Tensor:
+def dispatch(x: Tensor, gates: Tensor, expert_forward: Callable[[int, Tensor], Tensor],
+             counts: Optional[Sequence[int]] = None) -> Tensor:
     """Route rows of ``x`` (B, ...) to experts with positive gate weight.
 
     The (row, expert) pairs are sorted by expert on the device; the rows per expert
-    are read on the host once per call (to size each expert's batch), the one host
+    are read on the host (to size each expert's batch), the one host
     synchronisation of a dispatched MoE (:func:`dispatch_with_capacity` has none).
 
     Args:
         x: (B, ...) inputs.
         gates: (B, N) gate weights.
         expert_forward: ``f(n, x_rows) -> y_rows`` runs expert n.
+        counts: the rows per expert, ``(gates > 0).sum(0)``, when the caller has
+            read them already (e.g. for all FPN levels at once); None: read here.
 
     Returns:
         (B, ...) ``Σ_n G_bn · E_n(x_b)``.
     """
     num_rows, num_experts = gates.shape
     routed = (gates > 0).t().reshape(-1)  # expert-major (N·B,)
-    counts = routed.view(num_experts, num_rows).sum(1).tolist()  # the host read
+    if counts is None:
+        counts = routed.view(num_experts, num_rows).sum(1).tolist()  # the host read
     # stable: routed pairs first, by expert, then by row
     pairs = torch.argsort((~routed).to(torch.uint8), stable=True)[:sum(counts)]
     slots = ((n, rows - n * num_rows, gates[rows - n * num_rows, n])

@@ -123,9 +123,11 @@ class MoE(MoEModuleMixin, nn.Module):
         self._track(gate_output, sizes)
         return gate_output
 
-    def mix(self, x: Tensor, gates: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+    def mix(self, x: Tensor, gates: Tensor, indices: Optional[Tensor] = None,
+            counts: Optional[Sequence[int]] = None) -> Tensor:
         """Apply the experts to ``x`` (B, ...) with (B, N) gate weights (``indices``:
-        the (B, k) experts with non-zero weights, see :func:`mixed_conv2d`)."""
+        the (B, k) experts with non-zero weights, see :func:`mixed_conv2d`;
+        ``counts``: the rows per expert read on the host, see :func:`dispatch`)."""
         if self.impl == 'fused':
             convs = list(self.experts)
             bias = (torch.stack([c.bias for c in convs]) if convs[0].bias is not None
@@ -134,7 +136,7 @@ class MoE(MoEModuleMixin, nn.Module):
             return mixed_conv2d(x, gates, torch.stack([c.weight for c in convs]), bias,
                                 c.stride, c.padding, c.dilation, c.groups, indices)
         run = self._run_expert
-        return self._dispatch(x, gates, run) if self.impl == 'dispatch' else \
+        return self._dispatch(x, gates, run, counts) if self.impl == 'dispatch' else \
             dense_mixture(x, gates, run)
 
     def _run_expert(self, n: int, x: Tensor) -> Tensor:
@@ -149,8 +151,12 @@ class MoE(MoEModuleMixin, nn.Module):
         if not isinstance(x, (list, tuple)):
             return self.mix(x, gate_output.weights, gate_output.indices)
         parts = gate_output.split([level.shape[0] for level in x])
-        return [self.mix(level, part.weights, part.indices)
-                for level, part in zip(x, parts, strict=True)]
+        counts = [None] * len(parts)
+        if self.impl == 'dispatch' and not self._capacity_applies():
+            # the rows per expert of every level in one host read per step, not per level
+            counts = torch.stack([(part.weights > 0).sum(0) for part in parts]).tolist()
+        return [self.mix(level, part.weights, part.indices, level_counts)
+                for level, part, level_counts in zip(x, parts, counts, strict=True)]
 
     def expert_parameters(self) -> Iterator[nn.Parameter]:
         """The experts' parameters (k of N experts run per row; see count_parameters)."""

@@ -1,8 +1,9 @@
 """No host synchronisation from mmdet_moe in a training step: every tensor read on the
 host (``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool(t)``, ``int(t)``,
 ``float(t)``, ``torch.nonzero``) stalls a GPU pipeline. The one documented exception:
-``dispatch`` (experts run on their routed rows only) reads the rows per expert once
-per call."""
+``dispatch`` (experts run on their routed rows only) reads the rows per expert: once
+per step for a MoE container called with all FPN levels, once per call for a
+dispatched MoEConv2d; with a capacity factor, never."""
 import glob
 import os.path as osp
 import traceback
@@ -13,10 +14,12 @@ import pytest
 import torch
 
 from helpers import CONFIGS, build_model, load_config, one_training_step
-from mmdet_moe.layers import is_moe_module
+from mmdet_moe.layers import MoE, is_moe_module
 
 PACKAGE = osp.join('mmdet_moe', '')
-ALLOWED = {('conv_ops.py', 'dispatch', 'tolist')}  # the rows per expert, once per call
+# the rows per expert: of a MoEConv2d, once per call; of a MoE container (whole-subnet
+# experts), once per step for all the FPN levels it is called with
+ALLOWED = {('conv_ops.py', 'dispatch', 'tolist'), ('moe.py', 'forward', 'tolist')}
 HOST_READS = ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__', '__float__',
               'nonzero')
 
@@ -70,6 +73,10 @@ def test_training_steps_read_nothing_on_the_host(path):
     layers = sum(is_moe_module(m) for m in model.modules())
     for key, n in counts.items():  # once per call (≤ 5 FPN levels), not per expert
         assert n <= 3 * layers * 5, (key, n, layers)
+    containers = sum(isinstance(m, MoE) and m.impl == 'dispatch' for m in model.modules())
+    assert counts[('moe.py', 'forward', 'tolist')] <= 3 * containers  # once per step
+    if containers:  # and the containers' dispatch reads nothing more per level
+        assert counts[('conv_ops.py', 'dispatch', 'tolist')] <= 3 * (layers - containers) * 5
 
 
 @pytest.mark.parametrize('path', TOY_MOE_CONFIGS, ids=osp.basename)
