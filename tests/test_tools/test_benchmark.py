@@ -1,4 +1,4 @@
-"""tools/benchmark.py iteration: where a training iteration's time goes."""
+"""tools/benchmark.py: its subcommands run and print what they measure."""
 import re
 
 import pytest
@@ -7,12 +7,17 @@ import torch
 from helpers import TOY_MOE_CONFIG, as_cli_options, make_tiny_coco, run_tool, toy_overrides
 
 
-def test_iteration_profile_splits_the_wall_time(tmp_path):
-    data = make_tiny_coco(tmp_path / 'data', train=6, val=1, size=64)
-    options = toy_overrides(data, batch_size=2)
-    proc = run_tool('benchmark.py', 'iteration', TOY_MOE_CONFIG, '--iters', 2, '--warmup', 1,
-                    '--work-dir', tmp_path / 'work', *as_cli_options(options))
+def run_on_tiny_toy(tmp_path, command, *args, train=6, val=1):
+    """``benchmark.py COMMAND <toy MoE config> ARGS`` on a tiny toy dataset."""
+    data = make_tiny_coco(tmp_path / 'data', train=train, val=val, size=64)
+    proc = run_tool('benchmark.py', command, TOY_MOE_CONFIG, *args, '--work-dir',
+                    tmp_path / 'work', *as_cli_options(toy_overrides(data, batch_size=2)))
     assert proc.returncode == 0, proc.output[-3000:]
+    return proc
+
+
+def test_iteration_profile_splits_the_wall_time(tmp_path):
+    proc = run_on_tiny_toy(tmp_path, 'iteration', '--iters', 2, '--warmup', 1)
     rows = {phase: float(ms) for phase, ms, _ in re.findall(
         r'^\| (\S.*?) +\| +([0-9.]+) \| +([0-9.]+)% \|$', proc.stdout, re.MULTILINE)}
     for phase in ('forward (model + losses)', 'backward', 'data preprocessor',
@@ -84,11 +89,7 @@ def test_bad_arguments_exit_with_code_2(args, message):
 
 
 def test_hooks_overhead_in_training_and_test(tmp_path):
-    data = make_tiny_coco(tmp_path / 'data', train=4, val=2, size=64)
-    options = toy_overrides(data, batch_size=2)
-    proc = run_tool('benchmark.py', 'hooks', TOY_MOE_CONFIG, '--iters', 2, '--test-images', 2,
-                    '--work-dir', tmp_path / 'work', *as_cli_options(options))
-    assert proc.returncode == 0, proc.output[-3000:]
+    proc = run_on_tiny_toy(tmp_path, 'hooks', '--iters', 2, '--test-images', 2, train=4, val=2)
     rows = re.findall(r'^\| (\w+) +\| (train|test) +\| +([0-9.]+) \| +([0-9.]+) \| '
                       r'+(-?[0-9.]+)% \|$', proc.stdout, re.MULTILINE)
     assert [(r[0], r[1]) for r in rows] == [('ExpertUtilisationHook', 'train'),
