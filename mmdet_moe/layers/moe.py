@@ -50,7 +50,8 @@ class MoE(MoEModuleMixin, nn.Module):
             ``min(ceil(capacity_factor · B · k / N), B)`` per call (B rows: one FPN
             level's images for a shared head): no host read per call, rows over
             an expert's capacity dropped and counted (:meth:`pop_overflow`). None:
-            every routed row runs (one host read per call, to size the batches).
+            every routed row runs (one host read per step, for all levels of a call, to
+            size the batches).
 
     Shapes: (B, C, H, W) → (B, C', H', W'); a list of L maps → a list of L maps.
     """
