@@ -1,7 +1,8 @@
 """Specialisation metrics and report rendering (numpy / matplotlib; no model code)."""
 from .metrics import (bootstrap, conditional_nmi, dominant, entropy,
                       expert_size_level_table, importance_cv, interval, layer_summary,
-                      level_shuffled_nmi, living_experts, most_over_represented,
+                      level_shuffled_nmi, living_experts, mean_gate_weights,
+                      most_over_represented,
                       normalise_columns, normalise_rows, normalised_mutual_information,
                       shuffled_nmi, significant, size_table, specialisation_intervals,
                       verdict)
@@ -14,7 +15,8 @@ __all__ = [
     'AREA_RANGES', 'BUCKET_NAMES', 'ReportError', 'SCHEMA', 'SCHEMA_VERSION',
     'StatsFormatError', 'bootstrap', 'bucket_membership', 'check_stats', 'conditional_nmi',
     'dominant', 'entropy', 'expert_size_level_table', 'importance_cv', 'interval',
-    'layer_summary', 'level_shuffled_nmi', 'living_experts', 'most_over_represented',
+    'layer_summary', 'level_shuffled_nmi', 'living_experts', 'mean_gate_weights',
+    'most_over_represented',
     'normalise_columns', 'normalise_rows', 'normalised_mutual_information', 'render_report',
     'shuffled_nmi', 'significant', 'size_table', 'specialisation_intervals',
     'specialisation_lines', 'validate_stats', 'verdict'

@@ -210,11 +210,17 @@ def importance_cv(importance: np.ndarray) -> float:
     return float(importance.std(ddof=1) / mean) if mean > 0 and len(importance) > 1 else 0.0
 
 
+def mean_gate_weights(importance: np.ndarray, rows: float) -> np.ndarray:
+    """Each expert's mean gate weight over all gate rows, ``Σ_rows g / rows`` (zeros
+    without rows): its share of the routing (the shares sum to 1 for gates whose
+    weights sum to 1)."""
+    importance = np.asarray(importance, dtype=np.float64)
+    return importance / rows if rows > 0 else np.zeros_like(importance)
+
+
 def living_experts(importance: np.ndarray, rows: float, threshold: float = 0.01) -> int:
     """Experts whose mean gate weight over all gate rows exceeds ``threshold``."""
-    if rows <= 0:
-        return 0
-    return int((np.asarray(importance, dtype=np.float64) / rows > threshold).sum())
+    return int((mean_gate_weights(importance, rows) > threshold).sum())
 
 
 def dominant(table: np.ndarray, names) -> list:

@@ -14,6 +14,7 @@ from .moe import MoE
 from .moe_conv import MoEConv2d
 from .multilinear import (CPMuMoE, CPMuMoEConv2d, TRMuMoE, TRMuMoEConv2d,
                           rank_for_params)
+from .pruning import gate_groups, merged_conv, prune_experts, prune_model_experts
 from .routing_override import override_routing
 from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_module,
                         mark_row_images, record_gate, record_gates)
@@ -25,7 +26,7 @@ __all__ = [
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
     'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',
     'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mark_row_images', 'mixed_conv2d',
-    'override_routing',
+    'override_routing', 'gate_groups', 'merged_conv', 'prune_experts', 'prune_model_experts',
     'prob_in_top_k',
     'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'
 ]

@@ -25,14 +25,14 @@ per (image, level) by one gate, optionally with the output conv in each expert::
 (see :mod:`.tower_moe`; a stock checkpoint upcycles into every expert).
 """
 import fnmatch
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
 
 from mmdet.registry import MODELS
 
-from ..layers import MoEConv2d
+from ..layers import MoEConv2d, prune_model_experts
 from ..layers._checks import has_zero_padding
 from .conv_types import LAYER_TYPES, build_moe_conv, check_servable
 from .tower_moe import insert_subnet_moe
@@ -159,10 +159,14 @@ def _share_gate(layers: list, where: str) -> None:
 @MODELS.register_module()
 def MoEDetector(detector: Optional[dict] = None, moe_layers: Sequence[dict] = (),
                 train_only_moe: bool = False, detector_type: Optional[str] = None,
+                expert_counts: Optional[Dict[str, int]] = None,
                 **detector_args) -> nn.Module:
     """Build a detector (any mmdet detector config) and insert ``moe_layers``.
     With ``train_only_moe`` every non-MoE parameter is frozen (fine-tuning MoE parts
-    of a trained detector).
+    of a trained detector). ``expert_counts`` (``{MoE module path: n}``, written by
+    ``tools/prune_experts.py``) keeps the first n experts of each named MoE module
+    (wherever it came from: ``moe_layers``, a MoE head or neck, ``conv_cfg``), so
+    that the checkpoint of a pruned model loads.
 
     The detector is given flat, its keys beside ``moe_layers`` and its class in
     ``detector_type``, so a config that inherits a stock one only changes ``type``
@@ -190,6 +194,13 @@ def MoEDetector(detector: Optional[dict] = None, moe_layers: Sequence[dict] = ()
                          'put them inside detector=dict(...)')
     model = MODELS.build(detector)
     insert_moe_layers(model, moe_layers)
+    if expert_counts:
+        for path, count in expert_counts.items():
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ValueError(f'MoEDetector: expert_counts[{path!r}] must be an int '
+                                 f'(experts kept), got {count!r}')
+        prune_model_experts(model, {path: list(range(count))
+                                    for path, count in expert_counts.items()})
     if train_only_moe:
         freeze_all_but_moe(model)
     return model

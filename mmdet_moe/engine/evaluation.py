@@ -1,0 +1,99 @@
+"""Evaluate a config and checkpoint with mmengine's test loop, for the tools that
+measure a trained model (its COCO metrics and, with :class:`ExpertSizeStatsHook`,
+each expert's gate statistics)."""
+import copy
+import json
+import os.path as osp
+from typing import Optional, Tuple
+
+import torch
+from mmengine.config import Config
+from torch import nn
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not hold the model a config builds (the message says how)."""
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def load_state_dict(checkpoint: str) -> Tuple[dict, dict]:
+    """(state_dict, meta) of an mmengine checkpoint (or of a bare state dict)."""
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint file not found: {checkpoint}')
+    state = torch.load(checkpoint, map_location='cpu')
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f'{checkpoint} holds a {type(state).__name__}, not '
+                                      'a checkpoint dict')
+    return state.get('state_dict', state), state.get('meta', {})
+
+
+def check_checkpoint(model: nn.Module, checkpoint: str) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` loads into ``model``
+    strictly. mmengine loads ``load_from`` non-strictly (mismatches are only logged);
+    a tool measuring an unrelated checkpoint would report nonsense."""
+    state, _ = load_state_dict(checkpoint)
+    try:
+        missing, unexpected = copy.deepcopy(model).load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise CheckpointMismatchError(f'the checkpoint {checkpoint} does not match the '
+                                      f'config: {str(err).splitlines()[1:3]}') from err
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f'the checkpoint {checkpoint} does not match the config: {len(missing)} keys '
+            f'missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. '
+            f'{unexpected[:3]})')
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model of ``cfg`` built in mmdet's scope, in eval mode (no weights loaded)."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    return MODELS.build(copy.deepcopy(cfg.model)).eval()
+
+
+def load_checked(cfg: Config, checkpoint: str) -> nn.Module:
+    """The model of ``cfg`` with ``checkpoint`` loaded strictly, in eval mode."""
+    model = build_model(cfg)
+    check_checkpoint(model, checkpoint)
+    model.load_state_dict(load_state_dict(checkpoint)[0])
+    return model
+
+
+def evaluate_on_val(cfg: Config, checkpoint: str, work_dir: str,
+                    gate_stats: bool = True) -> Tuple[dict, Optional[dict]]:
+    """Run the test loop on ``cfg``'s val set (its ``val_dataloader`` and
+    ``val_evaluator``) with ``checkpoint`` loaded (strictly checked).
+
+    Returns:
+        (metrics, statistics): the evaluator's metrics and, with ``gate_stats``, the
+        ``expert_size_stats.json`` dict written by :class:`ExpertSizeStatsHook`
+        (per MoE layer: ``importance`` Σ gate weights per expert, ``rows``, ...).
+    """
+    from mmengine.runner import Runner
+    cfg = copy.deepcopy(cfg)
+    for key in ('dataloader', 'evaluator'):
+        if cfg.get(f'val_{key}') is None:
+            raise ValueError(f'the config has no val_{key}: the val set is needed to '
+                             'measure the model')
+        cfg[f'test_{key}'] = cfg[f'val_{key}']
+    cfg.work_dir, cfg.load_from = work_dir, checkpoint
+    hooks = [h for h in cfg.get('custom_hooks', []) if h['type'] != 'ExpertSizeStatsHook']
+    if gate_stats:
+        hooks.append(dict(type='ExpertSizeStatsHook'))
+    cfg.custom_hooks = hooks
+    runner = Runner.from_cfg(cfg)
+    check_checkpoint(runner.model, checkpoint)
+    metrics = runner.test()
+    if not gate_stats:
+        return metrics, None
+    with open(osp.join(runner.work_dir, 'expert_size_stats', 'test.json')) as f:
+        return metrics, json.load(f)

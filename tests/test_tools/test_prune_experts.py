@@ -1,0 +1,100 @@
+"""tools/prune_experts.py on a toy MoE RetinaNet whose expert 3 is never routed."""
+import glob
+import json
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from helpers import TOY_MOE_CONFIG, load_tool, make_tiny_coco, toy_overrides
+
+NEVER = -1e4  # a gate bias that keeps an expert out of every top k
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    """(config path, checkpoint path) of the toy MoE config on a tiny dataset, with
+    expert 3 of the classification MoE never routed."""
+    from mmdet_moe.engine.evaluation import build_model
+    root = tmp_path_factory.mktemp('prune')
+    data = make_tiny_coco(root / 'data', train=1, val=2, size=64)
+    cfg = Config.fromfile(TOY_MOE_CONFIG)
+    cfg.merge_from_dict(toy_overrides(data))
+    cfg.model.test_cfg.score_thr = 0.0  # an untrained head's scores are ~0.01
+    config = str(root / 'toy_moe.py')
+    cfg.dump(config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        model.bbox_head.cls_moe.gate.w_gate.bias[3] = NEVER
+    checkpoint = str(root / 'toy_moe.pth')
+    torch.save(dict(meta=dict(dataset_meta=dict(classes=('a',))),
+                    state_dict=model.state_dict()), checkpoint)
+    return config, checkpoint, root
+
+
+def tensor_outputs(config, checkpoint, images):
+    from mmdet.apis import init_detector  # the stock API loads the written files
+    model = init_detector(config, checkpoint, device='cpu')
+    with torch.no_grad():
+        return model(images, mode='tensor')
+
+
+def test_never_routed_expert_is_removed_and_predictions_stay(toy, capsys):
+    config, checkpoint, root = toy
+    out = root / 'pruned'
+    tool = load_tool('prune_experts.py')
+    assert tool.main([config, checkpoint, '--out-dir', str(out), '--eval',
+                      '--work-dir', str(root / 'work')]) == 0
+    printed = capsys.readouterr().out
+    assert 'bbox_head.cls_moe' in printed and 'removed [3]' in printed
+    assert 'never routed on the val set' in printed
+    assert 'AP before: mAP' in printed and 'AP after:  mAP' in printed
+    [pruned_config] = glob.glob(str(out / '*.py'))
+    [pruned_checkpoint] = glob.glob(str(out / '*.pth'))
+    summary = json.load(open(out / 'pruning.json'))
+    assert summary['layers'][0]['kept'] == [0, 1, 2]
+    assert summary['layers'][0]['shares'][3] == 0
+    assert summary['metrics_after']['coco/bbox_mAP'] == summary['metrics_before']['coco/bbox_mAP']
+
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    original = tensor_outputs(config, checkpoint, images)
+    pruned = tensor_outputs(pruned_config, pruned_checkpoint, images)
+    from mmdet.apis import init_detector
+    model = init_detector(pruned_config, pruned_checkpoint, device='cpu')
+    assert model.bbox_head.cls_moe.num_experts == 3
+    assert model.bbox_head.cls_moe.gate.w_gate.out_features == 3
+    for got_levels, want_levels in zip(pruned, original):
+        for got, want in zip(got_levels, want_levels):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_pruning_below_top_k_is_refused_and_writes_nothing(toy, capsys):
+    config, checkpoint, root = toy
+    out, work = root / 'refused', root / 'work-refused'
+    tool = load_tool('prune_experts.py')
+    assert tool.main([config, checkpoint, '--out-dir', str(out), '--work-dir', str(work),
+                      '--min-share', '0.9']) == 2
+    err = capsys.readouterr().err
+    assert 'prune_experts: error: bbox_head.cls_moe' in err and 'top_k=2' in err
+    assert not osp.exists(out)
+    # the shares of that run, read back from its statistics file
+    stats = str(work / 'original' / 'expert_size_stats' / 'test.json')
+    assert tool.main([config, checkpoint, '--out-dir', str(out), '--stats', stats]) == 0
+    assert json.load(open(out / 'pruning.json'))['layers'][0]['removed'] == [3]
+
+
+def test_a_checkpoint_of_another_model_is_refused(toy, tmp_path, capsys):
+    config, checkpoint, _ = toy
+    state = torch.load(checkpoint)
+    state['state_dict'].pop('bbox_head.cls_moe.gate.w_gate.bias')
+    bad = tmp_path / 'bad.pth'
+    torch.save(state, bad)
+    tool = load_tool('prune_experts.py')
+    assert tool.main([config, str(bad), '--out-dir', str(tmp_path / 'out')]) == 2
+    err = capsys.readouterr().err
+    assert 'does not match the config' in err and 'bbox_head.cls_moe.gate.w_gate.bias' in err
+    assert not osp.exists(tmp_path / 'out')
