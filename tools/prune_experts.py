@@ -38,14 +38,10 @@ from mmengine.config import DictAction
 
 from mmdet_moe.analysis import check_stats, mean_gate_weights
 from mmdet_moe.atomic_output import atomic_directory
-from mmdet_moe.engine.evaluation import (evaluate_on_val, load_checked, load_config,
-                                         load_state_dict)
+from mmdet_moe.engine.evaluation import (ap_line, evaluate_on_val, load_checked,
+                                         load_config, load_state_dict)
 from mmdet_moe.layers import gate_groups, prune_model_experts
 from mmdet_moe.models.stock_config import pruned_config
-
-AP_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_s', 'coco/bbox_mAP_m',
-           'coco/bbox_mAP_l')
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -104,15 +100,6 @@ def group_shares(model: torch.nn.Module, stats: dict, source: str) -> Dict[str, 
             per_layer.append(mean_gate_weights(layer['importance'], layer['rows']))
         shares[first] = np.max(per_layer, axis=0)
     return shares
-
-
-def ap_line(metrics: Optional[dict]) -> str:
-    if metrics is None:
-        return 'not evaluated'
-    if not any(key in metrics for key in AP_KEYS):
-        return f'no COCO AP (the evaluator returned {metrics}; no detections?)'
-    return ', '.join(f'{key.split("_", 1)[-1]} {metrics[key]:.4f}' for key in AP_KEYS
-                     if key in metrics)
 
 
 def prune(args) -> dict:

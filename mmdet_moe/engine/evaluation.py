@@ -11,6 +11,11 @@ from mmengine.config import Config
 from torch import nn
 
 
+# the COCO box metrics the tools print
+AP_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_s', 'coco/bbox_mAP_m',
+           'coco/bbox_mAP_l')
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not hold the model a config builds (the message says how)."""
 
@@ -97,3 +102,13 @@ def evaluate_on_val(cfg: Config, checkpoint: str, work_dir: str,
         return metrics, None
     with open(osp.join(runner.work_dir, 'expert_size_stats', 'test.json')) as f:
         return metrics, json.load(f)
+
+
+def ap_line(metrics: Optional[dict]) -> str:
+    """The COCO box APs of an evaluator's ``metrics`` on one line."""
+    if metrics is None:
+        return 'not evaluated'
+    if not any(key in metrics for key in AP_KEYS):
+        return f'no COCO AP (the evaluator returned {metrics}; no detections?)'
+    return ', '.join(f'{key.split("_", 1)[-1]} {metrics[key]:.4f}' for key in AP_KEYS
+                     if key in metrics)

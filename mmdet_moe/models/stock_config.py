@@ -27,6 +27,14 @@ MOE_ARGS = {
 }
 MOE_DETECTOR_ARGS = ('moe_layers', 'train_only_moe', 'expert_counts')
 PACKAGE = 'mmdet_moe'
+# what mmengine's Runner and mmdet's tools read from a config; other top-level keys
+# are the config file's own variables
+RUNTIME_KEYS = ('model', 'tta_model', 'tta_pipeline', 'train_dataloader',
+                'val_dataloader', 'test_dataloader', 'train_cfg', 'val_cfg', 'test_cfg',
+                'val_evaluator', 'test_evaluator', 'optim_wrapper', 'param_scheduler',
+                'default_hooks', 'custom_hooks', 'data_preprocessor', 'env_cfg',
+                'log_processor', 'visualizer', 'auto_scale_lr', 'model_wrapper_cfg',
+                'custom_imports', 'default_scope', 'randomness')
 
 
 def pruned_config(cfg: Config, expert_counts: Dict[str, int]) -> Config:
@@ -44,7 +52,8 @@ def pruned_config(cfg: Config, expert_counts: Dict[str, int]) -> Config:
 def stock_config(cfg: Config) -> Config:
     """``cfg`` with every mmdet_moe type replaced by the stock type it extends and
     every MoE argument dropped: MoEConv2d ``conv_cfg`` s become dense convs,
-    ``MoEDetector`` the detector it wraps, mmdet_moe's hooks and its custom import go.
+    ``MoEDetector`` the detector it wraps, mmdet_moe's hooks and its custom import go,
+    and so do the config file's own variables that hold mmdet_moe types.
     For a model whose MoE layers are all single convs (merged into dense convs).
 
     Raises:
@@ -64,7 +73,13 @@ def stock_config(cfg: Config) -> Config:
             cfg.custom_imports = dict(imports, imports=kept)
         else:
             cfg.pop('custom_imports')
-    _check_stock(cfg._cfg_dict.to_dict(), '')
+    for key, value in cfg._cfg_dict.to_dict().items():
+        try:
+            _check_stock(value, key)
+        except ValueError:
+            if key in RUNTIME_KEYS:
+                raise
+            cfg.pop(key)  # a variable of the config file (e.g. a shared conv_cfg)
     return cfg
 
 
