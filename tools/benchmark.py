@@ -5,6 +5,7 @@
     python tools/benchmark.py sweep [--experts 4 8 16 32 64 --mu-experts 64 256 1024
                                      --size 32] [--device cuda]
     python tools/benchmark.py detectors [--batch 4 --size 256 --repeats 10]
+                                        [--compute-only]
     python tools/benchmark.py iteration CONFIG [--iters 30] [--cfg-options ...]
     python tools/benchmark.py hooks CONFIG [--checkpoint CKPT --iters 30 --test-images 100]
 
@@ -16,7 +17,10 @@ a training iteration (forward, backward, SGD step) of each RetinaNet variant of 
 toy config (ResNet-18, random images), round-robin in one process so that every
 variant sees the same machine state, measures each variant's peak memory in a
 process of its own, and prints ratios to the stock detector (and, for whole-subnet
-experts, to running k subnets densely). ``iteration`` profiles training iterations of
+experts, to running k subnets densely); then, per variant, parameters total and active
+per gate row and FLOPs per image at k and at N experts (counted as mmengine's
+``get_model_complexity_info`` counts, see ``mmdet_moe.layers.count_active_compute``;
+``--compute-only``: this table alone, no timing). ``iteration`` profiles training iterations of
 a config on its own data, through mmengine's Runner as ``tools/train.py`` runs them,
 and splits their wall time into data loading, data preprocessor, forward (model and
 losses), backward, optimizer step and each hook. ``hooks`` measures the overhead of
@@ -37,7 +41,9 @@ import torch.nn as nn
 from mmengine.config import DictAction
 from mmengine.hooks import Hook
 
-from mmdet_moe.layers import MoE, CPMuMoEConv2d, MoEConv2d, rank_for_params
+from mmdet_moe.analysis.report import active_compute_table, markdown_table
+from mmdet_moe.layers import (MoE, CPMuMoEConv2d, MoEConv2d, count_active_compute,
+                              rank_for_params)
 from mmdet_moe.layers._checks import check_capacity_factor
 
 
@@ -336,12 +342,38 @@ def peak_memory_mib(variant: str, batch: int, size: int) -> float:
                                '--size', str(size)])
 
 
+def detector_compute(steps: Dict[str, DetectorStep]) -> List[dict]:
+    """Per variant: the whole-model row of :func:`count_active_compute` (parameters
+    total and active per gate row, FLOPs per image at k and at N) on its first image."""
+    rows = []
+    for variant, step in steps.items():
+        model = count_active_compute(step.model, step.data['inputs'][:1]).rows()[-1]
+        rows.append(dict(variant=variant, **{key: value for key, value in model.items()
+                                             if key.startswith(('params', 'flops'))}))
+    return rows
+
+
+def print_detector_compute(steps: Dict[str, DetectorStep], size: int) -> None:
+    rows = detector_compute(steps)
+    stock = rows[0]['flops_k']
+    for row in rows:
+        row['× stock at k'] = f'{row["flops_k"] / stock:.2f}'
+    print(f'\nparameters and FLOPs per {size}×{size} image (one multiply-add = one flop, '
+          "as mmengine's get_model_complexity_info; at k: as each variant runs, at N: "
+          'every expert on every row):')
+    print(markdown_table(*active_compute_table(rows)))
+
+
 def bench_detectors(args):
     if args.memory_of:  # child process: peak memory of one variant
         step = DetectorStep(args.memory_of, args.batch, args.size)
         for _ in range(3):
             step()
         print(own_peak_rss_mib())
+        return
+    if args.compute_only:
+        print_detector_compute({variant: DetectorStep(variant, 1, args.size)
+                                for variant in DETECTOR_VARIANTS}, args.size)
         return
     print(f'training iteration (forward, backward, SGD step), toy RetinaNet R-18, '
           f'B={args.batch}, {args.size}×{args.size} random images, '
@@ -366,6 +398,7 @@ def bench_detectors(args):
         print(f'| {variant:32s} | {seconds * 1e3:9.0f} | '
               f'{peak_memory_mib(variant, args.batch, args.size):8.0f} | '
               f'{seconds / stock:7.2f} | {vs_ref:>20s} |', flush=True)
+    print_detector_compute(steps, args.size)
 
 
 class PhaseTimer(Hook):
@@ -572,6 +605,8 @@ def parse_args(argv=None):
     detectors.add_argument('--size', type=int, default=256, help='image height/width')
     detectors.add_argument('--repeats', type=int, default=10)
     detectors.add_argument('--warmup', type=int, default=2)
+    detectors.add_argument('--compute-only', action='store_true',
+                           help='print only the parameter and FLOP table (no timing)')
     detectors.add_argument('--memory-of', choices=sorted(DETECTOR_VARIANTS),
                            help=argparse.SUPPRESS)  # internal: one variant per process
     detectors.set_defaults(func=bench_detectors)

@@ -279,6 +279,53 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
     return lines
 
 
+# the columns of an active-compute row (``ActiveCompute.rows()`` of mmdet_moe.layers)
+COMPUTE_LABELS = dict(layer='layer', kind='kind', N='N', k='k',
+                      rows_per_image='gate rows / image', params_total='params total',
+                      params_active='params active / row', flops_k='FLOPs / image at k',
+                      flops_n='FLOPs / image at N')
+COMPUTE_NOTE = (
+    "FLOPs as mmengine's `get_model_complexity_info` counts them: one multiply-add is "
+    'one flop; conv and linear biases, ReLU and the gates\' average pools are free. '
+    'Per MoE layer, e = one expert on the gate rows of one image (an image, or an '
+    '(image, FPN level) for a head shared over levels): at N every expert runs on '
+    'every row, gate + N·e; at k as the layer runs: dispatch gate + k·e, fused '
+    '(single-conv experts) gate + e + k kernels mixed per row, μMoE its own forward. '
+    'Params active: one gate row\'s (k of N experts); the model row counts shared '
+    'parameters once.')
+
+
+def _si(value) -> str:
+    """``1.234 G``: a count with an SI prefix (as mmengine prints complexity)."""
+    for prefix, scale in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('k', 1e3)):
+        if abs(value) >= scale:
+            return f'{value / scale:.3f} {prefix}'
+    return f'{value:g}'
+
+
+def active_compute_table(rows: List[dict]) -> Tuple[List[str], List[list]]:
+    """Header and rows for Markdown: parameters and FLOPs with SI prefixes."""
+    header = [COMPUTE_LABELS.get(key, key) for key in rows[0]]
+    return header, [[_si(v) if key.startswith(('params', 'flops')) else v
+                     for key, v in row.items()] for row in rows]
+
+
+def _active_compute_lines(compute: Optional[dict], out_dir: str) -> List[str]:
+    """The report's section: ``compute`` = ``dict(input_shape=(H, W), rows=[...])``,
+    or None when no model was at hand; the raw numbers go to ``active_compute.csv``."""
+    lines = ['## Active compute', '']
+    if compute is None:
+        return lines + ['Not measured: this report was made from a statistics file, '
+                        'without the model (run with CONFIG CHECKPOINT).', '']
+    rows = compute['rows']
+    write_csv(osp.join(out_dir, 'active_compute.csv'), [COMPUTE_LABELS.get(k, k)
+                                                         for k in rows[0]],
+              [list(row.values()) for row in rows])
+    height, width = compute['input_shape']
+    return lines + [f'One forward (backbone to head outputs) of a {height}×{width} image. '
+                    + COMPUTE_NOTE, '', markdown_table(*active_compute_table(rows)), '']
+
+
 def _header(stats: dict, sizes: List[str]) -> str:
     scope = (f'val statistics after epoch {stats["epoch"]}' if stats['mode'] == 'val'
              else 'test statistics')
@@ -290,13 +337,18 @@ def _header(stats: dict, sizes: List[str]) -> str:
 
 
 def render_report(stats: dict, out_dir: str,
-                  forced_routing: Optional[List[dict]] = None) -> str:
+                  forced_routing: Optional[List[dict]] = None,
+                  active_compute: Optional[dict] = None) -> str:
     """Write the report folder for ``stats``; returns the path of ``report.md``.
 
     Args:
         forced_routing: optional rows ``dict(routing=..., AP=..., AP_S=..., ...)`` of
             evaluations (learned routing, each expert alone, k sweeps); also
             written to ``metrics.json``.
+        active_compute: ``dict(input_shape=(H, W), rows=[...])`` with the rows of
+            ``mmdet_moe.layers.ActiveCompute.rows()`` (parameters and FLOPs per
+            image per MoE layer and of the model), also written to
+            ``active_compute.csv``; None: the section says it was not measured.
     """
     check_stats(stats)
     sizes, classes = stats['size_buckets']['names'], stats.get('classes', [])
@@ -330,6 +382,7 @@ def render_report(stats: dict, out_dir: str,
                 json.dump(forced_routing, f, indent=1)
             lines += ['## Forced routing (COCO bbox AP)', '',
                       markdown_table(['routing', *keys], rows), '']
+        lines += _active_compute_lines(active_compute, tmp)
         for name, layer in stats['layers'].items():
             lines += _layer_section(name, layer, summaries[name], sizes, classes, tmp)
         with open(osp.join(tmp, 'report.md'), 'w') as f:

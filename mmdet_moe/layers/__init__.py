@@ -4,7 +4,9 @@ from .balance_losses import (BALANCE_LOSSES, BalanceLosses, cv_squared, importan
                              kl_uniform_loss, load_loss, prob_in_top_k, router_z_loss,
                              switch_loss)
 from .base import MoEModuleMixin
-from .complexity import ParameterCount, count_parameters
+from .complexity import (COMPUTE_COLUMNS, ActiveCompute, LayerCompute, ParameterCount,
+                         count_active_compute, count_parameters)
+from .flops import FlopCounter, count_flops
 from .conv_ops import dense_mixture, dispatch, dispatch_with_capacity, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import (GATE_TYPES, GATES, AbsoluteImportanceGate, EqualWeightGate,
@@ -20,11 +22,11 @@ from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_modul
                         mark_row_images, record_gate, record_gates)
 
 __all__ = [
-    'AbsoluteImportanceGate', 'BALANCE_LOSSES', 'BalanceLosses', 'CPMuMoE',
-    'CPMuMoEConv2d', 'EqualWeightGate', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'MoE',
+    'AbsoluteImportanceGate', 'ActiveCompute', 'BALANCE_LOSSES', 'COMPUTE_COLUMNS', 'BalanceLosses', 'CPMuMoE',
+    'CPMuMoEConv2d', 'EqualWeightGate', 'FlopCounter', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'LayerCompute', 'MoE',
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
-    'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',
+    'count_active_compute', 'count_flops', 'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',
     'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mark_row_images', 'mixed_conv2d',
     'override_routing', 'gate_groups', 'merged_conv', 'prune_experts', 'prune_model_experts',
     'prob_in_top_k',

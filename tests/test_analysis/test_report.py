@@ -156,3 +156,24 @@ def test_report_stays_readable_with_hundreds_of_experts(tmp_path):
     assert len(rows) == 1 + 256
     summary = read_csv(out / 'summary.csv')
     assert f'small {counts[0]}, medium {counts[1]}, large {counts[2]}' in summary[1]
+
+
+def test_active_compute_section(tmp_path):
+    rows = [dict(layer='neck.conv', kind='MoEConv2d (fused)', N=4, k=2, rows_per_image=1.0,
+                 params_total=2408, params_active=1240, flops_k=1_500_000.0,
+                 flops_n=6_000_000.0),
+            dict(layer='model', kind='whole model', N=None, k=None, rows_per_image=None,
+                 params_total=12_000_000, params_active=11_000_000, flops_k=2.91e9,
+                 flops_n=3.2e9)]
+    render_report(known_stats(), str(tmp_path / 'r'),
+                  active_compute=dict(input_shape=(32, 48), rows=rows))
+    text = (tmp_path / 'r' / 'report.md').read_text()
+    assert 'of a 32×48 image' in text
+    assert '| model | whole model | – | – | – | 12.000 M | 11.000 M | 2.910 G | 3.200 G |' \
+        in text
+    table = read_csv(tmp_path / 'r' / 'active_compute.csv')
+    assert table[0][-1] == 'FLOPs / image at N' and table[1][-1] == '6000000.0'
+    render_report(known_stats(), str(tmp_path / 'json'))  # from a statistics file
+    assert 'Not measured: this report was made from a statistics file' in \
+        (tmp_path / 'json' / 'report.md').read_text()
+    assert not (tmp_path / 'json' / 'active_compute.csv').exists()

@@ -4,7 +4,8 @@ import re
 import pytest
 import torch
 
-from helpers import TOY_MOE_CONFIG, as_cli_options, make_tiny_coco, run_tool, toy_overrides
+from helpers import (TOY_MOE_CONFIG, as_cli_options, load_tool, make_tiny_coco, run_tool,
+                     toy_overrides)
 
 
 def run_on_tiny_toy(tmp_path, command, *args, train=6, val=1):
@@ -100,3 +101,21 @@ def test_hooks_overhead_in_training_and_test(tmp_path):
         assert float(overhead) == pytest.approx(100 * hook_ms / (1e3 * loop_s - hook_ms),
                                                 rel=0.05, abs=0.02)
     assert (tmp_path / 'work' / 'test').is_dir()  # the test run's statistics went there
+
+
+def test_detector_compute_counts_k_and_n_towers():
+    """Per variant, params and FLOPs per image: the subnet MoE (N=4, k=2) runs what the
+    dense k=2 reference runs, except its gate's logits for 4 experts instead of 2."""
+    tool = load_tool('benchmark.py')
+    variants = ['stock RetinaNet', 'k=2 cls subnets, dense', 'cls subnet experts N=4 k=2']
+    rows = tool.detector_compute({v: tool.DetectorStep(v, 1, 64) for v in variants})
+    stock, dense, moe = rows
+    assert [r['variant'] for r in rows] == variants
+    assert stock['flops_k'] == stock['flops_n'] and dense['flops_k'] == dense['flops_n']
+    # the gate's logits (64 channels, 5 levels) for 2 more experts
+    assert moe['flops_k'] - dense['flops_k'] == 5 * 64 * 2
+    gate = 5 * 64 * 4
+    tower = moe['flops_k'] - stock['flops_k'] - gate  # k = 2 towers for the stock one
+    assert moe['flops_n'] - stock['flops_n'] == 3 * tower + gate
+    # per row 2 of 4 towers, as the dense pair; its noisy gate has 2 more outputs
+    assert moe['params_active'] - dense['params_total'] == 2 * (64 * 2 + 2)
