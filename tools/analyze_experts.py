@@ -4,14 +4,19 @@
     python tools/analyze_experts.py work_dirs/x/expert_size_stats.json --out-dir report/
     # or: run the test loop with the hook first
     python tools/analyze_experts.py CONFIG CHECKPOINT --out-dir report/ \\
-        [--per-expert] [--k-sweep 1 3] [--score-thr 0.3] [--match-gt] [--cfg-options ...]
+        [--per-expert] [--k-sweep 1 3] [--score-thr 0.3] [--match-gt] \\
+        [--compute-shape H W] [--cfg-options ...]
     # seed stability: the statistics of runs that differ only in their seed
     python tools/analyze_experts.py s0/expert_size_stats.json s1/... s2/... --out-dir stab/
 
 Writes ``report.md`` (tables per MoE layer: P(size | expert), P(expert | size),
 dominant size, NMI expert↔size against its shuffled baseline, living experts,
 per-level routing, class view), CSV files and PNG heatmaps; from CONFIG CHECKPOINT
-also ``metrics.json`` (COCO AP of each evaluation). ``--per-expert``
+also ``metrics.json`` (COCO AP of each evaluation) and an "Active compute" section
+(``active_compute.csv``: per MoE layer and for the whole model, parameters total and
+active per gate row, FLOPs per image at k and at N experts, counted as mmengine's
+``get_model_complexity_info`` counts, on the first test image after the test pipeline,
+or a zero image of ``--compute-shape H W``). ``--per-expert``
 evaluates the model with all routing forced to each expert in turn, and to all
 experts with equal weights 1/N (no gate, the paper's baseline), and with each k of
 ``--k-sweep``, and reports COCO AP, AP_S, AP_M, AP_L of each.
@@ -35,7 +40,7 @@ from mmengine.config import Config, DictAction
 
 from mmdet_moe.analysis import (BUCKET_NAMES, ReportError, check_stats, layer_summary,
                                 render_report, specialisation_lines)
-from mmdet_moe.analysis.report import markdown_table, write_csv
+from mmdet_moe.analysis.report import active_compute_table, markdown_table, write_csv
 from mmdet_moe.atomic_output import atomic_directory
 
 AP_KEYS = {'AP': 'coco/bbox_mAP', 'AP_S': 'coco/bbox_mAP_s', 'AP_M': 'coco/bbox_mAP_m',
@@ -64,6 +69,9 @@ def parse_args(argv=None):
                              'to all experts with equal weights (no gate)')
     parser.add_argument('--k-sweep', type=int, nargs='*', default=[],
                         help='also evaluate with each of these top-k')
+    parser.add_argument('--compute-shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='image size of the active-compute section (CONFIG CHECKPOINT); '
+                             'default: the first test image after the test pipeline')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config, as in tools/test.py')
     args = parser.parse_args(argv)
@@ -77,6 +85,10 @@ def parse_args(argv=None):
                      f'only in their seed) or CONFIG CHECKPOINT; got {args.inputs}: {why}')
     if (args.per_expert or args.k_sweep) and all(is_json):
         parser.error('--per-expert / --k-sweep need CONFIG CHECKPOINT (they evaluate)')
+    if args.compute_shape and all(is_json):
+        parser.error('--compute-shape needs CONFIG CHECKPOINT (it runs the model)')
+    if args.compute_shape and min(args.compute_shape) < 1:
+        parser.error(f'--compute-shape: H and W must be >= 1, got {args.compute_shape}')
     for k in args.k_sweep:
         if k < 1:
             parser.error(f'--k-sweep: every k must be >= 1, got {k}')
@@ -109,6 +121,7 @@ def build_runner(args):
     """A Runner for the test loop with ExpertSizeStatsHook, from CONFIG CHECKPOINT."""
     from mmengine.runner import Runner
     import mmdet_moe  # noqa: F401
+    from mmdet_moe.engine.evaluation import CheckpointMismatchError, check_checkpoint
     config, checkpoint = args.inputs
     for path, what in ((config, 'config'), (checkpoint, 'checkpoint')):
         if not osp.isfile(path):
@@ -123,26 +136,11 @@ def build_runner(args):
     cfg.custom_hooks = hooks + [dict(type='ExpertSizeStatsHook', score_thr=args.score_thr,
                                      match_gt=args.match_gt)]
     runner = Runner.from_cfg(cfg)
-    check_checkpoint(runner.model, checkpoint)
-    return runner
-
-
-def check_checkpoint(model, checkpoint: str) -> None:
-    """mmengine loads ``load_from`` non-strictly (mismatches are only logged); the
-    analysis of an unrelated checkpoint would be meaningless, so check it first."""
-    import copy
-    import torch
-    state = torch.load(checkpoint, map_location='cpu')
-    state = state.get('state_dict', state)
     try:
-        missing, unexpected = copy.deepcopy(model).load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        raise ReportError(f'the checkpoint {checkpoint} does not match the config: '
-                          f'{str(err).splitlines()[1:3]}') from err
-    if missing or unexpected:
-        raise ReportError(f'the checkpoint {checkpoint} does not match the config: '
-                          f'{len(missing)} keys missing (e.g. {missing[:3]}), '
-                          f'{len(unexpected)} unexpected (e.g. {unexpected[:3]})')
+        check_checkpoint(runner.model, checkpoint)
+    except CheckpointMismatchError as err:
+        raise ReportError(str(err)) from err
+    return runner
 
 
 def evaluate(runner, args):
@@ -174,6 +172,24 @@ def evaluate(runner, args):
     if forced:  # the forced runs rewrote the statistics files: put the learned ones back
         write_stats(stats, runner.work_dir, 'test')
     return stats, rows
+
+
+def active_compute(runner, shape: Optional[List[int]]) -> dict:
+    """Parameters and FLOPs per image of the model and each of its MoE layers
+    (:func:`~mmdet_moe.layers.count_active_compute`) on the first test image after
+    the test pipeline and data preprocessor, or on a zero image of ``shape`` (H, W);
+    ``dict(input_shape=(H, W), rows=[...])`` for :func:`render_report`."""
+    import torch
+    from mmdet_moe.engine.hooks.gate_recording import unwrap
+    from mmdet_moe.layers import count_active_compute
+    model = unwrap(runner.model)
+    if shape is None:
+        batch = model.data_preprocessor(next(iter(runner.test_loop.dataloader)), False)
+        inputs = batch['inputs'][:1]
+    else:
+        inputs = torch.zeros(1, 3, *shape, device=next(model.parameters()).device)
+    rows = count_active_compute(model, inputs).rows()
+    return dict(input_shape=tuple(inputs.shape[-2:]), rows=rows)
 
 
 def _number(value, what: str) -> Optional[float]:
@@ -364,10 +380,16 @@ def main(argv=None) -> int:
             report = seed_stability(args.inputs, args.out_dir)
         else:
             if len(args.inputs) == 1:
-                stats, forced = load_stats(args.inputs[0]), None
+                stats, forced, compute = load_stats(args.inputs[0]), None, None
             else:
-                stats, forced = evaluate(build_runner(args), args)
-            report = render_report(stats, args.out_dir, forced)
+                runner = build_runner(args)
+                stats, forced = evaluate(runner, args)
+                compute = active_compute(runner, args.compute_shape)
+                height, width = compute['input_shape']
+                print(f'active compute, {height}×{width} image (per image; FLOPs as '
+                      "mmengine's get_model_complexity_info counts them):\n" +
+                      markdown_table(*active_compute_table(compute['rows'])))
+            report = render_report(stats, args.out_dir, forced, compute)
             for name, layer in stats['layers'].items():
                 summary = layer_summary(layer, BUCKET_NAMES)
                 print('\n  '.join([name, *specialisation_lines(summary)]))

@@ -33,8 +33,9 @@ from mmengine.config import DictAction
 
 from mmdet_moe.analysis import mean_gate_weights
 from mmdet_moe.atomic_output import atomic_directory
-from mmdet_moe.engine.evaluation import (ap_line, evaluate_on_val, load_checked,
-                                         load_config, load_state_dict)
+from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
+                                         load_checked, load_config, load_state_dict,
+                                         run_tool, write_model)
 from mmdet_moe.layers import EqualWeightGate, MoEConv2d, is_moe_module, merged_conv
 from mmdet_moe.models.stock_config import stock_config
 
@@ -94,8 +95,7 @@ def merge(args) -> dict:
     model = load_checked(cfg, args.checkpoint)
     layers = mergeable_layers(model)
     dense_cfg = stock_config(cfg)  # before the val run: a config it cannot express fails now
-    work_dir = args.work_dir or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0], 'merge_experts')
+    work_dir = args.work_dir or default_work_dir(args.config, 'merge_experts')
     before, stats = evaluate_on_val(cfg, args.checkpoint, osp.join(work_dir, 'moe'))
     gates = mean_gates(layers, stats)
     for name, layer in layers.items():
@@ -107,11 +107,8 @@ def merge(args) -> dict:
     summary = dict(config=args.config, checkpoint=args.checkpoint, metrics_before=before,
                    mean_gates={name: g.tolist() for name, g in gates.items()})
     with atomic_directory(args.out_dir) as tmp:
-        config_path, checkpoint_path = (osp.join(tmp, stem + ext) for ext in ('.py', '.pth'))
-        dense_cfg.dump(config_path)
-        torch.save(dict(meta=dict(meta, merged_experts=summary['mean_gates']),
-                        state_dict=model.state_dict()), checkpoint_path)
-        load_checked(load_config(config_path), checkpoint_path)  # stock types, strictly
+        config_path, checkpoint_path = write_model(
+            tmp, stem, dense_cfg, model, dict(meta, merged_experts=summary['mean_gates']))
         summary['metrics_after'], _ = evaluate_on_val(
             load_config(config_path), checkpoint_path, osp.join(work_dir, 'merged'),
             gate_stats=False)
@@ -121,20 +118,18 @@ def merge(args) -> dict:
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = merge(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'merge_experts: error: {err}', file=sys.stderr)
-        return 2
+def print_summary(summary: dict) -> None:
     for name, gates in summary['mean_gates'].items():
         print(f'{name}: merged with mean gate weights '
               + ', '.join(f'{g:.4f}' for g in gates))
     print(f'AP of the MoE model:    {ap_line(summary["metrics_before"])}')
     print(f'AP of the merged model: {ap_line(summary["metrics_after"])}')
     print('wrote ' + ' and '.join(summary['files']) + ' (stock mmdet, no mmdet_moe needed)')
-    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    return run_tool('merge_experts', lambda: merge(args), print_summary)
 
 
 if __name__ == '__main__':

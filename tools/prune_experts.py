@@ -26,7 +26,6 @@ experts left than ``top_k`` (or 2), a layer without discrete experts (μMoE), a
 checkpoint that does not match the config, statistics of another model.
 """
 import argparse
-import copy
 import json
 import os.path as osp
 import sys
@@ -38,8 +37,9 @@ from mmengine.config import DictAction
 
 from mmdet_moe.analysis import check_stats, mean_gate_weights
 from mmdet_moe.atomic_output import atomic_directory
-from mmdet_moe.engine.evaluation import (ap_line, evaluate_on_val, load_checked,
-                                         load_config, load_state_dict)
+from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
+                                         load_checked, load_config, load_state_dict,
+                                         run_tool, write_model)
 from mmdet_moe.layers import gate_groups, prune_model_experts
 from mmdet_moe.models.stock_config import pruned_config
 
@@ -105,8 +105,7 @@ def group_shares(model: torch.nn.Module, stats: dict, source: str) -> Dict[str, 
 def prune(args) -> dict:
     cfg = load_config(args.config, args.cfg_options)
     model = load_checked(cfg, args.checkpoint)
-    work_dir = args.work_dir or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0], 'prune_experts')
+    work_dir = args.work_dir or default_work_dir(args.config, 'prune_experts')
     before = None
     if args.stats:
         stats, source = read_stats(args.stats), args.stats
@@ -136,12 +135,8 @@ def prune(args) -> dict:
     summary = dict(config=args.config, checkpoint=args.checkpoint, min_share=args.min_share,
                    shares_from=source, layers=rows, metrics_before=before)
     with atomic_directory(args.out_dir) as tmp:
-        config_path, checkpoint_path = (osp.join(tmp, stem + ext) for ext in ('.py', '.pth'))
-        new_cfg = pruned_config(cfg, counts)
-        new_cfg.dump(config_path)
-        torch.save(dict(meta=dict(copy.deepcopy(meta), pruned_experts=rows),
-                        state_dict=model.state_dict()), checkpoint_path)
-        load_checked(load_config(config_path), checkpoint_path)  # what the stock tools load
+        config_path, checkpoint_path = write_model(
+            tmp, stem, pruned_config(cfg, counts), model, dict(meta, pruned_experts=rows))
         if args.eval:
             if before is None:
                 before, _ = evaluate_on_val(cfg, args.checkpoint,
@@ -174,13 +169,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        summary = prune(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'prune_experts: error: {err}', file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return run_tool('prune_experts', lambda: prune(args), print_summary)
 
 
 if __name__ == '__main__':

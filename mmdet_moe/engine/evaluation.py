@@ -4,7 +4,8 @@ each expert's gate statistics)."""
 import copy
 import json
 import os.path as osp
-from typing import Optional, Tuple
+import sys
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 from mmengine.config import Config
@@ -14,6 +15,9 @@ from torch import nn
 # the COCO box metrics the tools print
 AP_KEYS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_s', 'coco/bbox_mAP_m',
            'coco/bbox_mAP_l')
+
+
+Result = TypeVar('Result')
 
 
 class CheckpointMismatchError(ValueError):
@@ -112,3 +116,31 @@ def ap_line(metrics: Optional[dict]) -> str:
         return f'no COCO AP (the evaluator returned {metrics}; no detections?)'
     return ', '.join(f'{key.split("_", 1)[-1]} {metrics[key]:.4f}' for key in AP_KEYS
                      if key in metrics)
+
+
+def default_work_dir(config: str, tool: str) -> str:
+    return osp.join('work_dirs', osp.splitext(osp.basename(config))[0], tool)
+
+
+def write_model(folder: str, stem: str, cfg: Config, model: nn.Module,
+                meta: dict) -> Tuple[str, str]:
+    """Write ``<stem>.py`` (``cfg``) and ``<stem>.pth`` (``model``'s weights, ``meta``)
+    into ``folder`` and check that they load as the stock tools load them (the config
+    built, the checkpoint strictly). Returns the two paths."""
+    config_path, checkpoint_path = (osp.join(folder, stem + ext) for ext in ('.py', '.pth'))
+    cfg.dump(config_path)
+    torch.save(dict(meta=meta, state_dict=model.state_dict()), checkpoint_path)
+    load_checked(load_config(config_path), checkpoint_path)
+    return config_path, checkpoint_path
+
+
+def run_tool(tool: str, work: Callable[[], Result], report: Callable[[Result], None]) -> int:
+    """A tool's exit code: ``report(work())`` and 0, or 2 with ``<tool>: error: ...``
+    on stderr for bad input (a ValueError or a missing file)."""
+    try:
+        result = work()
+    except (ValueError, FileNotFoundError) as err:
+        print(f'{tool}: error: {err}', file=sys.stderr)
+        return 2
+    report(result)
+    return 0
