@@ -21,7 +21,8 @@ experts any of them uses. Writes into ``--out-dir``:
 Removing experts that were never routed on the val set leaves every prediction
 there unchanged (for gates whose kept weights are a softmax over the top k, the
 default); ``--eval`` evaluates the pruned model on the val set and prints its AP
-beside the original's. Exit code 2, with nothing written, for bad input: fewer
+beside the original's (without ``--eval`` too, when routed experts were removed). Exit
+code 2, with nothing written, for bad input: fewer
 experts left than ``top_k`` (or 2), a layer without discrete experts (μMoE), a
 checkpoint that does not match the config, statistics of another model.
 """
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                         'instead of running the val set')
     parser.add_argument('--eval', action='store_true',
                         help='evaluate the pruned model on the val set, print AP before '
-                             'and after')
+                             'and after (done anyway when routed experts are removed)')
     parser.add_argument('--work-dir', help='work dir of the val runs')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of the config, as in tools/test.py')
@@ -115,10 +116,13 @@ def prune(args) -> dict:
         source = 'the val set'
     shares = group_shares(model, stats, source)
     groups = gate_groups(model)
-    keep, rows, never_routed = {}, [], True
+    keep, rows, unchanged = {}, [], True
     for first, group_share in shares.items():
         kept = [int(i) for i in np.flatnonzero(group_share >= args.min_share)]
-        never_routed &= bool((group_share[group_share < args.min_share] == 0).all())
+        # removing never-routed experts changes nothing where the kept weights are a
+        # softmax over the top k (a softmax over all N would lose their terms)
+        unchanged &= bool((group_share[group_share < args.min_share] == 0).all()) and \
+            getattr(model.get_submodule(first).gate, 'renormalize', True)
         for name in groups[first]:
             keep[name] = kept
         rows.append(dict(layers=groups[first], shares=group_share.tolist(), kept=kept,
@@ -132,21 +136,22 @@ def prune(args) -> dict:
     counts = {name: len(experts) for name, experts in keep.items()}
     stem = osp.splitext(osp.basename(args.config))[0] + '_pruned'
     _, meta = load_state_dict(args.checkpoint)
+    removed = any(row['removed'] for row in rows)
     summary = dict(config=args.config, checkpoint=args.checkpoint, min_share=args.min_share,
-                   shares_from=source, layers=rows, metrics_before=before)
+                   shares_from=source, layers=rows, unchanged=unchanged or not removed)
     with atomic_directory(args.out_dir) as tmp:
         config_path, checkpoint_path = write_model(
             tmp, stem, pruned_config(cfg, counts), model, dict(meta, pruned_experts=rows))
-        if args.eval:
+        if args.eval or not summary['unchanged']:
             if before is None:
                 before, _ = evaluate_on_val(cfg, args.checkpoint,
                                             osp.join(work_dir, 'original'), gate_stats=False)
             summary['metrics_after'], _ = evaluate_on_val(
                 load_config(config_path), checkpoint_path, osp.join(work_dir, 'pruned'),
                 gate_stats=False)
+        summary['metrics_before'] = before
         with open(osp.join(tmp, 'pruning.json'), 'w') as f:
             json.dump(summary, f, indent=1, default=float)
-    summary['never_routed'] = never_routed
     summary['files'] = [osp.join(args.out_dir, stem + ext) for ext in ('.py', '.pth')]
     return summary
 
@@ -157,10 +162,11 @@ def print_summary(summary: dict) -> None:
         shares = ', '.join(f'{i}: {s:.4f}' for i, s in enumerate(row['shares']))
         print(f'  {" = ".join(row["layers"])}: shares {shares}; kept {row["kept"]}, '
               f'removed {row["removed"] or "none"}')
-    removed = any(row['removed'] for row in summary['layers'])
-    if removed and summary['never_routed']:
-        print('the removed experts were never routed on the val set: the pruned model '
-              'predicts there what the original does')
+    if not any(row['removed'] for row in summary['layers']):
+        print('no expert below --min-share: the pruned model is the original')
+    elif summary['unchanged']:
+        print(f'the removed experts were never routed on {summary["shares_from"]}: the '
+              'pruned model predicts there what the original does')
     print(f'AP before: {ap_line(summary["metrics_before"])}')
     if 'metrics_after' in summary:
         print(f'AP after:  {ap_line(summary["metrics_after"])}')

@@ -7,7 +7,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from helpers import TOY_MOE_CONFIG, load_tool, make_tiny_coco, toy_overrides
+from helpers import TOY_MOE_CONFIG, load_tool, make_tiny_coco, run_tool, toy_overrides
 
 NEVER = -1e4  # a gate bias that keeps an expert out of every top k
 
@@ -70,6 +70,11 @@ def test_never_routed_expert_is_removed_and_predictions_stay(toy, capsys):
     for got_levels, want_levels in zip(pruned, original):
         for got, want in zip(got_levels, want_levels):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the stock test tool runs the written files
+    proc = run_tool('test.py', pruned_config, pruned_checkpoint, '--work-dir',
+                    root / 'work-test')
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert 'coco/bbox_mAP' in proc.output
 
 
 def test_pruning_below_top_k_is_refused_and_writes_nothing(toy, capsys):
@@ -85,6 +90,25 @@ def test_pruning_below_top_k_is_refused_and_writes_nothing(toy, capsys):
     stats = str(work / 'original' / 'expert_size_stats' / 'test.json')
     assert tool.main([config, checkpoint, '--out-dir', str(out), '--stats', stats]) == 0
     assert json.load(open(out / 'pruning.json'))['layers'][0]['removed'] == [3]
+    assert 'AP after' not in capsys.readouterr().out  # nothing routed was removed
+
+
+def test_removing_routed_experts_prints_the_ap_before_and_after(toy, capsys):
+    config, checkpoint, root = toy
+    out, work = root / 'routed', root / 'work-routed'
+    tool = load_tool('prune_experts.py')
+    assert tool.main([config, checkpoint, '--out-dir', str(out), '--work-dir', str(work),
+                      '--min-share', '0.0']) == 0
+    shares = json.load(open(out / 'pruning.json'))['layers'][0]['shares']
+    routed = sorted(s for s in shares if s > 0)[0]  # the least used routed expert
+    assert tool.main([config, checkpoint, '--out-dir', str(out), '--work-dir', str(work),
+                      '--stats', str(work / 'original' / 'expert_size_stats' / 'test.json'),
+                      '--min-share', str(routed * 1.01)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.load(open(out / 'pruning.json'))
+    assert len(summary['layers'][0]['removed']) == 2 and not summary['unchanged']
+    assert 'AP before: mAP' in printed and 'AP after:  mAP' in printed
+    assert 'never routed' not in printed
 
 
 def test_a_checkpoint_of_another_model_is_refused(toy, tmp_path, capsys):
