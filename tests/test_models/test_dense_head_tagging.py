@@ -162,3 +162,28 @@ def test_rpn_tags_each_proposal_with_its_level_and_gate_row():
         assert torch.equal(got.levels[inside], levels)
         checked += int(inside.sum())
     assert checked > 20
+
+
+def test_modules_with_different_numbers_of_experts_tag_with_zeros_past_their_own():
+    """A pruned layer keeps fewer experts than its neighbours: ``expert_weights`` is as
+    wide as the largest N, a narrower module's columns past its own N are 0."""
+    cfg = stock_model_cfg(HEADS['fcos'][0], WIDTH)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths=['bbox_head.cls_convs.1.conv'], **MOE),
+        dict(paths=['bbox_head.reg_convs.3.conv'], **dict(MOE, num_experts=4))]))
+    redraw_parameters(model, seed=2)
+    model.eval()
+    head = model.bbox_head
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        tagged = head.predict(feats, samples, rescale=True)
+        with record_gates() as recorder:
+            head(feats)
+    for b, got in enumerate(tagged):
+        assert got.expert_weights.shape == (len(got), 2, 4)
+        for m, module in enumerate(m for m in head.modules() if is_moe_module(m)):
+            rows = torch.stack([r.weights[b] for r in sorted(
+                (r for r in recorder.records if r.module is module), key=lambda r: r.call)])
+            want = torch.nn.functional.pad(rows[got.levels], (0, 4 - rows.shape[1]))
+            torch.testing.assert_close(got.expert_weights[:, m], want)

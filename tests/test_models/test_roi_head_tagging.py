@@ -97,3 +97,21 @@ def test_per_object_rows_average_per_image_in_the_statistics():
     np.testing.assert_allclose(layer.image_row(0), [.5, .5])
     np.testing.assert_allclose(layer.image_row(1), [.5, .5])
     np.testing.assert_allclose(layer.image_row(2), [0, 0])  # no RoI
+
+
+def test_rpn_and_roi_layers_with_different_numbers_of_experts():
+    """RPN MoE with 3 experts, RoI MoE with 4: the RPN's tags get a zero fourth column."""
+    cfg = stock_model_cfg('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', 32)
+    cfg.test_cfg.rcnn.update(score_thr=0.0, max_per_img=50)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths=PATHS[:1], **MOE), dict(paths=PATHS[1:], **dict(MOE, num_experts=4))]))
+    redraw_parameters(model, seed=4)
+    model.eval()
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        pred = model.predict(inputs, samples)[0].pred_instances
+    assert len(pred) and pred.expert_weights.shape[1:] == (2, 4)
+    assert (pred.expert_weights[:, 0, 3] == 0).all()
+    torch.testing.assert_close(pred.expert_weights[:, 0, :3].sum(-1),
+                               torch.ones(len(pred)))
+    torch.testing.assert_close(pred.expert_weights[:, 1].sum(-1), torch.ones(len(pred)))

@@ -7,32 +7,40 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from helpers import TOY_MOE_CONFIG, load_tool, make_tiny_coco, run_tool, toy_overrides
+from helpers import CONFIGS, TOY_MOE_CONFIG, load_tool, make_tiny_coco, run_tool, toy_overrides
 
 NEVER = -1e4  # a gate bias that keeps an expert out of every top k
 
 
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory):
-    """(config path, checkpoint path) of the toy MoE config on a tiny dataset, with
-    expert 3 of the classification MoE never routed."""
+def toy_checkpoint(root, data, config, never_routed, name):
+    """(config path, checkpoint path) of ``config`` on the tiny dataset ``data``, with
+    the experts ``never_routed[layer]`` of each named MoE layer never routed."""
     from mmdet_moe.engine.evaluation import build_model
-    root = tmp_path_factory.mktemp('prune')
-    data = make_tiny_coco(root / 'data', train=1, val=2, size=64)
-    cfg = Config.fromfile(TOY_MOE_CONFIG)
+    cfg = Config.fromfile(config)
     cfg.merge_from_dict(toy_overrides(data))
     cfg.model.test_cfg.score_thr = 0.0  # an untrained head's scores are ~0.01
-    config = str(root / 'toy_moe.py')
+    config = str(root / f'{name}.py')
     cfg.dump(config)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.init_weights()
     with torch.no_grad():
-        model.bbox_head.cls_moe.gate.w_gate.bias[3] = NEVER
-    checkpoint = str(root / 'toy_moe.pth')
+        for layer, experts in never_routed.items():
+            model.get_submodule(layer).gate.w_gate.bias[experts] = NEVER
+    checkpoint = str(root / f'{name}.pth')
     torch.save(dict(meta=dict(dataset_meta=dict(classes=('a',))),
                     state_dict=model.state_dict()), checkpoint)
-    return config, checkpoint, root
+    return config, checkpoint
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    """The toy MoE RetinaNet with expert 3 of the classification MoE never routed:
+    (config, checkpoint, folder with a tiny dataset in data/)."""
+    root = tmp_path_factory.mktemp('prune')
+    data = make_tiny_coco(root / 'data', train=1, val=2, size=64)
+    return (*toy_checkpoint(root, data, TOY_MOE_CONFIG, {'bbox_head.cls_moe': [3]},
+                            'toy_moe'), root)
 
 
 def tensor_outputs(config, checkpoint, images):
@@ -75,6 +83,27 @@ def test_never_routed_expert_is_removed_and_predictions_stay(toy, capsys):
                     root / 'work-test')
     assert proc.returncode == 0, proc.output[-3000:]
     assert 'coco/bbox_mAP' in proc.output
+
+
+def test_layers_pruned_to_different_counts_predict_through_the_stock_test_tool(toy, capsys):
+    """The toy FCOS with two MoE convs in its head: one keeps 3 experts, the other 2;
+    the written files predict (tags as wide as the widest layer) and the statistics
+    hook in the config reports each layer with its own experts."""
+    _, _, root = toy
+    config, checkpoint = toy_checkpoint(
+        root, str(root / 'data'), osp.join(CONFIGS, 'toy', 'fcos_r18_fpn_moe-head_3e_toy-coco.py'),
+        {'bbox_head.cls_convs.1.conv': [3], 'bbox_head.reg_convs.1.conv': [0, 3]}, 'fcos')
+    out = root / 'fcos-pruned'
+    assert load_tool('prune_experts.py').main([
+        config, checkpoint, '--out-dir', str(out), '--work-dir', str(root / 'work-fcos')]) == 0
+    assert 'predicts there what the original does' in capsys.readouterr().out
+    work = root / 'work-fcos-test'
+    proc = run_tool('test.py', *sorted(glob.glob(str(out / 'fcos_pruned.*')))[::-1],
+                    '--work-dir', work)
+    assert proc.returncode == 0, proc.output[-3000:]
+    layers = json.load(open(work / 'expert_size_stats.json'))['layers']
+    assert {name: layer['num_experts'] for name, layer in layers.items()} == {
+        'bbox_head.cls_convs.1.conv': 3, 'bbox_head.reg_convs.1.conv': 2}
 
 
 def test_pruning_below_top_k_is_refused_and_writes_nothing(toy, capsys):

@@ -175,11 +175,13 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                       det_buckets=bucket_membership(areas), det_labels=labels,
                       det_levels=levels, layers={})
         for name, layer in layers.items():
-            det_weights = (tags[:, tagged.index(name)] if name in tagged
+            image_row = layer.image_row(b)
+            # tags are as wide as the head's largest layer: this layer's N columns
+            det_weights = (tags[:, tagged.index(name), :len(image_row)] if name in tagged
                            else layer.detection_rows(b, levels, views, len(areas)))
             record['layers'][name] = dict(
                 det_weights=det_weights.astype(np.float32),
-                image_row=layer.image_row(b), level_rows=layer.call_rows(b))
+                image_row=image_row, level_rows=layer.call_rows(b))
         return record
 
     # per epoch -------------------------------------------------------------------

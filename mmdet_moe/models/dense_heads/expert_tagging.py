@@ -14,7 +14,8 @@ with two more fields, which its indexing carries through NMS:
 - ``expert_weights`` (num_dets, M, N): for each of the head's M MoE modules that
   route (a module reusing another's gate decision adds nothing), the gate weights
   that produced the detection: those of its (image, level), or for a per-pixel gate
-  (μMoE, ``gate_mode='pixel'``) those at the location of its prior;
+  (μMoE, ``gate_mode='pixel'``) those at the location of its prior; N is the largest
+  number of experts, a module with fewer (e.g. a pruned one) has zeros past its own;
 - metainfo ``expert_layers``: the names of those M modules.
 
 Boxes, scores and labels are exactly those of the stock decode. Heads that decode
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from typing import Iterator, List
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
@@ -36,6 +38,13 @@ from ...layers import GateRecorder, is_moe_module, record_gates
 
 def moe_modules(head) -> list:
     return [m for m in head.modules() if is_moe_module(m)]
+
+
+def cat_expert_tags(parts: List[Tensor]) -> Tensor:
+    """Concatenate (num_dets, M_i, N_i) tags along M, zero-padding each to the largest
+    N (expert j of a module with fewer experts has weight 0)."""
+    width = max(part.shape[-1] for part in parts)
+    return torch.cat([F.pad(part, (0, width - part.shape[-1])) for part in parts], dim=1)
 
 
 def decode_module(head):
@@ -72,10 +81,6 @@ class GateMaps:
                     'detections can be tagged only when each MoE module of the head runs '
                     'once per level')
             self.modules.append(records)
-        sizes = {records[0].weights.shape[-1] for records in self.modules}
-        if len(sizes) > 1:
-            raise ValueError(f'{self.head_name}: MoE modules with different numbers of '
-                             f'experts {sorted(sizes)} cannot share expert_weights')
 
     @property
     def names(self) -> List[str]:
@@ -90,9 +95,8 @@ class GateMaps:
         if any(records[0].pixel_weights is not None for records in self.modules):
             raise RuntimeError(f'{self.head_name} keeps no prior indices: per-pixel gates '
                                'cannot be tagged in it; use a per-image gate')
-        rows = torch.stack([torch.stack([r.weights[b] for r in records])
-                            for records in self.modules], dim=1)  # (L, M, N)
-        return rows[levels]
+        return cat_expert_tags([torch.stack([r.weights[b] for r in records])[levels, None]
+                                for records in self.modules])
 
     def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
         """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
@@ -110,7 +114,7 @@ class GateMaps:
                     f'{self.head_name}: a per-pixel gate map of {tuple(gates.shape[1:])} '
                     f'does not match the {num_priors} priors of level {level}')
             per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
-        return torch.stack(per_module, dim=1)
+        return cat_expert_tags([weights[:, None] for weights in per_module])
 
 
 @contextmanager

@@ -7,7 +7,8 @@ kept detection comes from (the indices ``multiclass_nms`` keeps) and adds:
 
 - ``expert_weights`` (num_dets, M, N): the gate weights of the proposal it came from
   (MoE in the RPN, tagged per (image, level) by the dense-head tagging), then those
-  of its RoI (MoE in the bbox head); metainfo ``expert_layers`` names the M layers;
+  of its RoI (MoE in the bbox head); metainfo ``expert_layers`` names the M layers
+  (N: the largest number of experts, zeros past a layer's own);
 - ``levels``: the FPN level the RoI was pooled from when the bbox head has MoE
   layers, else the level of the proposal.
 
@@ -26,7 +27,7 @@ from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.structures.bbox import bbox2roi
 
 from ...layers import mark_row_images, record_gates
-from ..dense_heads.expert_tagging import moe_modules
+from ..dense_heads.expert_tagging import cat_expert_tags, moe_modules
 
 
 @contextmanager
@@ -100,7 +101,7 @@ def install_roi_head_tagging() -> None:
             rpn = rpn_results_list[b]
             weights = [rpn.expert_weights[local]] if from_rpn else []
             weights += [w[starts[b] + local, None] for _, w in rows]
-            result.expert_weights = torch.cat(weights, dim=1)
+            result.expert_weights = cat_expert_tags(weights)
             result.levels = pooled[starts[b] + local] if rows else rpn.levels[local]
             result.set_metainfo(dict(expert_layers=(
                 list(rpn.metainfo['expert_layers']) if from_rpn else []) +
