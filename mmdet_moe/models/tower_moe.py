@@ -148,17 +148,17 @@ class UpcycleOutputKeys:
     """Load-state-dict pre-hook of the tower's owner: a dense checkpoint's keys of the
     output conv (``<owner>.<output_name>.…``) go to every expert of the tower MoE
     (``<owner>.<tower_name>.experts.<n>.<output_name>.…``). It must run at the owner:
-    torch hands each module only the keys under its own prefix."""
+    torch hands each module only the keys under its own prefix. The experts and the
+    noise are the tower's when the keys load (a pruned tower has fewer experts)."""
 
-    def __init__(self, tower_name: str, output_name: str, num_experts: int,
-                 noise_std: float = 0.0):
+    def __init__(self, tower_name: str, output_name: str):
         self.tower_name, self.output_name = tower_name, output_name
-        self.num_experts, self.noise_std = num_experts, noise_std
 
     def __call__(self, module, state_dict, prefix, *args) -> None:
+        tower = getattr(module, self.tower_name)
         _move_keys(state_dict, f'{prefix}{self.output_name}.', None,
-                   _expert_prefixes(f'{prefix}{self.tower_name}.', self.num_experts,
-                                    f'{self.output_name}.'), self.noise_std)
+                   _expert_prefixes(f'{prefix}{self.tower_name}.', tower.num_experts,
+                                    f'{self.output_name}.'), tower.upcycle_noise_std)
 
 
 # ---------------------------------------------------------------------------------
@@ -552,5 +552,5 @@ def insert_subnet_moe(model: nn.Module, path: str, spec: dict, where: str) -> To
     if output is not None:
         setattr(owner, output, OutputInExperts(name))
         owner.register_load_state_dict_pre_hook(
-            UpcycleOutputKeys(name, output, num_experts, noise))
+            UpcycleOutputKeys(name, output))
     return moe

@@ -339,3 +339,16 @@ def test_shared_tower_is_refused():
     model.other = model.head.tower
     with pytest.raises(ValueError, match=r"'head.tower' is also at \['other'\]"):
         insert_moe_layers(model, [dict(paths='head.tower', expert='subnet')])
+
+
+def test_a_pruned_tower_upcycles_a_dense_checkpoint_into_its_remaining_experts():
+    """MoEDetector(expert_counts=...) keeps 2 of 3 experts: a dense checkpoint's output
+    conv goes to those 2 (not to a removed third one, an unexpected key)."""
+    dense = build(stock_model_cfg(RETINANET, WIDTH))
+    cfg = moe_cfg(RETINANET, [dict(paths='bbox_head.cls_convs', output='retina_cls')])
+    cfg.expert_counts = {'bbox_head.cls_convs': 2}
+    moe = build(cfg)
+    missing, unexpected = moe.load_state_dict(dense.state_dict(), strict=False)
+    assert unexpected == [] and all('.gate.' in key for key in missing)
+    for expert in moe.bbox_head.cls_convs.experts:
+        assert torch.equal(expert.retina_cls.weight, dense.bbox_head.retina_cls.weight)
