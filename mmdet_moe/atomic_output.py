@@ -4,7 +4,7 @@ import os.path as osp
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 @contextmanager
@@ -16,9 +16,29 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(osp.abspath(out_dir))}-', dir=parent)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would create it (mkdtemp: 0700)
         if osp.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(out_dir: str, inputs: Sequence[str], written: str) -> None:
+    """Raise ValueError unless :func:`atomic_directory` may replace ``out_dir``: it must
+    not be a file, hold none of the ``inputs`` (replacing it would delete them), and
+    be new, empty, or an earlier output (holding the file ``written``)."""
+    target = osp.realpath(out_dir)
+    for path in inputs:
+        if path and osp.commonpath([target, osp.realpath(path)]) == target:
+            raise ValueError(f'--out-dir {out_dir} holds the input {path}, which replacing '
+                             'the folder would delete; choose a new folder')
+    if osp.isfile(out_dir):
+        raise ValueError(f'--out-dir {out_dir} is a file; give a folder')
+    if osp.isdir(out_dir) and os.listdir(out_dir) and \
+            not osp.isfile(osp.join(out_dir, written)):
+        raise ValueError(f'--out-dir {out_dir} is a folder of other files (no {written} of '
+                         'an earlier run), which it would replace; choose a new folder')

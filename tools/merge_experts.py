@@ -32,7 +32,7 @@ import torch
 from mmengine.config import DictAction
 
 from mmdet_moe.analysis import mean_gate_weights
-from mmdet_moe.atomic_output import atomic_directory
+from mmdet_moe.atomic_output import atomic_directory, check_replaceable
 from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
                                          load_checked, load_config, load_state_dict,
                                          run_tool, write_model)
@@ -91,11 +91,12 @@ def mean_gates(layers: Dict[str, MoEConv2d], stats: dict) -> Dict[str, np.ndarra
 
 
 def merge(args) -> dict:
+    work_dir = args.work_dir or default_work_dir(args.config, 'merge_experts')
+    check_replaceable(args.out_dir, [args.config, args.checkpoint, work_dir], 'merging.json')
     cfg = load_config(args.config, args.cfg_options)
     model = load_checked(cfg, args.checkpoint)
     layers = mergeable_layers(model)
     dense_cfg = stock_config(cfg)  # before the val run: a config it cannot express fails now
-    work_dir = args.work_dir or default_work_dir(args.config, 'merge_experts')
     before, stats = evaluate_on_val(cfg, args.checkpoint, osp.join(work_dir, 'moe'))
     gates = mean_gates(layers, stats)
     for name, layer in layers.items():

@@ -37,7 +37,7 @@ import torch
 from mmengine.config import DictAction
 
 from mmdet_moe.analysis import check_stats, mean_gate_weights
-from mmdet_moe.atomic_output import atomic_directory
+from mmdet_moe.atomic_output import atomic_directory, check_replaceable
 from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
                                          load_checked, load_config, load_state_dict,
                                          run_tool, write_model)
@@ -104,9 +104,11 @@ def group_shares(model: torch.nn.Module, stats: dict, source: str) -> Dict[str, 
 
 
 def prune(args) -> dict:
+    work_dir = args.work_dir or default_work_dir(args.config, 'prune_experts')
+    check_replaceable(args.out_dir, [args.config, args.checkpoint, args.stats, work_dir],
+                      'pruning.json')
     cfg = load_config(args.config, args.cfg_options)
     model = load_checked(cfg, args.checkpoint)
-    work_dir = args.work_dir or default_work_dir(args.config, 'prune_experts')
     before = None
     if args.stats:
         stats, source = read_stats(args.stats), args.stats

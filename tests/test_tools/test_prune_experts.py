@@ -140,6 +140,14 @@ def test_removing_routed_experts_prints_the_ap_before_and_after(toy, capsys):
     assert 'never routed' not in printed
 
 
+def test_an_out_dir_holding_the_checkpoint_is_refused(toy, capsys):
+    config, checkpoint, _ = toy
+    tool = load_tool('prune_experts.py')
+    assert tool.main([config, checkpoint, '--out-dir', osp.dirname(checkpoint)]) == 2
+    assert 'holds the input' in capsys.readouterr().err
+    assert osp.isfile(checkpoint) and osp.isfile(config)
+
+
 def test_a_checkpoint_of_another_model_is_refused(toy, tmp_path, capsys):
     config, checkpoint, _ = toy
     state = torch.load(checkpoint)
