@@ -125,6 +125,9 @@ setup(
         # extra), psutil (benchmark.py through mmdet.utils.benchmark; mmdet's 'tests'),
         # scikit-learn (PAAHead's training and the tracking interpolation import it)
         'tools': ['seaborn>=0.12,<0.14', 'psutil>=5.8,<8', 'scikit-learn>=1.0,<2'],
+        # tools/export_onnx.py: torch's TorchScript exporter needs onnx; --verify and
+        # the export tests run the file with onnxruntime
+        'export': ['onnx>=1.14,<2', 'onnxruntime>=1.16,<2'],
     },
     license='Apache-2.0',
     cmdclass=CMDCLASS,

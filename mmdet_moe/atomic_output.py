@@ -1,10 +1,17 @@
-"""Write a whole output folder or nothing: a failed run never leaves a partial one."""
+"""Write a whole output folder or file, or nothing: a failed run never leaves a partial one."""
 import os
 import os.path as osp
 import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Sequence
+
+
+def created_mode(mode: int) -> int:
+    """``mode`` less the process's umask: what a plainly created file or folder gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 @contextmanager
@@ -16,9 +23,7 @@ def atomic_directory(out_dir: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f'.{osp.basename(osp.abspath(out_dir))}-', dir=parent)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # as os.makedirs would create it (mkdtemp: 0700)
+        os.chmod(tmp, created_mode(0o777))  # as os.makedirs would (mkdtemp: 0700)
         if osp.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -42,3 +47,21 @@ def check_replaceable(out_dir: str, inputs: Sequence[str], written: str) -> None
             not osp.isfile(osp.join(out_dir, written)):
         raise ValueError(f'--out-dir {out_dir} is a folder of other files (no {written} of '
                          'an earlier run), which it would replace; choose a new folder')
+
+
+@contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success the file written there
+    replaces ``path``, on any error it is deleted (``path`` is left as it was)."""
+    parent = osp.dirname(osp.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}-', dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, created_mode(0o666))  # as open() would (mkstemp: 0600)
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -8,6 +8,8 @@ from .complexity import (COMPUTE_COLUMNS, ActiveCompute, LayerCompute, Parameter
                          count_active_compute, count_parameters)
 from .flops import FlopCounter, count_flops
 from .conv_ops import dense_mixture, dispatch, dispatch_with_capacity, mixed_conv2d
+from .export import (ExportError, LayerExport, export_mode, export_onnx,
+                     export_plans, run_onnx)
 from .gate_output import GateOutput
 from .gates import (GATE_TYPES, GATES, AbsoluteImportanceGate, EqualWeightGate,
                     NonFiniteGateError, RelativeImportanceGate, TopKGate, build_gate,
@@ -23,7 +25,8 @@ from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_modul
 
 __all__ = [
     'AbsoluteImportanceGate', 'ActiveCompute', 'BALANCE_LOSSES', 'COMPUTE_COLUMNS', 'BalanceLosses', 'CPMuMoE',
-    'CPMuMoEConv2d', 'EqualWeightGate', 'FlopCounter', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'LayerCompute', 'MoE',
+    'CPMuMoEConv2d', 'EqualWeightGate', 'ExportError', 'LayerExport', 'export_mode',
+    'export_onnx', 'export_plans', 'run_onnx', 'FlopCounter', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'LayerCompute', 'MoE',
     'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
     'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
     'count_active_compute', 'count_flops', 'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',

@@ -138,7 +138,8 @@ class TopKGate(nn.Module):
                 raise ValueError(f"gate_type={self.gate_type!r} needs (B, C, H, W) maps, "
                                  f'got shape {tuple(x.shape)}')
             return x, x
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # while tracing, sizes are graph values: a check on them would freeze into the graph
+        if x.dim() != 4 or not torch.jit.is_tracing() and x.shape[1] != self.in_channels:
             raise ValueError(f'{self._label()}: expected (B, {self.in_channels}, H, W) '
                              f'input, got shape {tuple(x.shape)}')
 
@@ -150,7 +151,8 @@ class TopKGate(nn.Module):
         if self.gate_type == 'conv':
             feats = gap(F.relu(self.conv(x)))
             return feats, feats
-        if self.gate_type == 'paper_conv' and min(x.shape[-2:]) < 3:
+        if self.gate_type == 'paper_conv' and not torch.jit.is_tracing() \
+                and min(x.shape[-2:]) < 3:
             raise ValueError(f"{self._label()}: gate_type='paper_conv' (3×3, no padding) "
                              f'needs maps of at least 3×3, got {tuple(x.shape[-2:])}; '
                              "use gate_type='conv' (padded) or larger inputs")
@@ -180,10 +182,10 @@ class TopKGate(nn.Module):
     def _gate(self, logits: Tensor, feats: Tensor,
               pooled: List[Tuple[Tensor, Tensor]]) -> GateOutput:
         """Noise, top-k and weights from the clean logits, with autocast off."""
-        finite = torch.isfinite(logits).all()
         if self.training:
-            self._nonfinite |= ~finite
-        elif not finite:
+            self._nonfinite |= ~torch.isfinite(logits).all()
+        elif not torch.jit.is_tracing() and not torch.isfinite(logits).all():
+            # (a traced graph cannot raise: the check would be frozen into it)
             self._raise_nonfinite(f'for input of shape {tuple(feats.shape)}')
         noisy_logits = noise_std = None
         routing = logits
@@ -199,7 +201,7 @@ class TopKGate(nn.Module):
             indices = logits.new_full((len(logits), 1), self.forced_expert, dtype=torch.long)
             weights = torch.zeros_like(logits).scatter(1, indices, 1.0)
             return GateOutput(weights, indices, logits)
-        chunks = self.routing_chunks([len(p[0]) for p in pooled])
+        chunks = self.routing_chunks([p[0].shape[0] for p in pooled])
         weights, indices, masks = zip(*map(self._route, routing.split(chunks)))
         mask = None if masks[0] is None else torch.cat(masks)
         return GateOutput(torch.cat(weights), torch.cat(indices), logits, noisy_logits,
@@ -394,7 +396,7 @@ class EqualWeightGate(nn.Module):
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> GateOutput:
         maps = list(x) if isinstance(x, (list, tuple)) else [x]
-        rows = sum(len(level) for level in maps)
+        rows = sum(level.shape[0] for level in maps)
         logits = maps[0].new_zeros(rows, self.num_experts, dtype=full_dtype(maps[0]))
         if self.forced_expert is not None and self.forced_expert != EQUAL_WEIGHTS:
             indices = logits.new_full((rows, 1), self.forced_expert, dtype=torch.long)

@@ -73,10 +73,15 @@ class _GateNorm(nn.Module):
             if stats is not None and stats.dtype != logits.dtype:
                 # a model cast to half precision (no autocast): its statistics' dtype
                 return self(logits.to(stats.dtype)).to(logits.dtype)
+            if not self.norm.training and stats is not None:
+                # BatchNorm1d's eval on (B, N, ...) as it is: flattening the map would
+                # lose the expert count in a traced graph (ONNX BatchNormalization needs it)
+                return F.batch_norm(logits, stats, self.norm.running_var, eps=self.norm.eps)
             return self.norm(logits.flatten(2)).view_as(logits) if logits.dim() > 2 \
                 else self.norm(logits)
-        if self.kind == 'ln':
-            return self.norm(logits.movedim(1, -1)).movedim(-1, 1)
+        if self.kind == 'ln':  # a positive dim: movedim(1, -1) exports as an invalid Transpose
+            last = logits.dim() - 1
+            return self.norm(logits.movedim(1, last)).movedim(last, 1)
         return logits
 
 
@@ -139,7 +144,9 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         if self.gate_act == 'softmax':
             return F.softmax(logits, dim=1)
         # entmax sorts along the expert dim: a contiguous last dim sorts faster than strided
-        return entmax15(logits.movedim(1, -1).contiguous(), dim=-1).movedim(-1, 1)
+        # (a positive dim: a negative one exports as an invalid ONNX Transpose)
+        last = logits.dim() - 1
+        return entmax15(logits.movedim(1, last).contiguous(), dim=last).movedim(last, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         gates = self.gate_weights(x)
