@@ -111,7 +111,7 @@ def export(args) -> dict:
     cfg = load_config(args.config, args.cfg_options)
     model = load_checked(cfg, args.checkpoint)
     forward = TensorForward(model).eval()
-    plans = export_plans(model)  # refuses a MoE layer without an export path first
+    plans = export_plans(model, forward.dynamic_rows)  # refuses what cannot export first
     if forward.two_stage and args.opset != TWO_STAGE_OPSET:
         raise ValueError(f'--opset {args.opset}: a two-stage detector exports with opset '
                          f"{TWO_STAGE_OPSET} (mmcv's RoIAlign symbolic)")
@@ -125,7 +125,8 @@ def export(args) -> dict:
     with atomic_file(args.out) as tmp:
         start = time.perf_counter()
         export_onnx(forward, example, tmp, input_names=forward.input_names,
-                    output_names=names, opset=args.opset, dynamic_axes=dynamic)
+                    output_names=names, opset=args.opset, dynamic_axes=dynamic,
+                    dynamic_rows=forward.dynamic_rows)
         summary['seconds'] = time.perf_counter() - start
         if args.verify:
             check = example_inputs(forward, args.batch, height, width,

@@ -131,15 +131,23 @@ def mixed_conv2d(x: Tensor, gates: Tensor, weight: Tensor, bias: Optional[Tensor
     """
     batch, channels, height, width = x.shape
     out_channels = weight.shape[1]
-    if indices is None or indices.numel() >= weight.shape[0]:
+    tracing = torch.jit.is_tracing()
+    if tracing or indices is None or indices.numel() >= weight.shape[0]:
         kernel = torch.einsum('bn,n...->b...', gates.to(weight.dtype), weight)
     else:  # Σ_j g_{b,i_bj} W_{i_bj}: one gather-and-sum, gradients to gates included
         kernel = F.embedding_bag(indices, weight.flatten(1), mode='sum',
                                  per_sample_weights=gates.gather(1, indices).to(weight.dtype))
-    y = F.conv2d(x.reshape(1, batch * channels, height, width),
-                 kernel.reshape(batch * out_channels, *weight.shape[2:]), None,
-                 stride, padding, dilation, groups * batch)
-    y = y.view(batch, out_channels, *y.shape[-2:])
+    if tracing:
+        # a graph (ONNX) fixes the batch but not, after a resize, the kernel shape of the
+        # grouped conv below; one conv per image keeps every kernel (C_out, C_in, kh, kw)
+        y = torch.cat([F.conv2d(image[None], image_kernel, None, stride, padding, dilation,
+                                groups)
+                       for image, image_kernel in zip(x.unbind(0), kernel.unbind(0))])
+    else:
+        y = F.conv2d(x.reshape(1, batch * channels, height, width),
+                     kernel.reshape(batch * out_channels, *weight.shape[2:]), None,
+                     stride, padding, dilation, groups * batch)
+        y = y.view(batch, out_channels, *y.shape[-2:])
     if bias is not None:
         y = y + (gates.to(bias.dtype) @ bias)[:, :, None, None]
     return y

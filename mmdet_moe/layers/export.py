@@ -6,13 +6,16 @@ into the graph. Within :func:`export_mode` every MoE layer computes what it comp
 in eval with an implementation whose routing stays in the graph (gate → TopK →
 Scatter → weights, recomputed for every input):
 
-- ``dense`` (:class:`MoEConv2d`, :class:`MoE`, whatever their ``impl``): every expert
-  on every row, weighted by the gate (0 for unrouted experts): N× one expert, where
-  eager dispatch runs k× and a fused conv ≈ 1×. Same outputs, up to float rounding.
-  The fused per-image kernel does not export: it needs one grouped conv whose kernel
-  is reshaped from (B, C_out, ...) to (B·C_out, ...), and torch's exporter, which no
-  longer knows the batch size after a resize (FPN's top-down path), cannot give ONNX's
-  Conv the static kernel shape it requires.
+- ``fused`` (:class:`MoEConv2d`, a :class:`MoE` of plain conv experts, whatever their
+  ``impl``): per image, the kernel ``Σ_n g_n W_n`` mixed from the gate weights (0 for
+  unrouted experts), then one conv with it: ≈ one dense conv per image, whatever N
+  and k (the mixing reads all N kernels: N·|W| multiply-adds, small beside a conv
+  over the map). Eager runs one grouped conv over the batch; a graph runs one conv
+  per image (:func:`mixed_conv2d` while tracing), since after a resize (FPN's top-down
+  path) torch's exporter no longer knows the batch in the grouped conv's kernel shape,
+  which ONNX's Conv needs.
+- ``dense`` (whole-subnet :class:`MoE`, non-linear experts): every expert on every
+  row, weighted by the gate: N× one expert, where eager dispatch runs k×.
 - ``soft`` (μMoE layers): unchanged, no host read: ≈ two convs with R channels.
 
 The batch size is frozen into the graph (gates split their rows per FPN level by it).
@@ -49,7 +52,7 @@ class LayerExport:
     Attributes:
         name: the layer's path in the model.
         layer: its class name.
-        impl: ``'dense'`` or ``'soft'`` (see the module docstring).
+        impl: ``'fused'``, ``'dense'`` or ``'soft'`` (see the module docstring).
         cost: the graph's compute for this layer, in words, against eager.
     """
     name: str
@@ -58,12 +61,17 @@ class LayerExport:
     cost: str
 
 
-def _plan(module: nn.Module) -> LayerExport:
+def _plan(module: nn.Module, dynamic_rows: bool) -> LayerExport:
     name, layer = module.moe_name, type(module).__name__
     if isinstance(module, (MoE, MoEConv2d)):
         n, k, impl = module.num_experts, module.top_k, module.impl
         eager = {'dispatch': f'{k}×', 'dense': f'{n}×'}.get(impl, '≈ 1×: fused kernel')
-        what = 'expert' if isinstance(module, MoE) and not module.fusable() else 'conv'
+        fusable = isinstance(module, MoEConv2d) or module.fusable()
+        if fusable and not dynamic_rows:
+            return LayerExport(name, layer, 'fused', f'per image one conv with the kernel '
+                               f'mixed from all {n} by the gate: ≈ 1× one conv (eager '
+                               f'{impl}: {eager})')
+        what = 'conv; its rows vary in number' if fusable else 'expert'
         return LayerExport(name, layer, 'dense', f'all {n} experts on every row, weighted '
                            f'by the gate: {n}× one {what} (eager {impl}: {eager})')
     if isinstance(module, _MuMoEConvBase):
@@ -74,23 +82,30 @@ def _plan(module: nn.Module) -> LayerExport:
                       'MoEConv2d, MoE (and its subclasses), CPMuMoEConv2d and TRMuMoEConv2d')
 
 
-def export_plans(model: nn.Module) -> List[LayerExport]:
+def export_plans(model: nn.Module,
+                 dynamic_rows: Sequence[nn.Module] = ()) -> List[LayerExport]:
     """What each MoE layer of ``model`` computes in an exported graph, in
-    ``named_modules`` order.
+    ``named_modules`` order. MoE layers inside ``dynamic_rows`` gate rows whose number
+    the graph leaves open (e.g. the RoIs of a RoI head): they run ``dense`` (the fused
+    form runs one conv per row, a number a graph fixes).
 
     Raises:
         ExportError: naming the first MoE layer without an export path.
     """
-    return [plan for _, plan in _layers(model)]
+    return [plan for _, plan in _layers(model, dynamic_rows)]
 
 
-def _layers(model: nn.Module) -> List[Tuple[nn.Module, LayerExport]]:
+def _layers(model: nn.Module,
+            dynamic_rows: Sequence[nn.Module]) -> List[Tuple[nn.Module, LayerExport]]:
     assign_moe_names(model)
-    return [(module, _plan(module)) for module in model.modules() if is_moe_module(module)]
+    open_rows = {id(m) for owner in dynamic_rows for m in owner.modules()}
+    return [(module, _plan(module, id(module) in open_rows)) for module in model.modules()
+            if is_moe_module(module)]
 
 
 @contextmanager
-def export_mode(model: nn.Module) -> Iterator[List[LayerExport]]:
+def export_mode(model: nn.Module,
+                dynamic_rows: Sequence[nn.Module] = ()) -> Iterator[List[LayerExport]]:
     """Within the block, every MoE layer of ``model`` runs its graph implementation
     (:func:`export_plans`, yielded); the layers' ``impl`` is restored on exit, also
     when the block raises. Meant for eval mode: training-only behaviour (noise,
@@ -100,11 +115,12 @@ def export_mode(model: nn.Module) -> Iterator[List[LayerExport]]:
         ExportError: before changing anything, naming a MoE layer without an
             export path.
     """
-    layers = _layers(model)
-    saved = [(module, module.impl) for module, plan in layers if plan.impl == 'dense']
+    layers = _layers(model, dynamic_rows)
+    switched = [(module, plan.impl) for module, plan in layers if plan.impl != 'soft']
+    saved = [(module, module.impl) for module, _ in switched]
     try:
-        for module, _ in saved:
-            module.impl = 'dense'
+        for module, impl in switched:
+            module.impl = impl
         yield [plan for _, plan in layers]
     finally:
         for module, impl in saved:
@@ -114,7 +130,8 @@ def export_mode(model: nn.Module) -> Iterator[List[LayerExport]]:
 def export_onnx(module: nn.Module, args: Tuple[Tensor, ...], path: str, *,
                 input_names: Sequence[str], output_names: Sequence[str],
                 opset: int = DEFAULT_OPSET,
-                dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None) -> None:
+                dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None,
+                dynamic_rows: Sequence[nn.Module] = ()) -> None:
     """Trace ``module(*args)`` (eval mode, MoE layers in :func:`export_mode`) into the
     ONNX file ``path``.
 
@@ -133,7 +150,7 @@ def export_onnx(module: nn.Module, args: Tuple[Tensor, ...], path: str, *,
     if module.training:
         raise ValueError(f'export {type(module).__name__} in eval mode (call .eval()): '
                          'a graph holds no training-only routing (noise, masks, capacity)')
-    with export_mode(module), torch.no_grad(), \
+    with export_mode(module, dynamic_rows), torch.no_grad(), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always', torch.jit.TracerWarning)
         torch.onnx.export(module, args, path, dynamo=False, opset_version=opset,

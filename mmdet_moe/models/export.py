@@ -50,6 +50,8 @@ class TensorForward(nn.Module):
                              'two-stage mmdet detector; export supports those')
         self.input_names = ['images', 'rois'] if self.two_stage else ['images']
         self.output_names: List[str] = []
+        # the RoI head's MoE layers gate RoIs, a number the graph leaves open
+        self.dynamic_rows = [detector.roi_head] if self.two_stage else []
 
     def name_outputs(self, *example: Tensor) -> List[str]:
         """Run the eager forward on ``example`` once and name its outputs."""

@@ -112,16 +112,29 @@ def test_plans_say_what_each_layer_computes_and_export_mode_restores_impl():
                                subnet=moe, mu=CPMuMoEConv2d(C, C, num_experts=8, rank=2)))
     plans = {p.name: p for p in export_plans(model)}
     assert [plans[n].impl for n in ('fused', 'roi', 'subnet', 'mu')] == \
-        ['dense', 'dense', 'dense', 'soft']
+        ['fused', 'fused', 'dense', 'soft']
     assert plans['subnet'].cost == ('all 4 experts on every row, weighted by the gate: '
                                     '4× one expert (eager dispatch: 2×)')
-    assert plans['fused'].cost.endswith('4× one conv (eager auto: ≈ 1×: fused kernel)')
+    assert plans['roi'].cost.endswith('≈ 1× one conv (eager dispatch: 2×)')
     with pytest.raises(RuntimeError):
         with export_mode(model):
-            assert (moe.impl, model['roi'].impl, model['fused'].impl) == ('dense',) * 3
+            assert (moe.impl, model['roi'].impl, model['fused'].impl) == \
+                ('dense', 'fused', 'fused')
             raise RuntimeError
     assert (moe.impl, model['roi'].impl, model['fused'].impl) == \
         ('dispatch', 'dispatch', 'auto')
+
+
+def test_a_fused_layer_runs_one_conv_per_image_in_the_graph(tmp_path):
+    """Not N: the graph of a MoEConv2d with 8 experts holds one Conv per image."""
+    import onnx
+    torch.manual_seed(0)
+    layer = MoEConv2d(C, C, 3, padding=1, num_experts=8, top_k=2).eval()
+    path = str(tmp_path / 'fused.onnx')
+    export_onnx(layer, (torch.randn(2, C, SIZE, SIZE),), path, input_names=['x'],
+                output_names=['y'])
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert ops.count('Conv') == 2 and 'TopK' in ops
 
 
 class Unexportable(MoEModuleMixin, nn.Module):
@@ -146,8 +159,9 @@ def test_data_dependent_python_in_mmdet_moe_fails_the_export(tmp_path, monkeypat
     monkeypatch.setattr(torch.jit, 'is_tracing', lambda: False)
     with pytest.raises(RuntimeError, match=r'mmdet_moe/layers/gates\.py:\d+: Converting a '
                        'tensor to a Python boolean'):
-        export_onnx(MoEConv2d(C, C, 1, impl='dense').eval(), (torch.randn(1, C, 4, 4),),
-                    str(tmp_path / 'x.onnx'), input_names=['x'], output_names=['y'])
+        export_onnx(MoE(expert_factory=subnet, num_experts=4, in_channels=C).eval(),
+                    (torch.randn(1, C, 4, 4),), str(tmp_path / 'x.onnx'),
+                    input_names=['x'], output_names=['y'])
 
 
 def test_training_mode_is_refused(tmp_path):

@@ -72,7 +72,8 @@ def test_every_provided_moe_config_exports_and_matches_eager(config, tmp_path):
     names = forward.name_outputs(*inputs)
     path = str(tmp_path / 'model.onnx')
     export_onnx(forward, inputs, path, input_names=forward.input_names, output_names=names,
-                dynamic_axes={'rois': {0: 'n'}} if forward.two_stage else None)
+                dynamic_axes={'rois': {0: 'n'}} if forward.two_stage else None,
+                dynamic_rows=forward.dynamic_rows)
     new = example(forward, seed=1)  # other images (and another number of RoIs)
     if forward.two_stage:
         new = new[0], new[1][:5]
