@@ -22,16 +22,15 @@ the largest absolute difference to eager PyTorch. Exit code 2, with nothing writ
 at ``--out``, for bad input: a checkpoint that does not match the config (the keys
 are named), a MoE layer or detector without an export path (named), a bad shape.
 """
-import argparse
 import sys
 import time
 from typing import List, Optional, Tuple
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 
 from mmdet_moe.atomic_output import atomic_file
-from mmdet_moe.engine.evaluation import load_checked, load_config, run_tool
+from mmdet_moe.engine.evaluation import load_checked, load_config, model_parser, run_tool
 from mmdet_moe.layers import export_onnx, export_plans, run_onnx
 from mmdet_moe.layers.export import DEFAULT_OPSET
 from mmdet_moe.models.export import TensorForward
@@ -42,10 +41,7 @@ TWO_STAGE_OPSET = 12
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Export a MoE detector's tensor forward to ONNX")
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser = model_parser("Export a MoE detector's tensor forward to ONNX")
     parser.add_argument('--out', required=True, help='the .onnx file (written only '
                         'when the export succeeded)')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
@@ -59,8 +55,6 @@ def parse_args(argv=None):
     parser.add_argument('--verify', action='store_true', help='run the file with '
                         'onnxruntime on a new random input and print the largest '
                         'absolute difference to eager PyTorch')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, as in tools/test.py')
     args = parser.parse_args(argv)
     for name, value in (('--batch', args.batch), ('--num-rois', args.num_rois)):
         if value < 1:

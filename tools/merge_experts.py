@@ -21,7 +21,6 @@ Whole-subnet experts (a conv tower with norms and activations per expert) and μ
 layers are not single linear convs and are refused, as are a checkpoint that does not
 match the config: exit code 2, with nothing written.
 """
-import argparse
 import json
 import os.path as osp
 import sys
@@ -29,28 +28,21 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from mmengine.config import DictAction
-
 from mmdet_moe.analysis import mean_gate_weights
 from mmdet_moe.atomic_output import atomic_directory, check_replaceable
 from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
                                          load_checked, load_config, load_state_dict,
-                                         run_tool, write_model)
+                                         model_parser, run_tool, write_model)
 from mmdet_moe.layers import EqualWeightGate, MoEConv2d, is_moe_module, merged_conv
 from mmdet_moe.models.stock_config import stock_config
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Fold a MoE detector's MoEConv2d experts into dense convs (a stock "
+    parser = model_parser("Fold a MoE detector's MoEConv2d experts into dense convs (a stock "
                     'mmdet config and checkpoint)')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
     parser.add_argument('--out-dir', required=True, help='folder for the merged config '
                         'and checkpoint (replaced as a whole; nothing written on error)')
     parser.add_argument('--work-dir', help='work dir of the val runs')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, as in tools/test.py')
     return parser.parse_args(argv)
 
 

@@ -26,7 +26,6 @@ code 2, with nothing written, for bad input: fewer
 experts left than ``top_k`` (or 2), a layer without discrete experts (μMoE), a
 checkpoint that does not match the config, statistics of another model.
 """
-import argparse
 import json
 import os.path as osp
 import sys
@@ -34,21 +33,17 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from mmengine.config import DictAction
-
 from mmdet_moe.analysis import check_stats, mean_gate_weights
 from mmdet_moe.atomic_output import atomic_directory, check_replaceable
 from mmdet_moe.engine.evaluation import (ap_line, default_work_dir, evaluate_on_val,
                                          load_checked, load_config, load_state_dict,
-                                         run_tool, write_model)
+                                         model_parser, run_tool, write_model)
 from mmdet_moe.layers import gate_groups, prune_model_experts
 from mmdet_moe.models.stock_config import pruned_config
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description='Remove experts below a share of the routing from a MoE detector')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint')
+    parser = model_parser(
+        'Remove experts below a share of the routing from a MoE detector')
     parser.add_argument('--out-dir', required=True, help='folder for the pruned config '
                         'and checkpoint (replaced as a whole; nothing written on error)')
     parser.add_argument('--min-share', type=float, default=0.01,
@@ -59,8 +54,6 @@ def parse_args(argv=None):
                         help='evaluate the pruned model on the val set, print AP before '
                              'and after (done anyway when routed experts are removed)')
     parser.add_argument('--work-dir', help='work dir of the val runs')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override settings of the config, as in tools/test.py')
     args = parser.parse_args(argv)
     if not 0 <= args.min_share < 1:
         parser.error(f'--min-share must be in [0, 1) (a share of the routing), got '

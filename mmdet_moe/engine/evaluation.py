@@ -1,6 +1,7 @@
 """Evaluate a config and checkpoint with mmengine's test loop, for the tools that
 measure a trained model (its COCO metrics and, with :class:`ExpertSizeStatsHook`,
 each expert's gate statistics)."""
+import argparse
 import copy
 import json
 import os.path as osp
@@ -144,3 +145,15 @@ def run_tool(tool: str, work: Callable[[], Result], report: Callable[[Result], N
         return 2
     report(result)
     return 0
+
+
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with a tool's CONFIG, CHECKPOINT and ``--cfg-options`` (as in
+    mmdet's tools/test.py)."""
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, as in tools/test.py')
+    return parser

@@ -24,14 +24,17 @@ from .recording import (GateRecord, GateRecorder, assign_moe_names, is_moe_modul
                         mark_row_images, record_gate, record_gates)
 
 __all__ = [
-    'AbsoluteImportanceGate', 'ActiveCompute', 'BALANCE_LOSSES', 'COMPUTE_COLUMNS', 'BalanceLosses', 'CPMuMoE',
-    'CPMuMoEConv2d', 'EqualWeightGate', 'ExportError', 'LayerExport', 'export_mode',
-    'export_onnx', 'export_plans', 'run_onnx', 'FlopCounter', 'GATE_TYPES', 'GATES', 'GateOutput', 'GateRecord', 'GateRecorder', 'LayerCompute', 'MoE',
-    'MoEConv2d', 'MoEModuleMixin', 'NonFiniteGateError', 'ParameterCount', 'RelativeImportanceGate',
-    'TRMuMoE', 'TRMuMoEConv2d', 'TopKGate', 'assign_moe_names', 'build_gate',
-    'count_active_compute', 'count_flops', 'count_parameters', 'cv_squared', 'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration', 'global_importance', 'importance_loss',
-    'is_moe_module', 'kl_uniform_loss', 'load_loss', 'mark_row_images', 'mixed_conv2d',
-    'override_routing', 'gate_groups', 'merged_conv', 'prune_experts', 'prune_model_experts',
-    'prob_in_top_k',
-    'rank_for_params', 'record_gate', 'record_gates', 'router_z_loss', 'switch_loss'
+    'AbsoluteImportanceGate', 'ActiveCompute', 'assign_moe_names', 'BALANCE_LOSSES',
+    'BalanceLosses', 'build_gate', 'COMPUTE_COLUMNS', 'count_active_compute',
+    'count_flops', 'count_parameters', 'CPMuMoE', 'CPMuMoEConv2d', 'cv_squared',
+    'dense_mixture', 'dispatch', 'dispatch_with_capacity', 'end_iteration',
+    'EqualWeightGate', 'export_mode', 'export_onnx', 'export_plans', 'ExportError',
+    'FlopCounter', 'gate_groups', 'GATE_TYPES', 'GateOutput', 'GateRecord',
+    'GateRecorder', 'GATES', 'global_importance', 'importance_loss', 'is_moe_module',
+    'kl_uniform_loss', 'LayerCompute', 'LayerExport', 'load_loss', 'mark_row_images',
+    'merged_conv', 'mixed_conv2d', 'MoE', 'MoEConv2d', 'MoEModuleMixin',
+    'NonFiniteGateError', 'override_routing', 'ParameterCount', 'prob_in_top_k',
+    'prune_experts', 'prune_model_experts', 'rank_for_params', 'record_gate',
+    'record_gates', 'RelativeImportanceGate', 'router_z_loss', 'run_onnx',
+    'switch_loss', 'TopKGate', 'TRMuMoE', 'TRMuMoEConv2d'
 ]
