@@ -24,16 +24,15 @@ are named), a MoE layer or detector without an export path (named), a bad shape.
 """
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
-from mmengine.config import Config
 
 from mmdet_moe.atomic_output import atomic_file
 from mmdet_moe.engine.evaluation import load_checked, load_config, model_parser, run_tool
 from mmdet_moe.layers import export_onnx, export_plans, run_onnx
 from mmdet_moe.layers.export import DEFAULT_OPSET
-from mmdet_moe.models.export import TensorForward
+from mmdet_moe.models.export import TensorForward, example_inputs, input_shape
 
 # mmcv's RoIAlign symbolic writes Squeeze with an `axes` attribute (opset <= 12) and
 # RoiAlign-10 semantics; Einsum (μMoE) needs opset >= 12
@@ -64,41 +63,6 @@ def parse_args(argv=None):
     if args.shape is not None and min(args.shape) < 1:
         parser.error(f'--shape must be two sizes >= 1, got {args.shape}')
     return args
-
-
-def input_shape(cfg: Config, shape: Optional[List[int]]) -> Tuple[int, int]:
-    """(H, W): ``shape``, else the test pipeline's Resize scale (w, h), each checked
-    against or padded to the data preprocessor's ``pad_size_divisor``."""
-    divisor = cfg.model.get('data_preprocessor', {}).get('pad_size_divisor', 1)
-    if shape is not None:
-        bad = [s for s in shape if s % divisor]
-        if bad:
-            raise ValueError(f'--shape {shape[0]} {shape[1]}: the data preprocessor pads '
-                             f'images to multiples of {divisor}; {bad} is not one')
-        return shape[0], shape[1]
-    pipeline = cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline', [])
-    scales = [step['scale'] for step in pipeline
-              if step.get('type') == 'Resize' and 'scale' in step]
-    if not scales:
-        raise ValueError('the config has no test pipeline Resize with a scale: give '
-                         '--shape H W')
-    width, height = scales[0]
-    return tuple(-(-s // divisor) * divisor for s in (height, width))
-
-
-def example_inputs(forward: TensorForward, batch: int, height: int, width: int,
-                   num_rois: int, seed: int) -> Tuple[torch.Tensor, ...]:
-    """Random images (B, 3, H, W) and, for two-stage detectors, random RoIs (R, 5)
-    of 1/16 to 1/2 the image size, spread over the images."""
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, height, width, generator=gen)
-    if not forward.two_stage:
-        return (images,)
-    size = torch.tensor([width, height], dtype=torch.float)
-    wh = size * (1 / 16 + torch.rand(num_rois, 2, generator=gen) * 7 / 16)
-    xy = (size - wh) * torch.rand(num_rois, 2, generator=gen)
-    index = torch.arange(num_rois, dtype=torch.float)[:, None] % batch
-    return images, torch.cat([index, xy, xy + wh], dim=1)
 
 
 def export(args) -> dict:

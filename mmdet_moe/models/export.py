@@ -15,10 +15,11 @@
 
 Box decoding and NMS of the detections are left to the caller in both cases.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.config import Config
 from torch import Tensor
 
 from mmdet.models.detectors import SingleStageDetector, TwoStageDetector
@@ -118,3 +119,38 @@ def roi_features(extractor: SingleRoIExtractor, feats: Sequence[Tensor],
     for i, level_pooled in enumerate(pooled[1:], 1):
         out = torch.where(levels == i, level_pooled, out)
     return out
+
+
+def example_inputs(forward: TensorForward, batch: int, height: int, width: int,
+                   num_rois: int, seed: int) -> Tuple[torch.Tensor, ...]:
+    """Random images (B, 3, H, W) and, for two-stage detectors, random RoIs (R, 5)
+    of 1/16 to 1/2 the image size, spread over the images."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, height, width, generator=gen)
+    if not forward.two_stage:
+        return (images,)
+    size = torch.tensor([width, height], dtype=torch.float)
+    wh = size * (1 / 16 + torch.rand(num_rois, 2, generator=gen) * 7 / 16)
+    xy = (size - wh) * torch.rand(num_rois, 2, generator=gen)
+    index = torch.arange(num_rois, dtype=torch.float)[:, None] % batch
+    return images, torch.cat([index, xy, xy + wh], dim=1)
+
+
+def input_shape(cfg: Config, shape: Optional[List[int]]) -> Tuple[int, int]:
+    """(H, W): ``shape``, else the test pipeline's Resize scale (w, h), each checked
+    against or padded to the data preprocessor's ``pad_size_divisor``."""
+    divisor = cfg.model.get('data_preprocessor', {}).get('pad_size_divisor', 1)
+    if shape is not None:
+        bad = [s for s in shape if s % divisor]
+        if bad:
+            raise ValueError(f'--shape {shape[0]} {shape[1]}: the data preprocessor pads '
+                             f'images to multiples of {divisor}; {bad} is not one')
+        return shape[0], shape[1]
+    pipeline = cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline', [])
+    scales = [step['scale'] for step in pipeline
+              if step.get('type') == 'Resize' and 'scale' in step]
+    if not scales:
+        raise ValueError('the config has no test pipeline Resize with a scale: give '
+                         '--shape H W')
+    width, height = scales[0]
+    return tuple(-(-s // divisor) * divisor for s in (height, width))

@@ -1,10 +1,11 @@
 """tools/benchmark.py: its subcommands run and print what they measure."""
+import os.path as osp
 import re
 
 import pytest
 import torch
 
-from helpers import (TOY_MOE_CONFIG, as_cli_options, load_tool, make_tiny_coco, run_tool,
+from helpers import (CONFIGS, TOY_MOE_CONFIG, as_cli_options, load_tool, make_tiny_coco, run_tool,
                      toy_overrides)
 
 
@@ -119,3 +120,16 @@ def test_detector_compute_counts_k_and_n_towers():
     assert moe['flops_n'] - stock['flops_n'] == 3 * tower + gate
     # per row 2 of 4 towers, as the dense pair; its noisy gate has 2 more outputs
     assert moe['params_active'] - dense['params_total'] == 2 * (64 * 2 + 2)
+
+
+def test_export_times_eager_against_onnxruntime_and_the_merged_dense_model():
+    pytest.importorskip('onnxruntime')
+    proc = run_tool('benchmark.py', 'export', osp.join(CONFIGS, 'toy',
+                                                       'fcos_r18_fpn_moe-head_3e_toy-coco.py'),
+                    '--shape', 64, 64, '--repeats', 1, '--warmup', 0)
+    assert proc.returncode == 0, proc.output[-3000:]
+    rows = re.findall(r'^\| (\S.*?) \| ([0-9.]+) \| ([0-9.]+) \|$', proc.stdout, re.MULTILINE)
+    assert [r[0] for r in rows] == ['MoE, eager PyTorch', 'MoE, onnxruntime',
+                                    'dense (merged), eager PyTorch',
+                                    'dense (merged), onnxruntime']
+    assert rows[0][2] == '1.00'
