@@ -119,9 +119,9 @@ def load_stats(path: str) -> dict:
 
 def build_runner(args):
     """A Runner for the test loop with ExpertSizeStatsHook, from CONFIG CHECKPOINT."""
-    from mmengine.runner import Runner
     import mmdet_moe  # noqa: F401
-    from mmdet_moe.engine.evaluation import CheckpointMismatchError, check_checkpoint
+    from mmdet_moe.engine.evaluation import (CheckpointMismatchError, default_work_dir,
+                                             test_runner)
     config, checkpoint = args.inputs
     for path, what in ((config, 'config'), (checkpoint, 'checkpoint')):
         if not osp.isfile(path):
@@ -129,15 +129,10 @@ def build_runner(args):
     cfg = Config.fromfile(config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    cfg.work_dir = args.work_dir or osp.join(
-        'work_dirs', osp.splitext(osp.basename(config))[0], 'analyze_experts')
-    cfg.load_from = checkpoint
-    hooks = [h for h in cfg.get('custom_hooks', []) if h['type'] != 'ExpertSizeStatsHook']
-    cfg.custom_hooks = hooks + [dict(type='ExpertSizeStatsHook', score_thr=args.score_thr,
-                                     match_gt=args.match_gt)]
-    runner = Runner.from_cfg(cfg)
+    work_dir = args.work_dir or default_work_dir(config, 'analyze_experts')
     try:
-        check_checkpoint(runner.model, checkpoint)
+        runner = test_runner(cfg, checkpoint, work_dir, dict(
+            type='ExpertSizeStatsHook', score_thr=args.score_thr, match_gt=args.match_gt))
     except CheckpointMismatchError as err:
         raise ReportError(str(err)) from err
     return runner

@@ -669,26 +669,21 @@ def parse_args(argv=None):
     detectors.add_argument('--memory-of', choices=sorted(DETECTOR_VARIANTS),
                            help=argparse.SUPPRESS)  # internal: one variant per process
     detectors.set_defaults(func=bench_detectors)
-    iteration = sub.add_parser('iteration', help='where the time of a training iteration '
-                               'of a config goes (stock Runner, the config\'s data)')
-    iteration.add_argument('config')
+    iteration = config_command(sub, 'iteration', 'where the time of a training '
+                               'iteration of a config goes (stock Runner, the config\'s data)')
     iteration.add_argument('--iters', type=int, default=30, help='timed iterations')
     iteration.add_argument('--warmup', type=int, default=3)
     iteration.add_argument('--work-dir', default=osp.join('work_dirs', 'benchmark_iteration'))
-    iteration.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     iteration.set_defaults(func=profile_iteration)
-    hooks = sub.add_parser('hooks', help='overhead of ExpertUtilisationHook in training and '
-                           'ExpertSizeStatsHook in a test run of a config')
-    hooks.add_argument('config')
+    hooks = config_command(sub, 'hooks', 'overhead of ExpertUtilisationHook in training '
+                           'and ExpertSizeStatsHook in a test run of a config')
     hooks.add_argument('--checkpoint', help='weights for the test run (default: random)')
     hooks.add_argument('--iters', type=int, default=30, help='training iterations')
     hooks.add_argument('--test-images', type=int, default=100)
     hooks.add_argument('--work-dir', default=osp.join('work_dirs', 'benchmark_hooks'))
-    hooks.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     hooks.set_defaults(func=bench_hooks)
-    export = sub.add_parser('export', help="a config's tensor forward: eager PyTorch "
+    export = config_command(sub, 'export', "a config's tensor forward: eager PyTorch "
                             'against its ONNX graph in onnxruntime')
-    export.add_argument('config')
     export.add_argument('--checkpoint', help='weights (default: random)')
     export.add_argument('--dense-config', help='the dense detector to compare with '
                         '(default: the merged one, where the MoE layers are single convs)')
@@ -699,7 +694,6 @@ def parse_args(argv=None):
                         help='RoIs of a two-stage detector')
     export.add_argument('--repeats', type=int, default=20)
     export.add_argument('--warmup', type=int, default=3)
-    export.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     export.set_defaults(func=bench_export)
     args = parser.parse_args(argv)
     if getattr(args, 'device', None) is not None:
@@ -720,6 +714,14 @@ def parse_args(argv=None):
         parser.error(f'--mu-experts {args.mu_experts}: at least two numbers of experts, '
                      'each >= 2')
     return args
+
+
+def config_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand on a config: CONFIG and ``--cfg-options`` as in tools/train.py."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument('config')
+    command.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
+    return command
 
 
 def add_device_argument(parser) -> None:

@@ -78,6 +78,22 @@ def load_checked(cfg: Config, checkpoint: str) -> nn.Module:
     return model
 
 
+def test_runner(cfg: Config, checkpoint: str, work_dir: str,
+                stats_hook: Optional[dict] = None):
+    """An mmengine Runner for ``cfg``'s test loop with ``checkpoint`` (strictly
+    checked: mmengine would load a mismatching ``load_from`` with a log line only)
+    and, given ``stats_hook`` (an ExpertSizeStatsHook config), that hook in place of
+    the config's own."""
+    from mmengine.runner import Runner
+    cfg = copy.deepcopy(cfg)
+    cfg.work_dir, cfg.load_from = work_dir, checkpoint
+    hooks = [h for h in cfg.get('custom_hooks', []) if h['type'] != 'ExpertSizeStatsHook']
+    cfg.custom_hooks = hooks + ([stats_hook] if stats_hook else [])
+    runner = Runner.from_cfg(cfg)
+    check_checkpoint(runner.model, checkpoint)
+    return runner
+
+
 def evaluate_on_val(cfg: Config, checkpoint: str, work_dir: str,
                     gate_stats: bool = True) -> Tuple[dict, Optional[dict]]:
     """Run the test loop on ``cfg``'s val set (its ``val_dataloader`` and
@@ -88,20 +104,14 @@ def evaluate_on_val(cfg: Config, checkpoint: str, work_dir: str,
         ``expert_size_stats.json`` dict written by :class:`ExpertSizeStatsHook`
         (per MoE layer: ``importance`` Σ gate weights per expert, ``rows``, ...).
     """
-    from mmengine.runner import Runner
     cfg = copy.deepcopy(cfg)
     for key in ('dataloader', 'evaluator'):
         if cfg.get(f'val_{key}') is None:
             raise ValueError(f'the config has no val_{key}: the val set is needed to '
                              'measure the model')
         cfg[f'test_{key}'] = cfg[f'val_{key}']
-    cfg.work_dir, cfg.load_from = work_dir, checkpoint
-    hooks = [h for h in cfg.get('custom_hooks', []) if h['type'] != 'ExpertSizeStatsHook']
-    if gate_stats:
-        hooks.append(dict(type='ExpertSizeStatsHook'))
-    cfg.custom_hooks = hooks
-    runner = Runner.from_cfg(cfg)
-    check_checkpoint(runner.model, checkpoint)
+    runner = test_runner(cfg, checkpoint, work_dir,
+                         dict(type='ExpertSizeStatsHook') if gate_stats else None)
     metrics = runner.test()
     if not gate_stats:
         return metrics, None
