@@ -1,14 +1,19 @@
-# The README's commands. `make test` and `make demo` set up .venv first (idempotent).
+# The README's commands. Every target sets up .venv first (idempotent).
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test demo demo-compare
+.PHONY: env test test-fast demo demo-compare
 
 env:
 	bash tools/setup_env.sh
 
+# the full suite, as CI runs it; prints the 15 slowest tests
 test: env
-	$(PYTHON_VENV) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTHON_VENV) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
+
+# the inner loop (< 3 min): no subprocesses, training runs or GPU
+test-fast: env
+	$(PYTHON_VENV) -m pytest -q -m "not slow and not cuda" $(PYTEST_ARGS) tests
 
 demo: env
 	$(PYTHON_VENV) tools/demo.py

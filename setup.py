@@ -108,10 +108,12 @@ setup(
     python_requires='>=3.11',
     # ranges, not pins: mmdet 3.3.0 accepts mmcv >=2.0.0rc4,<2.2.0 and mmengine
     # >=0.7.1,<1.0.0 (its mmdet/__init__.py asserts, its 'mim' extra); mmdet itself
-    # lists neither in its requirements, so they are named here
+    # lists neither in its requirements, so they are named here. mmdet is held to the
+    # minor version the tests run against (detection tagging follows mmdet's decode
+    # code); mmdet_moe/compat.py checks it at import
     install_requires=[
         'torch>=2.0',
-        'mmdet>=3.0.0,<4.0.0',
+        'mmdet>=3.3.0,<3.4.0',
         'mmengine>=0.7.1,<1.0.0',
         'mmcv>=2.0.0rc4,<2.2.0',
         'pycocotools',

@@ -6,10 +6,13 @@ the provided configs as ``_base_ = 'mmdet_moe::<path under configs/>'`` (see
 :mod:`mmdet_moe.registry`) and lets mmengine's checkpoints load under torch >= 2.6
 with the safe loader.
 """
-from .compat import allow_mmengine_checkpoints
+import mmdet
+
+from .compat import allow_mmengine_checkpoints, check_mmdet_version
 from .registry import register_config_package
 from .version import __version__
 
+check_mmdet_version(mmdet.__version__)
 allow_mmengine_checkpoints()
 register_config_package()
 

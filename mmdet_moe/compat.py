@@ -1,4 +1,10 @@
-"""Compatibility of the fixed stack (mmengine 0.10.7) with torch >= 2.6.
+"""Compatibility: the mmdet versions the plugin supports, and mmengine 0.10.7's
+checkpoints under torch >= 2.6.
+
+The tagging of detections follows mmdet's decode code (``filter_scores_and_topk``,
+``_bbox_post_process``, ``multiclass_nms``), which changes between minor versions,
+so the plugin accepts the minor version its tests run against and refuses others at
+import with what to install (setup.py declares the same range).
 
 torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and mmengine
 0.10.7 does not pass the argument, so its own checkpoints (which hold a
@@ -15,6 +21,19 @@ import pickle
 
 import numpy as np
 import torch
+
+
+MMDET_RANGE = ('3.3.0', '3.4.0')  # [lowest, first refused), as setup.py declares
+
+
+def check_mmdet_version(version: str) -> None:
+    """Raise ImportError unless ``version`` (mmdet's) lies in :data:`MMDET_RANGE`."""
+    from mmengine.utils import digit_version
+    low, high = MMDET_RANGE
+    if not digit_version(low) <= digit_version(version) < digit_version(high):
+        raise ImportError(f'mmdet_moe supports mmdet>={low},<{high} (the version its tests '
+                          f'run against), found mmdet {version}: pip install '
+                          f'"mmdet>={low},<{high}"')
 
 
 HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')

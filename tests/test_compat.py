@@ -1,13 +1,31 @@
-"""mmengine checkpoints load under torch >= 2.6 with the safe loader kept on."""
+"""The supported mmdet range, and mmengine checkpoints under torch >= 2.6 with the
+safe loader kept on."""
 import io
+import os.path as osp
 import pickle
 
 import pytest
 import torch
 from mmengine.logging import MessageHub
 from mmengine.logging.history_buffer import HistoryBuffer
+from helpers import ROOT
 
-from mmdet_moe.compat import history_buffer_statistic
+import mmdet
+
+from mmdet_moe.compat import MMDET_RANGE, check_mmdet_version, history_buffer_statistic
+
+
+def test_the_installed_mmdet_is_in_the_declared_range():
+    check_mmdet_version(mmdet.__version__)
+    with open(osp.join(ROOT, 'setup.py')) as f:
+        assert f"'mmdet>={MMDET_RANGE[0]},<{MMDET_RANGE[1]}'" in f.read()
+
+
+@pytest.mark.parametrize('version', ['3.2.0', '3.4.0', '2.28.2'])
+def test_other_mmdet_versions_are_refused_naming_the_range(version):
+    with pytest.raises(ImportError, match=rf'found mmdet {version}: pip install '
+                                          r'"mmdet>=3\.3\.0,<3\.4\.0"'):
+        check_mmdet_version(version)
 
 
 def test_message_hub_state_loads_with_weights_only():
