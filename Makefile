@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast demo demo-compare
+.PHONY: env test test-fast demo demo-compare docs
 
 env:
 	bash tools/setup_env.sh
@@ -21,3 +21,8 @@ demo: env
 # dense, MoE soft and MoE hard trained alike, side by side (about 3× the demo's time)
 demo-compare: env
 	$(PYTHON_VENV) tools/demo.py --compare
+
+# the documentation site from docs/ into build/docs/ (open build/docs/index.html);
+# --strict: any warning, a broken link or anchor between the pages included, fails
+docs: env
+	$(PYTHON_VENV) -m mkdocs build --strict --site-dir build/docs

@@ -130,6 +130,9 @@ setup(
         # tools/export_onnx.py: torch's TorchScript exporter needs onnx; --verify and
         # the export tests run the file with onnxruntime
         'export': ['onnx>=1.14,<2', 'onnxruntime>=1.16,<2'],
+        # the documentation site (make docs, tests/test_docs.py): mkdocs >= 1.6 checks
+        # links and anchors between pages (mkdocs.yml's validation)
+        'docs': ['mkdocs>=1.6,<2'],
     },
     license='Apache-2.0',
     cmdclass=CMDCLASS,

@@ -2,8 +2,8 @@
 # Creates (or refreshes) the project's virtual environment in .venv:
 #   torch (kept if present) -> mmcv 2.1.0 built from source with its ops against that
 #   torch -> mmengine / mmdet / pycocotools / ... -> mmdet_moe in editable mode, with
-#   the extras 'tests' (pytest), 'tools' (what mmdet's analysis tools import) and
-#   'export' (onnx, onnxruntime: tools/export_onnx.py).
+#   the extras 'tests' (pytest), 'tools' (what mmdet's analysis tools import),
+#   'export' (onnx, onnxruntime: tools/export_onnx.py) and 'docs' (mkdocs: make docs).
 # The versions are those of requirements/constraints.txt (pip -c): setup.py itself
 # only asks for ranges. An installed torch is kept, and pinned as it is for the rest.
 # Idempotent: every step checks what exists first. The mmcv wheel is cached outside the
@@ -83,14 +83,14 @@ if [ "$MMCV_ACTION" != keep ]; then
   "${PIP[@]}" install -q -c "$PINS" ${MMCV_PIP_FLAGS[@]+"${MMCV_PIP_FLAGS[@]}"} "$WHEEL"
 fi
 
-step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests, tools and export extras)"
+step "mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests, tools, export and docs extras)"
 # re-installed when setup.py or the constraints changed since, or when the checkout
 # lacks mmdet_moe/.mim (the editable install's link to configs/, git-ignored)
-if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax, seaborn, psutil, sklearn, onnx, onnxruntime' 2>/dev/null \
+if ! "$PY" -c 'import mmdet_moe, mmdet, pytest, entmax, seaborn, psutil, sklearn, onnx, onnxruntime, mkdocs' 2>/dev/null \
    || [ "$ROOT/setup.py" -nt "$VENV/.mmdet_moe-installed" ] \
    || [ "$CONSTRAINTS" -nt "$VENV/.mmdet_moe-installed" ] \
    || [ ! -f "$ROOT/mmdet_moe/.mim/model-index.yml" ] || [ ! -d "$ROOT/mmdet_moe/.mim/configs" ]; then
-  "${PIP[@]}" install -q -c "$PINS" -e "$ROOT[tests,tools,export]"
+  "${PIP[@]}" install -q -c "$PINS" -e "$ROOT[tests,tools,export,docs]"
   touch "$VENV/.mmdet_moe-installed"
 fi
 

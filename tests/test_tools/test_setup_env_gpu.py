@@ -363,7 +363,7 @@ def test_setup_env_is_a_no_op_here(tmp_path):
         '[setup] torch (kept if already installed, else torch==2.13.0)',
         f'[setup] mmcv {MMCV} with compiled ops',
         '[setup] mmengine, mmdet, pycocotools and mmdet_moe (editable, with the tests, '
-        'tools and export extras)',
+        'tools, export and docs extras)',
         '[setup] checking the stack',
         f'[setup] done: {venv}']
     tag = f'cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}'
