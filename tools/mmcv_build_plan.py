@@ -264,7 +264,7 @@ def plan(facts, environ, mmcv_version, wheels_root, cpus=1):
             raise PlanError(
                 f"FORCE_CUDA=1 asks for mmcv's CUDA ops, but torch {version} is a CPU "
                 "build (torch.version.cuda is None): install a CUDA build of torch "
-                "(TORCH_SPEC, TORCH_INDEX_URL; see the README's 'On a GPU machine'), "
+                "(TORCH_SPEC, TORCH_INDEX_URL; see docs/installation.md, 'On a GPU machine'), "
                 "or leave FORCE_CUDA unset")
         flavour, force_cuda = 'cpu', force or '0'
     elif force == '0':

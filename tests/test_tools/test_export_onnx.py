@@ -43,7 +43,7 @@ def example(forward, batch=2, size=64, seed=0):
     images = torch.randn(batch, 3, size, size, generator=gen)
     if not forward.two_stage:
         return (images,)
-    # RoIs of at least a feature pixel at their level (smaller ones: see the README)
+    # RoIs of at least a feature pixel at their level (smaller ones: see docs/prune_merge_export.md)
     wh = 12 + 36 * torch.rand(7, 2, generator=gen)
     xy = (size - wh) * torch.rand(7, 2, generator=gen)
     index = torch.arange(7.)[:, None] % batch
