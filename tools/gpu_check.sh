@@ -97,8 +97,9 @@ key_figure() {
       c && /^[|] fused / { gsub(/ /, "", $c); gsub(/^ +| +$/, "", h)
                            print "fused MoEConv2d, " h ": " $c "x"; exit }' "$log" ;;
     demo) { grep -m1 'COCO bbox (toy val)' "$log" | sed 's/.*(toy val) //' | cut -d, -f1-2
-            grep -q 'CUDA available: True' "$OUT/demo"/*/*/*.log 2>/dev/null \
-              && echo '(trained on CUDA)' || echo '(CUDA not seen in the training log)'
+            # mmengine's Runner logs its environment and puts the model on CUDA if it can
+            grep -q 'CUDA available: True' "$log" \
+              && echo '(trained on CUDA)' || echo '(the runner saw no CUDA)'
           } | paste -sd' ' ;;
   esac
 }

@@ -27,7 +27,7 @@ def conv_moe(impl='fused', num_experts=4, gate_cfg=SOFT['gate_cfg'],
 
 
 def tower():
-    """A whole-subnet expert: conv3×3 + ReLU + conv3×3 (the layers' names kept)."""
+    """A whole-subnet expert: conv3×3 + ReLU + conv3×3."""
     return nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1))
 
 
