@@ -126,3 +126,17 @@ def test_utilisation_hook_reads_on_the_host_once_per_interval():
     hook.after_train_iter(runner, 2)  # logs: reads once
     hook.after_train(runner)
     assert any(k.endswith('.share_e0') for k in runner.message_hub.log_scalars)
+
+
+@pytest.mark.parametrize('loss', ['importance', 'kl_uniform', 'load'])
+def test_balance_losses_read_nothing_on_the_host(loss):
+    """Each soft constraint, forward and backward (``load`` read 4 times per call
+    through torch.distributions.Normal's argument check)."""
+    from mmdet_moe.layers import MoEConv2d
+    layer = MoEConv2d(8, 8, 3, padding=1, num_experts=4, top_k=2,
+                      gate_cfg=dict(noisy=True), balance_cfg={loss: 0.5}).train()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    with count_host_reads() as counts:
+        out = layer(x)
+        sum(layer.pop_aux_losses().values()).add(out.sum()).backward()
+    assert not counts, f'host reads from mmdet_moe in the {loss} loss: {dict(counts)}'
