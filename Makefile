@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast demo demo-compare docs
+.PHONY: env test test-fast gpu-check demo demo-compare docs
 
 env:
 	bash tools/setup_env.sh
@@ -14,6 +14,10 @@ test: env
 # the inner loop (< 3 min): no subprocesses, training runs or GPU
 test-fast: env
 	$(PYTHON_VENV) -m pytest -q -m "not slow and not cuda" $(PYTEST_ARGS) tests
+
+# the GPU path in one command (its own .venv-cuda; without a GPU it says it skipped)
+gpu-check:
+	bash tools/gpu_check.sh
 
 demo: env
 	$(PYTHON_VENV) tools/demo.py
