@@ -123,12 +123,13 @@ def init_like_conv_module(layer: MoEConv2d, conv_module: ConvModule) -> None:
             act_cfg=conv_module.act_cfg, with_norm=False))
 
 
-def _refuse_efficient_conv_bn_eval(conv_module: ConvModule, args) -> None:
-    """Forward pre-hook of a ``ConvModule`` that holds a MoE conv.
+def _refuse_efficient_conv_bn_eval(conv_module: ConvModule, args: tuple) -> None:
+    """Forward pre-hook of a ``ConvModule`` that holds (or held) a MoE conv.
 
     ``ConvModule`` turns ``efficient_conv_bn_eval`` on after its conv is placed (and
     ``turn_on_efficient_conv_bn_eval`` may do so any time later), so this can only be
-    checked when it runs.
+    checked when the module runs. Its eval path would call the fused dense weight
+    instead of the MoE layer's forward.
     """
     if isinstance(conv_module.conv, MOE_CONVS) and \
             getattr(conv_module, 'efficient_conv_bn_eval_forward', None) is not None:
