@@ -10,19 +10,29 @@ The types are registered in mmengine's root ``MODELS`` (where mmcv's conv types
 live), so every scope finds them. Each expert starts from the distribution of the
 conv it stands for: inside a ``ConvModule``, ``ConvModule``'s own initialisation is
 applied to every expert; the owners' ``init_cfg`` reach every expert later (see
-:meth:`MoEConv2d.apply`). Errors name the modules being built and the wrong value.
+:meth:`MoEConv2d.apply`).
+
+A conv built from ``conv_cfg`` does not know the module it is built for, and nothing
+here inspects its callers. What depends on the owner happens when the layer is put
+into it, through PyTorch's global module-registration hook
+(:func:`_on_module_registration`): the owner and the attribute are then named by
+PyTorch itself. Errors at the build name the layer's type and geometry; errors on
+placement name the owner and attribute; one refusal can only run at the first
+forward (see :func:`_refuse_efficient_conv_bn_eval`) and says so.
 """
-import sys
+import weakref
 from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
 from mmengine.registry import MODELS
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..layers import CPMuMoEConv2d, MoEConv2d, TRMuMoEConv2d
 
 LAYER_TYPES = {cls.__name__: cls for cls in (MoEConv2d, CPMuMoEConv2d, TRMuMoEConv2d)}
+MOE_CONVS: Tuple[type, ...] = tuple(LAYER_TYPES.values())
 
 # Modules whose forward reads a child conv's weight instead of calling the conv, so a
 # MoE layer there would never route: {owner class: (child attribute, why)}.
@@ -32,6 +42,15 @@ UNSERVABLE = {
                           'calling the conv'),
 }
 
+# Arguments that build_upsample_layer passes to upsampling layers and no plain conv takes.
+UPSAMPLE_ARGS = ('output_padding', 'scale_factor')
+
+# MoEConv2d layers built from conv_cfg and not yet put into a module: the first module
+# they are put into decides their initialisation (a ConvModule's, or their own).
+_AWAITING_OWNER: 'weakref.WeakSet[MoEConv2d]' = weakref.WeakSet()
+# ConvModules holding a MoE conv that run _refuse_efficient_conv_bn_eval before forward.
+_GUARDED: 'weakref.WeakSet[ConvModule]' = weakref.WeakSet()
+
 
 def check_servable(owner: nn.Module, child: str, where: str) -> None:
     """Raise if ``owner``'s forward cannot run a MoE layer in its child ``child``."""
@@ -40,47 +59,6 @@ def check_servable(owner: nn.Module, child: str, where: str) -> None:
         raise ValueError(f'{where}: a MoE conv cannot serve {type(owner).__name__}.'
                          f'{child}: {entry[1]}; choose another conv (for TOOD: '
                          'bbox_head.inter_convs.*.conv)')
-
-
-def construction_frames() -> List[Tuple[str, dict]]:
-    """The calls building this conv: (function name, its local variables), innermost
-    first. ``__init__`` frames hold the ``nn.Module`` being built as ``self``.
-
-    While a conv is built from ``conv_cfg`` it is not yet attached to its parent, so
-    its module path does not exist; the chain of modules being built (e.g.
-    FPN > ConvModule) is the closest a build-time error can name.
-    """
-    frames = []
-    frame = sys._getframe(1)
-    while frame is not None:
-        frames.append((frame.f_code.co_name, frame.f_locals))
-        frame = frame.f_back
-    return frames
-
-
-def modules_under_construction(frames: List[Tuple[str, dict]]) -> List[nn.Module]:
-    """The ``nn.Module`` s whose ``__init__`` is running in ``frames``, innermost first."""
-    owners: List[nn.Module] = []
-    for name, local_vars in frames:
-        owner = local_vars.get('self') if name == '__init__' else None
-        if isinstance(owner, nn.Module) and not any(owner is o for o in owners):
-            owners.append(owner)
-    return owners
-
-
-def _check_conv_cfg_context(frames: List[Tuple[str, dict]], where: str) -> None:
-    """Refuse the places where ``conv_cfg`` builds something a MoE conv cannot be."""
-    for name, local_vars in frames:
-        if name == 'build_upsample_layer':
-            raise ValueError(f'{where}: built by build_upsample_layer, which expects an '
-                             'upsampling (transposed) conv; MoE convs are plain convs')
-        if name == '__init__' and isinstance(local_vars.get('self'), ConvModule):
-            for flag in ('with_spectral_norm', 'efficient_conv_bn_eval'):
-                if local_vars.get(flag):
-                    raise ValueError(f'{where}: ConvModule({flag}=True) reads and '
-                                     "rewrites its conv's weight; a MoE conv has one "
-                                     f'weight per expert: set {flag}=False')
-            return  # the innermost ConvModule decides
 
 
 def build_moe_conv(type_name: str, in_channels: int, out_channels: int, kernel_size,
@@ -118,29 +96,80 @@ def build_moe_conv(type_name: str, in_channels: int, out_channels: int, kernel_s
 def _conv_cfg_builder(type_name: str):
 
     def build(*args, **kwargs) -> nn.Module:
-        frames = construction_frames()
-        owners = modules_under_construction(frames)
-        chain = ' > '.join(type(o).__name__ for o in reversed(owners)) or 'no module'
-        where = f'conv_cfg type {type_name} built in {chain}'
-        _check_conv_cfg_context(frames, where)
-        for owner in owners:  # in those modules, conv_cfg builds only that child
-            check_servable(owner, UNSERVABLE.get(type(owner).__name__, ('',))[0], where)
-        inner = owners[0] if owners else None
-        return build_moe_conv(type_name, *args, where=where, **kwargs,
-                              conv_module=inner if isinstance(inner, ConvModule) else None)
+        where = f'conv_cfg type {type_name}'
+        for name in UPSAMPLE_ARGS:
+            if name in kwargs:
+                raise ValueError(
+                    f'{where}: got {name}={kwargs[name]!r}, which only upsampling layers '
+                    'take: build_upsample_layer expects an upsampling (transposed) conv '
+                    "there; MoE convs are plain convs: choose an upsampling type (e.g. "
+                    "'deconv', 'nearest')")
+        layer = build_moe_conv(type_name, *args, where=where, **kwargs)
+        if isinstance(layer, MoEConv2d):
+            _AWAITING_OWNER.add(layer)
+        return layer
 
     build.__name__ = build.__qualname__ = type_name
     build.__doc__ = f'Build a :class:`{type_name}` from ``conv_cfg`` (see build_moe_conv).'
     return build
 
 
-def init_like_conv_module(layer: MoEConv2d, conv_module) -> None:
+def init_like_conv_module(layer: MoEConv2d, conv_module: ConvModule) -> None:
     """Initialise every expert as ``conv_module`` initialises a dense conv (mmcv's own
     ``ConvModule.init_weights``, which picks kaiming for its activation)."""
     for conv in layer.expert_convs():
         ConvModule.init_weights(SimpleNamespace(
             conv=conv, with_activation=conv_module.with_activation,
             act_cfg=conv_module.act_cfg, with_norm=False))
+
+
+def _refuse_efficient_conv_bn_eval(conv_module: ConvModule, args: tuple) -> None:
+    """Forward pre-hook of a ``ConvModule`` that holds (or held) a MoE conv.
+
+    ``ConvModule`` turns ``efficient_conv_bn_eval`` on after its conv is placed (and
+    ``turn_on_efficient_conv_bn_eval`` may do so any time later), so this can only be
+    checked when the module runs. Its eval path would call the fused dense weight
+    instead of the MoE layer's forward.
+    """
+    if isinstance(conv_module.conv, MOE_CONVS) and \
+            getattr(conv_module, 'efficient_conv_bn_eval_forward', None) is not None:
+        raise ValueError(
+            f'{type(conv_module.conv).__name__} in ConvModule.conv, refused at the '
+            'forward (ConvModule turns this on after building its conv, so the build '
+            'cannot check it): ConvModule(efficient_conv_bn_eval=True) folds its BN into its '
+            "conv's weight and calls the conv with it; a MoE conv has one weight per "
+            'expert: set efficient_conv_bn_eval=False')
+
+
+def _place_in_conv_module(conv_module: ConvModule, layer: nn.Module, init: bool) -> None:
+    """Checks and initialisation for a MoE conv put into ``conv_module.conv``."""
+    if conv_module.with_spectral_norm:
+        raise ValueError(f'{type(layer).__name__} in ConvModule.conv: ConvModule('
+                         "with_spectral_norm=True) reads and rewrites its conv's weight; "
+                         'a MoE conv has one weight per expert: set with_spectral_norm=False')
+    if init:
+        init_like_conv_module(layer, conv_module)
+    if conv_module not in _GUARDED:
+        conv_module.register_forward_pre_hook(_refuse_efficient_conv_bn_eval)
+        _GUARDED.add(conv_module)
+
+
+def _on_module_registration(owner: nn.Module, name: str,
+                            child: Optional[nn.Module]) -> None:
+    """PyTorch's global module-registration hook: runs whenever any module is put into
+    another (``owner.name = child``, ``add_module``), before it is stored, so an error
+    leaves ``owner`` as it was. Any other module costs a type test and a look-up."""
+    if isinstance(child, MOE_CONVS):
+        awaiting = child in _AWAITING_OWNER
+        _AWAITING_OWNER.discard(child)
+        if isinstance(owner, ConvModule) and name == 'conv':
+            _place_in_conv_module(owner, child, init=awaiting)
+    entry = UNSERVABLE.get(type(owner).__name__)
+    if entry is not None and entry[0] == name and child is not None:
+        moe = next((m for m in child.modules() if isinstance(m, MOE_CONVS)), None)
+        if moe is not None:
+            check_servable(owner, name, f'{type(moe).__name__} placed in '
+                           f'{type(owner).__name__}')
 
 
 def register_conv_types(registry=MODELS) -> None:
@@ -151,3 +180,4 @@ def register_conv_types(registry=MODELS) -> None:
 
 
 register_conv_types()
+register_module_module_registration_hook(_on_module_registration)  # once: at import

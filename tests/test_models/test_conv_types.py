@@ -1,5 +1,7 @@
 """MoE conv types from mmcv's conv_cfg (as DCNv2), their initialisation, bad input."""
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -48,6 +50,72 @@ def test_experts_start_as_conv_module_initialises_its_conv():
     assert module.conv.bias.abs().sum() == 0
 
 
+@pytest.mark.parametrize('act_cfg', [dict(type='LeakyReLU', negative_slope=0.2), None])
+def test_experts_equal_the_conv_module_kaiming_draws(act_cfg):
+    """The values, not only their spread: with the same seed, each expert is the n-th
+    draw of kaiming_normal_ (fan_out, gain of ConvModule's activation) after the
+    layer's own construction; the bias 0."""
+    torch.manual_seed(1)
+    module = ConvModule(6, 10, 3, conv_cfg=dict(MOE, num_experts=3), act_cfg=act_cfg)
+    torch.manual_seed(1)
+    MoEConv2d(6, 10, 3, num_experts=3, top_k=2)  # the builder's draws
+    slope = act_cfg['negative_slope'] if act_cfg else 0
+    want = [nn.init.kaiming_normal_(torch.empty(10, 6, 3, 3), a=slope, mode='fan_out',
+                                    nonlinearity='leaky_relu' if act_cfg else 'relu')
+            for _ in range(3)]
+    torch.testing.assert_close(module.conv.weight.detach(), torch.stack(want), rtol=0, atol=0)
+    assert module.conv.bias.abs().sum() == 0
+
+
+def test_only_fresh_conv_cfg_layers_take_the_conv_module_init():
+    """A layer placed in a ConvModule later (insertion, pruning, a trained layer) keeps
+    its weights; a conv_cfg layer first placed elsewhere keeps its own init."""
+    trained = MoEConv2d(8, 8, 3, num_experts=3)
+    with torch.no_grad():
+        trained.weight.fill_(7.0)
+    module = ConvModule(8, 8, 3)
+    module.conv = trained
+    assert (module.conv.weight == 7).all()
+
+    holder = nn.Module()
+    holder.conv = build_conv_layer(MOE, 8, 8, 3)
+    want = holder.conv.weight.detach().clone()
+    module.conv = holder.conv
+    assert torch.equal(module.conv.weight, want)
+
+
+def test_building_reads_no_stack_frames(monkeypatch):
+    """Defect: the conv_cfg builder walked sys._getframe and read its callers' local
+    variables. Every conv_cfg path now builds, initialises and checks without: no
+    code of mmdet_moe asks for a frame, itself or through inspect (logging and torch
+    still do, for their own purposes)."""
+    import inspect
+
+    import mmdet_moe
+    from mmdet.models.dense_heads.tood_head import TaskDecomposition
+    package, get_frame = os.path.dirname(mmdet_moe.__file__), sys._getframe
+
+    def guarded_get_frame(depth=0):
+        caller, above = get_frame(1).f_code.co_filename, get_frame(2).f_code.co_filename
+        if caller.startswith(package) or (caller == inspect.__file__
+                                          and above.startswith(package)):
+            raise AssertionError(f'{above if caller == inspect.__file__ else caller} '
+                                 'read a stack frame')
+        return get_frame(depth + 1)
+
+    monkeypatch.setattr(sys, '_getframe', guarded_get_frame)
+    torch.manual_seed(0)
+    module = ConvModule(64, 128, 3, padding=1, conv_cfg=MOE)
+    torch.testing.assert_close(expert_stds(module.conv),
+                               torch.full((4,), math.sqrt(2 / (128 * 9))), rtol=0.03, atol=0)
+    ROOT_MODELS.build(dict(type='mmdet.FPN', in_channels=[8, 16], out_channels=8,
+                           num_outs=3, add_extra_convs='on_input', conv_cfg=MOE))
+    with pytest.raises(ValueError, match='TaskDecomposition.reduction_conv'):
+        TaskDecomposition(32, 4, 8, conv_cfg=MOE)
+    with pytest.raises(ValueError, match='with_spectral_norm=False'):
+        ConvModule(8, 8, 3, conv_cfg=MOE, with_spectral_norm=True)
+
+
 def test_moe_fpn_experts_start_as_fpn_initialises_its_convs():
     """Defect: MoEFPN experts got std 0.024 against 0.042 for FPN's Xavier init
     (its init_cfg names only Conv2d). The reference: xavier uniform's formula."""
@@ -93,11 +161,11 @@ def test_expert_convs_share_storage():
 
 
 @pytest.mark.parametrize('conv_cfg, kwargs, match', [
-    (dict(MOE, top_k=5), {}, r'built in FPN > ConvModule.*top_k.*got 5'),
+    (dict(MOE, top_k=5), {}, r'conv_cfg type MoEConv2d \(8→8 channels.*top_k.*got 5'),
     (dict(type='CPMuMoEConv2d', num_experts=8), dict(groups=2), 'groups=1 only, got groups=2'),
-    (dict(MOE, num_expert=4), {}, r"built in FPN > ConvModule.*num_expert"),
+    (dict(MOE, num_expert=4), {}, r'conv_cfg type MoEConv2d \(8→8 channels.*num_expert'),
 ])
-def test_bad_conv_cfg_fails_at_build_naming_modules_and_value(conv_cfg, kwargs, match):
+def test_bad_conv_cfg_fails_at_build_naming_type_geometry_and_value(conv_cfg, kwargs, match):
     from mmdet.models.necks import FPN
     if kwargs:  # FPN has no grouped convs: a ConvModule alone
         with pytest.raises(ValueError, match=match):
@@ -112,23 +180,39 @@ def test_conv_cfg_in_tood_task_decomposition_fails_at_build():
     conv: a MoE conv there would never route. Build-time error, not a shape error in
     the first forward."""
     from mmdet.models.dense_heads.tood_head import TaskDecomposition
-    with pytest.raises(ValueError, match='TaskDecomposition.reduction_conv'):
+    with pytest.raises(ValueError, match='TaskDecomposition.reduction_conv.*inter_convs'):
         TaskDecomposition(32, 4, 8, conv_cfg=MOE)
 
 
-@pytest.mark.parametrize('build, match', [
-    (lambda: ConvModule(8, 8, 3, conv_cfg=MOE, norm_cfg=dict(type='BN'),
-                        efficient_conv_bn_eval=True), 'efficient_conv_bn_eval=False'),
-    (lambda: ConvModule(8, 8, 3, conv_cfg=MOE, with_spectral_norm=True),
-     'with_spectral_norm=False'),
+def test_spectral_norm_conv_module_refuses_moe_at_build():
+    refusal = r'MoEConv2d in ConvModule.conv: .*set with_spectral_norm=False'
+    with pytest.raises(ValueError, match=refusal):
+        ConvModule(8, 8, 3, conv_cfg=MOE, with_spectral_norm=True)
+
+
+@pytest.mark.parametrize('turn_on_later', [False, True])
+def test_efficient_conv_bn_eval_refuses_moe_at_the_first_forward(turn_on_later):
+    """ConvModule enables it after placing its conv (or any time later, by
+    turn_on_efficient_conv_bn_eval): refused when the module runs, in training too."""
+    module = ConvModule(8, 8, 3, conv_cfg=MOE, norm_cfg=dict(type='BN'),
+                        efficient_conv_bn_eval=not turn_on_later)
+    if turn_on_later:
+        module(torch.randn(2, 8, 5, 5))
+        module.turn_on_efficient_conv_bn_eval()
+    refusal = r'refused at the forward \(.*set efficient_conv_bn_eval=False'
+    with pytest.raises(ValueError, match=refusal):
+        module(torch.randn(2, 8, 5, 5))
+    module.conv = nn.Conv2d(8, 8, 3)  # e.g. merged back into a dense conv: allowed
+    assert module.eval()(torch.randn(2, 8, 5, 5)).shape == (2, 8, 3, 3)
+
+
+@pytest.mark.parametrize('cfg, kwargs', [
+    (dict(MOE, scale_factor=2), {}),
+    (MOE, dict(output_padding=1)),  # a deconv's arguments
 ])
-def test_conv_modules_that_rewrite_their_conv_weight_refuse_moe(build, match):
-    with pytest.raises(ValueError, match=match):
-        build()
-
-
-def test_upsample_layers_are_not_moe_convs():
+def test_upsample_layers_are_not_moe_convs(cfg, kwargs):
     from mmcv.cnn import build_upsample_layer
-    with pytest.raises(ValueError, match='build_upsample_layer'):
-        build_upsample_layer(dict(MOE, scale_factor=2), in_channels=8, out_channels=8,
-                             kernel_size=2, stride=2)
+    refusal = '(scale_factor=2|output_padding=1).*build_upsample_layer'
+    with pytest.raises(ValueError, match=refusal):
+        build_upsample_layer(cfg, in_channels=8, out_channels=8, kernel_size=2, stride=2,
+                             **kwargs)
