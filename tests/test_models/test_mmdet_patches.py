@@ -46,6 +46,7 @@ print(sorted(k for k in before.keys() | after.keys() if after.get(k) != before.g
 '''
 
 
+@pytest.mark.slow
 def test_only_the_documented_functions_of_mmdet_change():
     """Every global of mmdet's, mmcv's and mmengine's modules and every attribute of
     their classes keeps its object through the import, except the functions PATCHES
@@ -115,6 +116,7 @@ def decode(model, data):
                 model.bbox_head.predict(feats, data['data_samples'], rescale=True)]
 
 
+@pytest.mark.slow
 def test_concurrent_decodes_give_the_single_thread_results():
     """Defect: the tagging swapped filter_scores_and_topk in mmdet's module for the
     duration of a decode, so a dense head decoding in another thread at the same
