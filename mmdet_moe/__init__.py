@@ -1,10 +1,17 @@
 """mmdet-moe: sparsely-gated Mixture-of-Experts layers for MMDetection 3.x.
 
-Importing the package registers its components into mmdet's registries (use
-``custom_imports = dict(imports=['mmdet_moe'])`` in a config), lets mmengine resolve
-the provided configs as ``_base_ = 'mmdet_moe::<path under configs/>'`` (see
-:mod:`mmdet_moe.registry`) and lets mmengine's checkpoints load under torch >= 2.6
-with the safe loader.
+Importing the package (``custom_imports = dict(imports=['mmdet_moe'])`` in a config)
+changes, process-wide, exactly:
+
+- mmdet's and mmcv's registries: its components are registered (``MODELS``,
+  ``HOOKS``, ..., the MoE ``conv_cfg`` types);
+- mmengine's config resolution: ``_base_ = 'mmdet_moe::<path under configs/>'``
+  (see :mod:`mmdet_moe.registry`);
+- four functions of mmdet's base classes, wrapped so that MoE layers are balanced
+  and their detections tagged, and models without MoE layers run mmdet's code
+  unchanged (see :mod:`mmdet_moe.models.mmdet_patches`);
+- torch's safe-loader allow-list, so that mmengine's checkpoints load under
+  torch >= 2.6 (see :mod:`mmdet_moe.compat`).
 """
 import mmdet
 
@@ -17,5 +24,7 @@ allow_mmengine_checkpoints()
 register_config_package()
 
 from . import analysis, engine, layers, models  # noqa: E402  (registers the components)
+
+models.install_mmdet_patches()
 
 __all__ = ['__version__']

@@ -12,6 +12,16 @@ torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and mmengi
 ``tools/test.py``, ``--resume`` and ``load_from``. We keep the safe loader and
 allow-list exactly the classes such checkpoints contain.
 
+The allow-list is process-wide (``torch.serialization.add_safe_globals`` at import)
+because the plugin does not call ``torch.load`` itself: the stock tools, ``--resume``
+and ``load_from`` reach it inside mmengine (``CheckpointLoader`` → ``torch.load``),
+after the config's ``custom_imports`` ran, and nothing the plugin runs encloses that
+call, so a scoped ``torch.serialization.safe_globals`` block could only be had by
+wrapping mmengine's loader, a change of mmengine in every process anyway. What it
+admits is data only: a ``HistoryBuffer``, numpy arrays, dtypes and scalars, and
+``getattr`` restricted to four HistoryBuffer statistics (below); no callable that
+runs code beyond constructing them.
+
 A ``HistoryBuffer`` also pickles its statistics methods as
 ``getattr(HistoryBuffer, 'min')`` etc. Allow-listing the real ``getattr`` would let
 a checkpoint reach any attribute of any allowed object, so ``builtins.getattr`` is

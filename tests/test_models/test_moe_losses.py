@@ -9,6 +9,7 @@ from mmengine.config import ConfigDict
 
 from helpers import build_model, one_training_step, stock_model_cfg
 from mmdet_moe.layers import importance_loss, is_moe_module, record_gates
+from mmdet_moe.models import add_moe_losses
 
 RETINANET = 'retinanet/retinanet_r50_fpn_1x_coco.py'
 FASTER_RCNN = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
@@ -87,18 +88,26 @@ def test_moe_detectors_pickle_and_torch_save():
                 torch.testing.assert_close(a, b)
 
 
-def test_direct_loss_calls_and_wrapping_models_collect_once():
-    """loss() called directly (MoERetinaNet, a tracker wrapping a detector) has the
-    MoE losses too, summed once, as forward(mode='loss') has."""
+def test_forward_of_detectors_and_trackers_collects_once_and_direct_loss_is_stock():
+    """forward(mode='loss') of a detector (the runner's train_step) or of a tracker
+    wrapping one has the MoE losses, summed once; loss() called directly is mmdet's
+    own, and add_moe_losses completes it the same way."""
     model = build_model(ConfigDict(stock_retinanet_with_moe_fpn(), type='MoERetinaNet'))
     _, data = one_training_step(model, batch_size=2, image_size=96)
+    torch.manual_seed(0)  # the gates' noise
     with record_gates(model) as recorder:
-        losses = model.loss(data['inputs'], data['data_samples'])
+        losses = model(data['inputs'], data['data_samples'], mode='loss')
     want = sum(0.5 * importance_loss(torch.cat([r.weights for r in records]))
                for records in recorder.by_layer().values())
     torch.testing.assert_close(losses['loss_moe_importance'], want)
+    torch.manual_seed(0)
+    direct = model.loss(data['inputs'], data['data_samples'])
+    assert 'loss_moe_importance' not in direct
+    add_moe_losses(model, direct)
+    torch.testing.assert_close(direct['loss_moe_importance'], want)
     tracker = build_model(dict(type='ByteTrack', detector=stock_retinanet_with_moe_fpn()))
-    assert 'loss_moe_importance' in tracker.loss(data['inputs'], data['data_samples'])
+    assert 'loss_moe_importance' in tracker(data['inputs'], data['data_samples'],
+                                            mode='loss')
 
 
 def test_detector_classes_defined_later_collect_too():

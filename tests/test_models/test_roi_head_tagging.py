@@ -39,9 +39,9 @@ def test_detections_are_the_stock_ones_with_tags():
         feats = model.extract_feat(inputs)
         rpn = model.rpn_head
         proposals = rpn.predict_by_feat(*rpn(feats), batch_img_metas=metas, rescale=False)
-        stock = StandardRoIHead.predict_bbox.stock(model.roi_head, feats, metas, proposals,
-                                                   model.roi_head.test_cfg, rescale=True)
-        tagged = [s.pred_instances for s in model.predict(inputs, samples)]
+        stock = StandardRoIHead.predict_bbox.__wrapped__(
+            model.roi_head, feats, metas, proposals, model.roi_head.test_cfg, rescale=True)
+        tagged = [s.pred_instances for s in model(inputs, samples, mode='predict')]
     assert sum(map(len, stock)) > 0
     for got, want in zip(tagged, stock, strict=True):
         for key in ('bboxes', 'scores', 'labels'):
@@ -83,7 +83,7 @@ def test_rpn_moe_alone_tags_with_the_proposal_level():
     model = faster_rcnn(PATHS[:1])
     inputs, samples = batch(model)
     with torch.no_grad():
-        pred = model.predict(inputs, samples)[0].pred_instances
+        pred = model(inputs, samples, mode='predict')[0].pred_instances
     assert pred.expert_weights.shape[1:] == (1, 3)
     assert pred.metainfo['expert_layers'] == PATHS[:1]
     assert (pred.levels >= 0).all() and (pred.levels < 5).all()
@@ -109,7 +109,7 @@ def test_rpn_and_roi_layers_with_different_numbers_of_experts():
     model.eval()
     inputs, samples = batch(model)
     with torch.no_grad():
-        pred = model.predict(inputs, samples)[0].pred_instances
+        pred = model(inputs, samples, mode='predict')[0].pred_instances
     assert len(pred) and pred.expert_weights.shape[1:] == (2, 4)
     assert (pred.expert_weights[:, 0, 3] == 0).all()
     torch.testing.assert_close(pred.expert_weights[:, 0, :3].sum(-1),

@@ -157,8 +157,9 @@ def test_predict_equals_dense_and_tags_detections(pair):
     name, dense, moe = pair
     data = batch(dense)
     with torch.no_grad():
-        want, got = (model.predict(data['inputs'], copy.deepcopy(data['data_samples']),
-                                   rescale=True) for model in (dense, moe))
+        # forward, as the runner calls it: it names the MoE layers in expert_layers
+        want, got = (model(data['inputs'], copy.deepcopy(data['data_samples']),
+                           mode='predict') for model in (dense, moe))
     assert sum(len(w.pred_instances) for w in want) > 0
     for g, w in zip(got, want, strict=True):
         g, w = g.pred_instances, w.pred_instances

@@ -5,10 +5,12 @@ mmdet's dense heads (RetinaNet, FCOS, ATSS, GFL, FSAF, TOOD, the RPN, ...) decod
 ``BaseDenseHead._predict_by_feat_single``-style code: per level,
 ``filter_scores_and_topk`` keeps the best priors, the kept boxes of all levels are
 concatenated and ``_bbox_post_process`` rescales, filters and runs NMS by indexing an
-``InstanceData``. Once ``mmdet_moe`` is imported, ``BaseDenseHead.predict`` of a head
-that holds MoE modules and decodes that way records the gates of its forward, notes
-which priors each level keeps, and hands ``_bbox_post_process`` the kept detections
-with two more fields, which its indexing carries through NMS:
+``InstanceData``. :func:`tagged_predict`, which ``BaseDenseHead.predict`` runs for a
+head that holds MoE modules and decodes that way (see :mod:`..mmdet_patches`),
+records the gates of its forward, notes which priors each level keeps (the decode
+runs with a recording ``filter_scores_and_topk`` bound to this head alone, see
+:mod:`..rebinding`), and hands ``_bbox_post_process`` the kept detections with two
+more fields, which its indexing carries through NMS:
 
 - ``levels`` (num_dets,): the FPN level of each detection;
 - ``expert_weights`` (num_dets, M, N): for each of the head's M MoE modules that
@@ -21,7 +23,6 @@ with two more fields, which its indexing carries through NMS:
 Boxes, scores and labels are exactly those of the stock decode. Heads that decode
 otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
 """
-import sys
 from contextlib import contextmanager
 from typing import Iterator, List
 
@@ -34,9 +35,11 @@ from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
 
 from ...layers import GateRecorder, is_moe_module, record_gates
+from ..rebinding import method_global, method_seeing
 
 
 def moe_modules(head) -> list:
+    """The MoE modules in ``head`` (any module), in ``modules()`` order."""
     return [m for m in head.modules() if is_moe_module(m)]
 
 
@@ -47,9 +50,11 @@ def cat_expert_tags(parts: List[Tensor]) -> Tensor:
     return torch.cat([F.pad(part, (0, width - part.shape[-1])) for part in parts], dim=1)
 
 
-def decode_module(head):
-    """The module whose code decodes the head's detections."""
-    return sys.modules[type(head)._predict_by_feat_single.__module__]
+def keeps_priors_with_mmdet_topk(head) -> bool:
+    """Whether the head's ``_predict_by_feat_single`` keeps priors with mmdet's
+    ``filter_scores_and_topk`` (a global of its module)."""
+    return (method_global(head, '_predict_by_feat_single', 'filter_scores_and_topk')
+            is filter_scores_and_topk)
 
 
 def decodes_per_level(head) -> bool:
@@ -57,8 +62,7 @@ def decodes_per_level(head) -> bool:
     with mmdet's ``filter_scores_and_topk`` or, as the RPN, tagging each kept box
     with its ``level_ids`` (what the tagging relies on)."""
     return (type(head).predict_by_feat is BaseDenseHead.predict_by_feat and
-            (getattr(decode_module(head), 'filter_scores_and_topk', None)
-             is filter_scores_and_topk or isinstance(head, RPNHead)))
+            (keeps_priors_with_mmdet_topk(head) or isinstance(head, RPNHead)))
 
 
 class GateMaps:
@@ -120,10 +124,9 @@ class GateMaps:
 @contextmanager
 def kept_priors(head) -> Iterator[List[Tensor]]:
     """Collect the indices of the priors ``filter_scores_and_topk`` keeps, call by call
-    (level by level, image after image), while the head decodes."""
-    module = decode_module(head)
+    (level by level, image after image), while this head decodes in this block."""
     kept: List[Tensor] = []
-    if getattr(module, 'filter_scores_and_topk', None) is not filter_scores_and_topk:
+    if not keeps_priors_with_mmdet_topk(head):
         yield kept  # the RPN keeps its own top-k and tags levels itself
         return
 
@@ -132,15 +135,13 @@ def kept_priors(head) -> Iterator[List[Tensor]]:
         kept.append((result[2], scores.shape[0]))
         return result
 
-    module.filter_scores_and_topk = recording
-    try:
+    with method_seeing(head, '_predict_by_feat_single', filter_scores_and_topk=recording):
         yield kept
-    finally:
-        module.filter_scores_and_topk = filter_scores_and_topk
 
 
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
-    """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``."""
+    """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
+    maps (B, C, H_l, W_l), one data sample per image."""
     batch_img_metas = [s.metainfo for s in batch_data_samples]
     with record_gates() as recorder:
         outs = head(x)
@@ -179,26 +180,7 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
         del head._bbox_post_process
 
 
-def install_dense_head_tagging() -> None:
-    """Make ``predict`` of every dense head with MoE modules tag its detections
-    (idempotent); heads without MoE modules predict as before."""
-    stock = BaseDenseHead.predict
-    if getattr(stock, 'tags_experts', False):
-        return
-
-    def predict(self, x, batch_data_samples, rescale: bool = False):
-        if tags_detections(self):
-            return tagged_predict(self, x, batch_data_samples, rescale)
-        return stock(self, x, batch_data_samples, rescale)
-
-    predict.tags_experts = True
-    predict.__doc__ = stock.__doc__
-    BaseDenseHead.predict = predict
-
-
 def tags_detections(head) -> bool:
     """Whether ``head.predict`` tags its detections (MoE modules, per-level decode)."""
     return bool(moe_modules(head)) and decodes_per_level(head)
 
-
-install_dense_head_tagging()

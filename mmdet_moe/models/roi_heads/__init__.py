@@ -1,3 +1,3 @@
-from .expert_tagging import install_roi_head_tagging
+from .expert_tagging import tagged_predict_bbox
 
-__all__ = ['install_roi_head_tagging']
+__all__ = ['tagged_predict_bbox']

@@ -1,0 +1,123 @@
+"""Every change ``import mmdet_moe`` makes to mmdet's classes, and why.
+
+MoE layers reach a stock detector from one ``conv_cfg`` line, a ``moe_layers`` path
+or a provided component, and the stock mmdet code around them neither adds their
+balance losses to the loss dict nor keeps the gates behind each detection. Three
+functions of mmdet's base classes are therefore wrapped, once, at import
+(:func:`install_mmdet_patches`, called by ``mmdet_moe/__init__.py``):
+
+- ``BaseDetector.forward`` and ``BaseMOTModel.forward``: every caller of a
+  detector (the runner's ``train_step`` / ``val_step`` / ``test_step``, the TTA
+  model, ``init_detector`` / ``inference_detector``, a tracker's runner) goes
+  through ``forward(mode=...)``, and no mmdet 3.3 detector or tracker overrides it.
+  For a model with MoE modules it first names them after their paths (as the
+  detections' ``expert_layers``, the gate records and the statistics say), and
+  ``mode='loss'`` adds the ``loss_moe_*`` of every MoE module and ends the gates'
+  training iteration (:func:`~.moe_losses.add_moe_losses`), so that balancing works
+  in any detector, single- or two-stage, and the per-level joint losses are summed
+  once per step.
+- ``BaseDenseHead.predict``: a head with MoE modules that decodes per level tags its
+  detections with their level and gate weights
+  (:func:`~.dense_heads.expert_tagging.tagged_predict`).
+- ``StandardRoIHead.predict_bbox``: a two-stage detector's detections get the gates
+  of their proposal and RoI (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
+
+Each wrapper calls mmdet's own function (kept as ``__wrapped__``), and for a model
+or head without MoE modules calls nothing else, with the arguments as given, so
+such models give exactly mmdet's losses and predictions. Nothing else of mmdet is
+assigned: no ``__init_subclass__``, no subclass methods, no module globals (the
+decode-time recording is bound to the decoding head only, see :mod:`.rebinding`).
+A direct ``detector.loss(...)`` or ``detector.predict(...)`` call is mmdet's own (the
+heads still tag): add :func:`~.moe_losses.add_moe_losses` after ``loss``, and call
+``assign_moe_names(detector)`` once before ``predict`` for path names in
+``expert_layers``.
+
+The other process-wide changes of the import are registrations (mmdet's and mmcv's
+registries, mmengine's ``MODULE2PACKAGE``, see :mod:`mmdet_moe.registry`) and torch's
+safe-loader allow-list (:mod:`mmdet_moe.compat`).
+"""
+import functools
+import inspect
+from typing import Callable, Tuple
+
+import torch.nn as nn
+from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+from mmdet.models.detectors import BaseDetector
+from mmdet.models.mot import BaseMOTModel
+from mmdet.models.roi_heads import StandardRoIHead
+
+from ..layers import assign_moe_names
+from .dense_heads.expert_tagging import tagged_predict, tags_detections
+from .moe_losses import add_moe_losses
+from .roi_heads.expert_tagging import tagged_predict_bbox
+
+#: marks a function as one of these wrappers (installing twice wraps once)
+MARK = 'mmdet_moe_patch'
+
+
+def has_moe_modules(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is a MoE module (a class attribute lookup per
+    module: no ``nn.Module.__getattr__`` fallback on the dense modules)."""
+    return any(getattr(type(m), 'is_moe_module', False) for m in model.modules())
+
+
+def moe_forward(stock: Callable) -> Callable:
+    """``forward`` of a detector or tracker that, when the model has MoE modules,
+    names them after their paths and, for ``mode='loss'``, adds their losses."""
+    signature = inspect.signature(stock)
+
+    @functools.wraps(stock)
+    def forward(self, *args, **kwargs):
+        if not has_moe_modules(self):
+            return stock(self, *args, **kwargs)
+        call = signature.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        assign_moe_names(self)  # what gate records and expert_layers call the layers
+        outputs = stock(self, *args, **kwargs)
+        return add_moe_losses(self, outputs) if call.arguments['mode'] == 'loss' else outputs
+
+    return forward
+
+
+def tagging_dense_predict(stock: Callable) -> Callable:
+    """``BaseDenseHead.predict`` that tags the detections of a head with MoE modules
+    that decodes per level."""
+
+    @functools.wraps(stock)
+    def predict(self, *args, **kwargs):
+        if not tags_detections(self):
+            return stock(self, *args, **kwargs)
+        return tagged_predict(self, *args, **kwargs)
+
+    return predict
+
+
+def tagging_predict_bbox(stock: Callable) -> Callable:
+    """``StandardRoIHead.predict_bbox`` that tags the detections when its bbox head
+    has MoE modules or its proposals are tagged."""
+
+    @functools.wraps(stock)
+    def predict_bbox(self, *args, **kwargs):
+        return tagged_predict_bbox(stock, self, *args, **kwargs)
+
+    return predict_bbox
+
+
+#: (class, attribute, wrapper): every attribute of mmdet the plugin assigns
+PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
+    (BaseDetector, 'forward', moe_forward),
+    (BaseMOTModel, 'forward', moe_forward),
+    (BaseDenseHead, 'predict', tagging_dense_predict),
+    (StandardRoIHead, 'predict_bbox', tagging_predict_bbox),
+)
+
+
+def install_mmdet_patches() -> None:
+    """Wrap each function of :data:`PATCHES` in its class (idempotent)."""
+    for cls, name, wrap in PATCHES:
+        stock = cls.__dict__[name]
+        if getattr(stock, MARK, False):
+            continue
+        patched = wrap(stock)
+        setattr(patched, MARK, True)
+        setattr(cls, name, patched)

@@ -1,0 +1,48 @@
+"""Run one object's method with some of its module's global names replaced, for the
+duration of a ``with`` block, without changing the module.
+
+The expert tagging needs what mmdet's decode code computes and drops (the prior
+indices ``filter_scores_and_topk`` keeps, the RoIs ``multiclass_nms`` keeps). Swapping
+those names in mmdet's module namespaces would change them for every thread; instead
+the method's code runs on a copy of its globals in which the name is replaced, bound
+to this object only.
+"""
+from contextlib import contextmanager
+from types import FunctionType, MethodType
+from typing import Any, Iterator
+
+
+def method_global(obj: Any, method: str, name: str) -> Any:
+    """The object the method ``method`` of ``obj``'s class sees as the global ``name``
+    (None if its module has none, or the method is no plain function)."""
+    return getattr(getattr(type(obj), method), '__globals__', {}).get(name)
+
+
+def with_globals(func: FunctionType, **names: Any) -> FunctionType:
+    """A copy of ``func`` (same code, defaults and closure) that sees ``names`` in
+    place of the globals of the same names; ``func`` and its module are unchanged."""
+    missing = sorted(set(names) - set(func.__globals__))
+    if missing:
+        raise NameError(f'{func.__module__}.{func.__qualname__} has no globals {missing}; '
+                        f'it has e.g. {sorted(func.__globals__)[:8]}')
+    copy = FunctionType(func.__code__, {**func.__globals__, **names}, func.__name__,
+                        func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__qualname__ = func.__qualname__
+    copy.__doc__ = func.__doc__
+    return copy
+
+
+@contextmanager
+def method_seeing(obj: Any, method: str, **names: Any) -> Iterator[None]:
+    """Within the block, ``obj.<method>`` (the method of its class) sees ``names`` in
+    place of its module's globals; other objects and threads see the stock method.
+
+    Concurrent calls on one object are not supported (the override is an attribute
+    of the object, as the decode's own state is)."""
+    func = getattr(type(obj), method)
+    obj.__dict__[method] = MethodType(with_globals(func, **names), obj)
+    try:
+        yield
+    finally:
+        del obj.__dict__[method]
