@@ -1,4 +1,4 @@
 from .expert_tagging import install_dense_head_tagging, tags_detections
-from .moe_retina_head import MoERetinaHead, TowerExpert
+from .moe_retina_head import MoERetinaHead
 
-__all__ = ['MoERetinaHead', 'TowerExpert', 'install_dense_head_tagging', 'tags_detections']
+__all__ = ['MoERetinaHead', 'install_dense_head_tagging', 'tags_detections']
