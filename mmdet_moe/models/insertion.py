@@ -22,7 +22,7 @@ per (image, level) by one gate, optionally with the output conv in each expert::
     dict(paths='bbox_head.cls_convs', expert='subnet', num_experts=4, top_k=2,
          output='retina_cls', balance_cfg=dict(importance=0.5))
 
-(see :mod:`.tower_moe`; a stock checkpoint upcycles into every expert).
+(see :mod:`.subnet_insertion`; a stock checkpoint upcycles into every expert).
 """
 import fnmatch
 from typing import Dict, List, Optional, Sequence
@@ -35,7 +35,7 @@ from mmdet.registry import MODELS
 from ..layers import MoEConv2d, prune_model_experts
 from ..layers._checks import has_zero_padding
 from .conv_types import LAYER_TYPES, build_moe_conv, check_servable
-from .tower_moe import insert_subnet_moe
+from .subnet_insertion import insert_subnet_moe
 from .upcycling import freeze_all_but_moe
 
 
@@ -119,7 +119,7 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
 
 def _insert_subnets(model: nn.Module, paths: List[str], spec: dict,
                     where: str) -> List[str]:
-    """Replace each tower matched by ``paths`` by a subnet MoE (see .tower_moe)."""
+    """Replace each tower matched by ``paths`` by a subnet MoE (see .subnet_insertion)."""
     for key, why in (('type', "MoE conv types apply to expert='conv'"),
                      ('shared_gate', "one gate routing two towers is MoERetinaHead("
                       "moe_branches='shared'); expert='subnet' gives each tower its gate")):

@@ -1,6 +1,5 @@
 """Start MoE layers from a trained dense model, and train only the MoE parts."""
-import re
-from typing import Iterable
+from typing import Mapping
 
 import torch.nn as nn
 
@@ -9,25 +8,26 @@ from ..layers.moe_conv import noisy_copy
 
 
 def expand_dense_keys(state_dict: dict, prefix: str, moe_name: str,
-                      children: Iterable[str], num_experts: int, noise_std: float) -> None:
-    """Upcycle dense keys into expert keys, in place.
+                      dense_to_expert: Mapping[str, str], num_experts: int,
+                      noise_std: float) -> None:
+    """Upcycle dense keys into expert keys, in place: the one key mover of every
+    whole-subnet MoE (:class:`~mmdet_moe.models.TowerMoE`).
 
-    ``prefix + child + '.' + rest`` (a dense child module's parameters) becomes
-    ``prefix + moe_name + '.experts.<n>.' + child + '.' + rest`` for every expert n,
-    plus Gaussian noise of ``noise_std × std(parameter)`` on float parameters
-    (see :func:`~mmdet_moe.layers.moe_conv.noisy_copy`).
-    Nothing happens if the state dict already holds expert keys.
+    ``prefix + dense + '.' + rest`` (the keys of a dense module at the owner-relative
+    path ``dense``) becomes ``prefix + moe_name + '.experts.<n>.' + expert + '.' + rest``
+    for every ``dense → expert`` of ``dense_to_expert`` and every expert n, plus
+    Gaussian noise of ``noise_std × std(parameter)`` on float parameters (see
+    :func:`~mmdet_moe.layers.moe_conv.noisy_copy`). Expert keys already in the state
+    dict are kept (a MoE checkpoint loads as saved); the dense keys are removed.
     """
-    pattern = re.compile(re.escape(prefix) + '(' + '|'.join(map(re.escape, children)) +
-                         r')\.(.+)$')
-    for key in [k for k in state_dict if pattern.match(k)]:
-        child, rest = pattern.match(key).groups()
-        value = state_dict.pop(key)
-        for n in range(num_experts):
-            expert_key = f'{prefix}{moe_name}.experts.{n}.{child}.{rest}'
-            if expert_key in state_dict:
-                continue
-            state_dict[expert_key] = noisy_copy(value, noise_std)
+    for dense, expert in dense_to_expert.items():
+        old = f'{prefix}{dense}.'
+        for key in [k for k in state_dict if k.startswith(old)]:
+            rest = key[len(old):]
+            value = state_dict.pop(key)
+            for n in range(num_experts):
+                state_dict.setdefault(f'{prefix}{moe_name}.experts.{n}.{expert}.{rest}',
+                                      noisy_copy(value, noise_std))
 
 
 def moe_parameters(model: nn.Module):

@@ -195,4 +195,4 @@ def test_rows_hold_each_layer_and_the_model(toy_detectors):
     assert all(tuple(r) == COMPUTE_COLUMNS for r in rows)
     assert rows[-1]['flops_k'] == compute.flops_k
     assert rows[-1]['params_active'] == count_parameters(moe).active
-    assert rows[0]['kind'] == 'MoE (dispatch)' and rows[0]['rows_per_image'] == 5
+    assert rows[0]['kind'] == 'TowerMoE (dispatch)' and rows[0]['rows_per_image'] == 5

@@ -1,10 +1,11 @@
 """MoERetinaHead: routing, gradients, per-detection expert tags, upcycling, state dicts."""
 import copy
+import os.path as osp
 
 import pytest
 import torch
 
-from helpers import build_model, one_training_step, redraw_parameters, toy_retinanet
+from helpers import ROOT, build_model, one_training_step, redraw_parameters, toy_retinanet
 from mmdet_moe.layers import RelativeImportanceGate
 
 VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared', 'subnet'),
@@ -93,6 +94,28 @@ def test_state_dict_round_trip_keeps_hard_constraint_buffers():
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     assert restored.bbox_head.cls_moe.gate.usage.abs().sum() > 0
+
+
+def test_state_dicts_saved_before_the_tower_moe_load_with_identical_outputs():
+    """tests/data/moe_retina_head_2fcc87e.pth holds MoERetinaHead state dicts and their
+    outputs on fixed inputs, saved at commit 2fcc87e, when the experts were
+    ``TowerExpert`` modules (tiny channels, parameters redrawn; ``'shared'`` with the
+    output convs in the experts, ``'both'`` without): today's head loads them strictly
+    and computes the same."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    saved = torch.load(osp.join(ROOT, 'tests', 'data', 'moe_retina_head_2fcc87e.pth'))
+    assert sorted(saved['heads']) == ['both-no-output', 'shared']
+    for name, old in saved['heads'].items():
+        head = MODELS.build(old['cfg']).eval()
+        head.load_state_dict(old['state_dict'], strict=True)
+        assert set(head.state_dict()) == set(old['state_dict']), name
+        with torch.no_grad():
+            cls_scores, bbox_preds = head(saved['inputs'])
+        for got, want in zip(cls_scores + bbox_preds, old['cls_scores'] + old['bbox_preds'],
+                             strict=True):
+            assert torch.equal(got, want), name
 
 
 @pytest.mark.parametrize('head, match', [

@@ -7,6 +7,7 @@ parameters are re-drawn at a realistic scale so that scores spread over (0, 1).
 """
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -244,6 +245,19 @@ class CountingHead(SequentialHead):
         return self.out(x) * len(self.tower)
 
 
+class KeepingHead(SequentialHead):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(4 * 8, 8, 1)
+
+    def forward(self, x):
+        feats = []
+        for layer in self.tower:
+            x = layer(x)
+            feats.append(x)
+        return self.out(self.mix(torch.cat(feats, 1)))
+
+
 class Model(nn.Module):
     def __init__(self, head):
         super().__init__()
@@ -276,14 +290,11 @@ def _model(path):
 
 
 @pytest.mark.parametrize('make, spec, match', [
-    # TOOD keeps every intermediate feature of inter_convs
+    # TOOD keeps every intermediate feature of inter_convs (declared)
     (lambda: _model(TOOD), dict(paths='bbox_head.inter_convs'),
-     r"moe_layers\[0\] at 'bbox_head.inter_convs': TOODHead .*TOODHead.forward \(line "
-     r"\d+\): `for inter_conv in self.inter_convs:` does more in its loop.*use "
-     r"expert='conv' on bbox_head.inter_convs.\*.conv"),
-    # FPN indexes its fpn_convs
-    (lambda: _model(RETINANET), dict(paths='neck.fpn_convs'),
-     r"'neck.fpn_convs': FPN .*indexes it.*expert='conv' on neck.fpn_convs.\*.conv"),
+     r"moe_layers\[0\] at 'bbox_head.inter_convs': TOODHead does not run the tower only "
+     r'as `for layer in self.inter_convs: x = layer\(x\)`.*: it keeps every intermediate '
+     r"feature of its loop.*use expert='conv' on bbox_head.inter_convs.\*.conv"),
     # not a tower
     (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs.0'),
      r"needs a tower .*got a ConvModule; name the tower 'bbox_head.cls_convs'"),
@@ -292,27 +303,12 @@ def _model(path):
     (lambda: _model(RETINANET), dict(paths='bbox_head.towers'),
      r"'bbox_head.towers' matches no module.*tower paths include"),
     # wrong output paths
-    (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs', output='retina_reg'),
-     r"`bbox_pred = self.retina_reg\(reg_feat\)` does not call 'retina_reg' on cls_feat, "
-     r'the output of cls_convs'),
     (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs', output='bbox_head.cls'),
      r"RetinaHead at 'bbox_head' has no module 'cls'.*\['retina_cls', 'retina_reg'\]"),
     (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs', output='neck.retina_cls'),
      r"must sit beside the tower, in 'bbox_head' \(e.g. output='retina_cls'\)"),
     (lambda: _model(RETINANET), dict(paths='bbox_head.*_convs', output='retina_cls'),
      'names one conv but paths match 2 towers'),
-    # the tower's output is used beyond the output conv (FCOS: centerness, returned)
-    (lambda: _model(FCOS), dict(paths='bbox_head.cls_convs', output='conv_cls'),
-     r"AnchorFreeHead.forward_single \(line \d+\): `return cls_score, bbox_pred, cls_feat, "
-     r"reg_feat` uses cls_feat, the output of cls_convs, besides 'conv_cls'"),
-    (lambda: _model(ATSS), dict(paths='bbox_head.reg_convs', output='atss_reg'),
-     r'`centerness = self.atss_centerness\(reg_feat\)` uses reg_feat'),
-    # owners that run the tower twice, or measure it
-    (lambda: Model(TwiceHead()), dict(paths='head.tower'),
-     r'TwiceHead must run the tower at exactly one place .*found 2'),
-    (lambda: Model(CountingHead()), dict(paths='head.tower'),
-     r'CountingHead.forward \(line \d+\): `return self.out\(x\) \* len\(self.tower\)` '
-     r'passes it to len\(\)'),
     # settings of the other kind of expert
     (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs', type='MoEConv2d'),
      r"moe_layers\[0\].type is not a setting of expert='subnet'"),
@@ -328,11 +324,80 @@ def _model(path):
      r"'bbox_head.cls_convs': top_k must be an int in \[1, num_experts=2\]"),
 ])
 def test_bad_specs_fail_at_build_naming_the_path(make, spec, match):
+    """What the module structure shows is refused before anything changes."""
     model = make()
     before = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match=match):
         insert_moe_layers(model, [dict(dict(expert='subnet'), **spec)])
     assert {n: type(m) for n, m in model.named_modules()} == before  # nothing replaced
+
+
+def _images(model):
+    """The head as loss and predict call it (``_forward`` calls ``bbox_head.forward``,
+    past the module hooks)."""
+    with torch.no_grad():
+        return model.bbox_head(model.extract_feat(torch.randn(1, 3, 64, 64)))
+
+
+@pytest.mark.parametrize('make, spec, run, match', [
+    # FPN indexes its fpn_convs
+    (lambda: _model(RETINANET), dict(paths='neck.fpn_convs'), _images,
+     r"moe_layers\[0\] at 'neck.fpn_convs': FPN does not run the tower only as `for layer "
+     r"in self.fpn_convs: x = layer\(x\)`.*: it indexes it \(\[0\]: runs single layers\)"
+     r".*use expert='conv' on neck.fpn_convs.\*.conv"),
+    # the output conv named is not the one applied to the tower's output
+    (lambda: _model(RETINANET), dict(paths='bbox_head.cls_convs', output='retina_reg'),
+     _images, r"RetinaHead passes the output of cls_convs to retina_cls besides "
+     r"'retina_reg': the output conv 'retina_reg' must be called exactly once on the "
+     r'output of cls_convs.*leave output unset'),
+    # the tower's output is used beyond the output conv (FCOS, ATSS: centerness)
+    (lambda: _model(FCOS), dict(paths='bbox_head.cls_convs', output='conv_cls'), _images,
+     r"FCOSHead passes the output of cls_convs to conv_centerness besides 'conv_cls'"),
+    (lambda: _model(ATSS), dict(paths='bbox_head.reg_convs', output='atss_reg'), _images,
+     r"ATSSHead passes the output of reg_convs to atss_centerness besides 'atss_reg'"),
+    # owners that run the tower twice, or measure it
+    (lambda: Model(TwiceHead()), dict(paths='head.tower'),
+     lambda model: model(torch.randn(2, 8, 6, 6)),
+     r'TwiceHead .*: it runs it on its own output \(at several places or twice in a row\)'),
+    (lambda: Model(CountingHead()), dict(paths='head.tower'),
+     lambda model: model(torch.randn(2, 8, 6, 6)), r'CountingHead .*: it measures it \(len'),
+])
+def test_misuse_in_the_owners_code_fails_at_the_first_forward(make, spec, run, match):
+    """How the owner's code runs the tower shows at its first forward (no source is
+    read): the first call that shows a misuse raises, naming the path."""
+    model = make()
+    insert_moe_layers(model, [dict(MOE, **spec)])
+    with pytest.raises(ValueError, match=match):
+        run(model)
+    with pytest.raises(ValueError, match=match):  # until a forward passes, it checks
+        run(model)
+
+
+def test_an_owner_keeping_intermediate_features_fails_with_a_note_naming_the_tower():
+    """KeepingHead keeps every intermediate feature of its tower's loop (a tower run as
+    one layer gives one): its layer that receives them fails, and the error says why."""
+    model = Model(KeepingHead())
+    insert_moe_layers(model, [dict(MOE, paths='head.tower')])
+    with pytest.raises(RuntimeError) as error:
+        model(torch.randn(2, 8, 6, 6))
+    note, = error.value.__notes__
+    assert re.match(
+        r"mmdet_moe: moe_layers\[0\] at 'head.tower': KeepingHead did not pass the output "
+        r'of the tower MoE tower to a module as it is: it may keep or combine what the '
+        r'tower returns \(e.g. every intermediate feature of its loop\)', note), note
+
+
+def test_the_check_stops_after_a_forward_that_ran_the_tower():
+    model = Model(SequentialHead())
+    insert_moe_layers(model, [dict(paths='head.tower', output='out', **MOE)])
+    check = model.head.tower.call_check
+    with torch.no_grad():
+        model([])  # the tower did not run: still checking
+        assert check.armed
+        model([torch.randn(1, 8, 4, 4)])
+    assert not check.armed
+    with pytest.raises(ValueError, match=r"'head.tower': SequentialHead .* it indexes it"):
+        model.head.tower[0]
 
 
 def test_shared_tower_is_refused():

@@ -131,7 +131,7 @@ def test_cli_exports_prints_the_cost_per_layer_and_verifies(toy_checkpoint, tmp_
                     '--shape', 64, 64, '--batch', 2, '--verify')
     assert proc.returncode == 0, proc.output
     assert out.is_file() and os.listdir(out.parent) == ['toy.onnx']
-    assert ('bbox_head.cls_moe (MoE): all 4 experts on every row, weighted by the gate: '
+    assert ('bbox_head.cls_moe (TowerMoE): all 4 experts on every row, weighted by the gate: '
             '4× one expert (eager dispatch: 2×)') in proc.stdout
     assert 'images 2×3×64×64' in proc.stdout
     diff = float(proc.stdout.split('max abs diff ')[1].split()[0])

@@ -127,6 +127,6 @@ def test_subnet_experts_are_refused_and_nothing_is_written(data, tmp_path, capsy
     assert load_tool('merge_experts.py').main([
         config, str(tmp_path / 'subnet.pth'), '--out-dir', str(tmp_path / 'out')]) == 2
     err = capsys.readouterr().err
-    assert 'merge_experts: error: bbox_head.cls_moe: a MoE cannot be merged' in err
+    assert 'merge_experts: error: bbox_head.cls_moe: a TowerMoE cannot be merged' in err
     assert 'non-linear' in err
     assert not osp.exists(tmp_path / 'out')

@@ -1,41 +1,18 @@
 """RetinaNet head whose classification and/or regression towers are MoE layers."""
-import copy
 from typing import Iterable, Optional, Sequence, Tuple
 
-import torch.nn as nn
 from mmengine.model import bias_init_with_prob, normal_init
 from torch import Tensor
 
 from mmdet.models.dense_heads import RetinaHead
 from mmdet.registry import MODELS
 
-from ...layers import MoE, MoEConv2d
+from ...layers import MoEConv2d
 from ...layers._checks import check_choice, check_num_experts
 from ..moe_losses import collect_moe_losses, merge_losses
-from ..upcycling import expand_dense_keys
+from ..tower_moe import TowerMoE, UpcycleDenseKeys
 
 BRANCHES = {'cls': ('cls',), 'reg': ('reg',), 'both': ('cls', 'reg'), 'shared': ('cls', 'reg')}
-
-
-class TowerExpert(nn.Module):
-    """One expert = a whole RetinaNet branch: its conv tower (and output conv).
-
-    Children keep the dense head's names (``cls_convs``, ``retina_cls``, ...), so a
-    dense checkpoint maps onto every expert by a key prefix (see upcycling).
-    """
-
-    def __init__(self, convs_name: str, convs: nn.ModuleList,
-                 out_name: Optional[str] = None, out_conv: Optional[nn.Module] = None):
-        super().__init__()
-        self.convs_name, self.out_name = convs_name, out_name
-        self.add_module(convs_name, convs)
-        if out_name is not None:
-            self.add_module(out_name, out_conv)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for conv in getattr(self, self.convs_name):
-            x = conv(x)
-        return x if self.out_name is None else getattr(self, self.out_name)(x)
 
 
 @MODELS.register_module()
@@ -116,21 +93,26 @@ class MoERetinaHead(RetinaHead):
                 self._out_name(branch) if self.experts_include_output else None)
 
     def _make_subnet_experts(self, branch: str) -> None:
+        """``<branch>_moe``: a :class:`~mmdet_moe.models.TowerMoE` of the branch (its
+        tower, and the output conv if ``experts_include_output``), with the dense names
+        (experts ``cls_convs.<i>…``, ``retina_cls…``), upcycled by the head's
+        :class:`~mmdet_moe.models.UpcycleDenseKeys`."""
         convs_name, out_name = self._expert_children(branch)
         kwargs = dict(self.moe_kwargs)
-        num_experts = kwargs.pop('num_experts')
         if self.moe_branches == 'shared' and branch == 'reg':
             # one gate routes both branches; it is balanced once, through cls_moe
             kwargs.update(gate=self.cls_moe.gate, gate_cfg=None, balance_cfg=None)
         else:
             kwargs['in_channels'] = self.in_channels
-        experts = [TowerExpert(convs_name, copy.deepcopy(getattr(self, convs_name)), out_name,
-                               copy.deepcopy(getattr(self, out_name)) if out_name else None)
-                   for _ in range(num_experts)]
-        setattr(self, f'{branch}_moe', MoE(experts, **kwargs))
-        delattr(self, convs_name)
-        if out_name is not None:
-            delattr(self, out_name)
+        names = [convs_name] + ([out_name] if out_name else [])
+        moe_name = f'{branch}_moe'
+        setattr(self, moe_name, TowerMoE(
+            [(name, name, getattr(self, name)) for name in names],
+            kwargs.pop('num_experts'), tower_name=convs_name, output_name=out_name,
+            upcycle_noise_std=self.upcycle_noise_std, **kwargs))
+        for name in names:
+            delattr(self, name)
+        self.register_load_state_dict_pre_hook(UpcycleDenseKeys(moe_name))
 
     def init_weights(self) -> None:
         super().init_weights()
@@ -139,15 +121,6 @@ class MoERetinaHead(RetinaHead):
         for name, module in self.named_modules():
             if name.endswith('retina_cls'):
                 normal_init(module, std=0.01, bias=bias_cls)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.expert_type == 'subnet':
-            for branch in BRANCHES[self.moe_branches]:
-                moe = getattr(self, f'{branch}_moe')
-                children = [c for c in self._expert_children(branch) if c]
-                expand_dense_keys(state_dict, prefix, f'{branch}_moe', children,
-                                  moe.num_experts, self.upcycle_noise_std)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _branch_forward(self, branch: str, x: Sequence[Tensor], routing=None):
         """Per-level outputs of one branch: (MoE) tower, then the output conv."""
