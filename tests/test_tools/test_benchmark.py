@@ -8,6 +8,8 @@ import torch
 from helpers import (CONFIGS, TOOLS, TOY_MOE_CONFIG, as_cli_options, make_tiny_coco, run_tool,
                      toy_overrides)
 
+pytestmark = pytest.mark.slow
+
 
 def run_on_tiny_toy(tmp_path, command, *args, train=6, val=1):
     """``benchmark.py COMMAND <toy MoE config> ARGS`` on a tiny toy dataset."""
