@@ -199,6 +199,7 @@ def installed(tmp_path_factory):
                 site_before=site_before, site_after=sorted(os.listdir(site)))
 
 
+@pytest.mark.slow
 def test_pip_install_keeps_the_mmdetection_stack(installed):
     before, after = installed['before'], installed['after']
     assert after == before  # versions, locations, files: untouched
@@ -216,6 +217,7 @@ def test_pip_install_keeps_the_mmdetection_stack(installed):
     assert re.search(r'^Successfully installed mmdet[-_]moe-\S+$', log, re.M), log
 
 
+@pytest.mark.slow
 def test_installed_package_ships_configs(installed):
     package = installed['site'] / 'mmdet_moe'
     mim = package / '.mim'
@@ -236,6 +238,7 @@ def test_installed_package_ships_configs(installed):
     assert not any('==' in r for r in stack.values()), stack
 
 
+@pytest.mark.slow
 def test_user_config_inherits_from_installed_package(installed):
     user = installed['tmp'] / 'my_project'
     result = run_check(installed['python'], user)
@@ -246,6 +249,7 @@ def test_user_config_inherits_from_installed_package(installed):
             assert f'{checkout / "mmdet_moe"}/' not in text
 
 
+@pytest.mark.slow
 def test_user_config_inherits_in_this_environment(tmp_path):
     """The same with the package as imported here (the editable install of the
     checkout: its configs/ through mmdet_moe/.mim/configs)."""

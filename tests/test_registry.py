@@ -3,6 +3,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_custom_imports_registers_into_mmdet(tmp_path):
     config = tmp_path / 'moe_fpn.py'

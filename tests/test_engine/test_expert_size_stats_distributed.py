@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from mmdet.structures import DetDataSample
 from mmengine.dataset import DefaultSampler
@@ -13,6 +14,8 @@ from mmdet_moe.engine.hooks import ExpertSizeStatsHook
 from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
 from mmdet_moe.engine.hooks.ground_truth import GroundTruth
 from mmdet_moe.layers import GateRecorder
+
+pytestmark = pytest.mark.slow
 
 NUM_IMAGES = 5  # odd: the sampler pads rank 1 with a repeat of image 0
 

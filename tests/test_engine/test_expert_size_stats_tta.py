@@ -89,6 +89,7 @@ def setup(tmp_path_factory):
     return root, ckpt, options
 
 
+@pytest.mark.slow
 def test_stock_tta_model_is_refused(setup, tmp_path):
     root, ckpt, options = setup
     proc = run_tool('test.py', TOY_MOE_CONFIG, ckpt, '--tta', '--work-dir', tmp_path,
@@ -107,6 +108,7 @@ def stats_of(setup, work_dir, *args, config=TOY_MOE_CONFIG):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_tta_statistics_are_per_original_image(setup, tmp_path):
     """The gate rows of the TTA run are the mean of the two views' rows, each view run
     on its own (the plain test pipeline, and the same with the image flipped)."""

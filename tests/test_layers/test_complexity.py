@@ -52,6 +52,7 @@ def test_shared_parameters_count_once():
     assert count_parameters(model).total == numel(conv)
 
 
+@pytest.mark.slow
 def test_toy_moe_detector_against_the_dense_detector():
     """The toy MoE RetinaNet replaces the classification tower and output conv by
     N=4 copies (k=2) and adds a gate: 3 extra towers in total, 1 active."""
@@ -153,6 +154,7 @@ def toy_detectors():
     return dense, moe, torch.randn(1, 3, 96, 96)
 
 
+@pytest.mark.slow
 def test_whole_detector_agrees_with_mmengine(toy_detectors):
     """Against mmengine's counter on the dense detector: the MoE model's non-MoE part
     is the dense model less its cls tower; at k and N, k and N towers and the gate."""
@@ -175,6 +177,7 @@ def test_whole_detector_agrees_with_mmengine(toy_detectors):
     assert compute.params.total == count_parameters(moe).total > dense_params
 
 
+@pytest.mark.slow
 def test_mmengine_counts_what_one_traced_forward_ran(toy_detectors):
     """mmengine's counter does not crash on a MoE model, nor know it: it traces one
     forward and counts the experts that ran on that input (k per row with dispatch),

@@ -1,10 +1,13 @@
 """Hard-constraint state under DDP: importance is reduced over ranks (gloo, 2 processes)."""
 import os
 
+import pytest
 import torch
 
 from helpers import run_on_two_gloo_ranks
 from mmdet_moe.layers import RelativeImportanceGate
+
+pytestmark = pytest.mark.slow
 
 
 def make_gate():

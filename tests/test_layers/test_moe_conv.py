@@ -52,6 +52,7 @@ def test_impls_agree_with_reference_values_and_gradients(geometry, num_experts):
             torch.testing.assert_close(grads[impl][name], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['fused', 'fused-k', 'dispatch'])
 def test_gradcheck_float64(impl):
     x = torch.randn(2, 2, 4, 4, dtype=torch.double, requires_grad=True)

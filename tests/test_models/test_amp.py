@@ -152,6 +152,7 @@ def check_precision(probe, records):
             assert record.pixel_weights.dtype == torch.float32, record.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_training_steps_under_bf16_autocast(variant, mmcv_float_ops):
     from mmdet.testing import demo_mm_inputs
@@ -190,6 +191,7 @@ def test_training_steps_under_bf16_autocast(variant, mmcv_float_ops):
         assert {f'loss_moe_{n}' for n in SOFT['balance_cfg']} <= set(losses)
 
 
+@pytest.mark.slow
 def test_predict_under_bf16_autocast(mmcv_float_ops):
     """Eval: predictions of a MoE RetinaNet, tagged with float32 gate weights."""
     from mmdet.testing import demo_mm_inputs

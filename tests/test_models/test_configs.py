@@ -22,6 +22,7 @@ def test_configs_are_named_the_openmmlab_way():
         assert 'coco' in name and '_r50_' in name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', COCO_CONFIGS, ids=osp.basename)
 def test_config_builds_and_trains_one_step(path):
     cfg = load_config(path)
@@ -45,6 +46,7 @@ def test_config_builds_and_trains_one_step(path):
                              g.num_iters.item() == 1 for g in gates)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TOY_CONFIGS, ids=osp.basename)
 def test_toy_config_builds_and_trains_one_step(path):
     cfg = load_config(path)

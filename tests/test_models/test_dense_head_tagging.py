@@ -60,6 +60,7 @@ def expected_weights(head, feats, levels, b):
                         for r in rows], dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(HEADS))
 def test_dense_head_tags_its_detections(name):
     path, paths = HEADS[name]

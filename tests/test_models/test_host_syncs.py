@@ -61,6 +61,7 @@ def count_host_reads():
 TOY_MOE_CONFIGS = sorted(p for p in glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TOY_MOE_CONFIGS, ids=osp.basename)
 def test_training_steps_read_nothing_on_the_host(path):
     model = build_model(load_config(path).model)
@@ -79,6 +80,7 @@ def test_training_steps_read_nothing_on_the_host(path):
         assert counts[('conv_ops.py', 'dispatch', 'tolist')] <= 3 * (layers - containers) * 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', TOY_MOE_CONFIGS, ids=osp.basename)
 def test_capacity_dispatch_reads_nothing_on_the_host(path):
     """With a capacity factor, dispatched experts run on fixed row counts: no read."""

@@ -27,6 +27,7 @@ def moe_detector_cfg(name, **spec):
                                        balance_cfg=dict(importance=0.5), **spec)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(DETECTORS))
 def test_insertion_trains_predicts_and_keeps_stock_keys(name):
     dense = build_model(stock_detector_cfg(name))

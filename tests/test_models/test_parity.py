@@ -152,6 +152,7 @@ def assert_same_predictions(got, want, tol=5e-3):
             assert distance.min(dim=0).values.max() < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('batch_size', [1, 3])
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_predict_equals_dense(pair, variant, batch_size):
@@ -176,6 +177,7 @@ def test_predict_equals_dense(pair, variant, batch_size):
     assert_same_predictions(*reversed(results))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('batch_size', [1, 3])
 def test_predict_by_feat_without_nms_equals_dense(pair, batch_size):
     name, dense, moe = pair

@@ -14,6 +14,7 @@ MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
                      glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', MOE_CONFIGS, ids=osp.basename)
 def test_stock_config_holds_the_merged_model_or_refuses(path):
     """Every MoEConv2d-only config becomes a stock one whose model has the MoE model's

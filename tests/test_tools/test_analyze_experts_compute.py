@@ -9,6 +9,8 @@ from helpers import (TOY_MOE_CONFIG, as_cli_options, build_model, load_config,
                      make_tiny_coco, run_tool, toy_overrides)
 from mmdet_moe.layers import count_active_compute
 
+pytestmark = pytest.mark.slow
+
 
 def test_report_holds_the_active_compute_of_the_model(tmp_path):
     data = make_tiny_coco(tmp_path / 'data', train=1, val=1, size=64)

@@ -242,6 +242,7 @@ def test_bad_runs_are_named(tool, tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_prints_the_warning(tmp_path):
     masses = MASSES[:3] + [[[3.0, 3.0, 2.0], [3.0, 3.0, 2.0]]]
     paths = [stats_file(tmp_path, f'seed{i}', m, metrics=ap(0.3)) for i, m in enumerate(masses)]

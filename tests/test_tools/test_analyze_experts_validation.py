@@ -261,6 +261,7 @@ def test_a_malformed_seed_run_is_named(tool, valid, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_command_line_exits_2_without_traceback(valid, tmp_path):
     path = write(tmp_path, corrupt(valid, L + ('detection', 'mass', 1, 2), math.nan))
     proc = run_tool('analyze_experts.py', path, '--out-dir', tmp_path / 'r')

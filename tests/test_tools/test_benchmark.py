@@ -5,8 +5,10 @@ import re
 import pytest
 import torch
 
-from helpers import (CONFIGS, TOY_MOE_CONFIG, as_cli_options, load_tool, make_tiny_coco, run_tool,
+from helpers import (CONFIGS, TOOLS, TOY_MOE_CONFIG, as_cli_options, make_tiny_coco, run_tool,
                      toy_overrides)
+
+pytestmark = pytest.mark.slow
 
 
 def run_on_tiny_toy(tmp_path, command, *args, train=6, val=1):
@@ -104,12 +106,13 @@ def test_hooks_overhead_in_training_and_test(tmp_path):
     assert (tmp_path / 'work' / 'test').is_dir()  # the test run's statistics went there
 
 
-def test_detector_compute_counts_k_and_n_towers():
+def test_detector_compute_counts_k_and_n_towers(monkeypatch):
     """Per variant, params and FLOPs per image: the subnet MoE (N=4, k=2) runs what the
     dense k=2 reference runs, except its gate's logits for 4 experts instead of 2."""
-    tool = load_tool('benchmark.py')
+    monkeypatch.syspath_prepend(TOOLS)  # where tools/benchmark.py finds its subjects
+    from benchmarks.detectors import DetectorStep, detector_compute
     variants = ['stock RetinaNet', 'k=2 cls subnets, dense', 'cls subnet experts N=4 k=2']
-    rows = tool.detector_compute({v: tool.DetectorStep(v, 1, 64) for v in variants})
+    rows = detector_compute({v: DetectorStep(v, 1, 64) for v in variants})
     stock, dense, moe = rows
     assert [r['variant'] for r in rows] == variants
     assert stock['flops_k'] == stock['flops_n'] and dense['flops_k'] == dense['flops_n']

@@ -39,6 +39,7 @@ def headline(work):
              if isinstance(value, float)}, [round(v, 6) for v in layer['importance']])
 
 
+@pytest.mark.slow
 def test_demo_writes_checkpoint_stats_and_report(demo):
     root, output = demo
     work = root / 'work' / 'moe-soft_seed0'
@@ -66,6 +67,7 @@ def test_demo_writes_checkpoint_stats_and_report(demo):
         assert re.search(rf'  {re.escape(routing)} +AP ', output), routing
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_the_side_by_side_table(demo, tmp_path):
     """A second run with the same seed, here with --compare, repeats the first
     run's AP and specialisation figures; the table lists the three detectors."""
@@ -91,6 +93,7 @@ def test_same_seed_same_numbers_and_the_side_by_side_table(demo, tmp_path):
     assert '\n'.join(table) in output
 
 
+@pytest.mark.slow
 def test_seeds_give_mean_and_sd(tmp_path, demo):
     root, _ = demo
     (tmp_path / 'data').symlink_to(root / 'data')
@@ -103,6 +106,7 @@ def test_seeds_give_mean_and_sd(tmp_path, demo):
     assert 'bbox_head.cls_moe' in stability and 'nmi' in stability
 
 
+@pytest.mark.slow
 def test_analyze_experts_errors_are_clear(demo, tmp_path):
     root, _ = demo
     bad = tmp_path / 'bad.json'
@@ -123,6 +127,7 @@ def test_analyze_experts_errors_are_clear(demo, tmp_path):
     assert not (tmp_path / 'r').exists()
 
 
+@pytest.mark.slow
 def test_per_expert_evaluation_and_drawing(demo, tmp_path):
     root, _ = demo
     with open(root / 'work' / 'moe-soft_seed0' / 'last_checkpoint') as f:

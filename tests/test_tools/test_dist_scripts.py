@@ -60,6 +60,7 @@ def trained(tmp_path_factory):
     return root, data, work_dir, proc.output
 
 
+@pytest.mark.slow
 def test_dist_train_runs_two_cpu_processes(trained):
     _, _, work_dir, output = trained
     assert osp.isfile(work_dir / 'epoch_1.pth')
@@ -73,6 +74,7 @@ def test_dist_train_runs_two_cpu_processes(trained):
     assert 'device_ids=None' in dumped and 'find_unused_parameters=True' in dumped
 
 
+@pytest.mark.slow
 def test_dist_test_matches_one_process(trained, monkeypatch):
     root, data, work_dir, _ = trained
     ckpt = work_dir / 'epoch_1.pth'
@@ -152,6 +154,7 @@ def call(script, *args, cwd, **env):
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow
 def test_scripts_run_the_repo_venv_python_from_any_directory(fake_repo):
     repo, venv_python, elsewhere = fake_repo
     proc = call(repo / 'tools' / 'dist_train.sh', 'cfg.py', 3, '--amp', cwd=elsewhere)
@@ -171,6 +174,7 @@ def test_scripts_run_the_repo_venv_python_from_any_directory(fake_repo):
         f'| PYTHONPATH={repo}:/x\n')
 
 
+@pytest.mark.slow
 def test_scripts_python_override_and_fallback(fake_repo, tmp_path):
     repo, _, elsewhere = fake_repo
     other = stub(tmp_path / 'other' / 'python3.11')
@@ -184,6 +188,7 @@ def test_scripts_python_override_and_fallback(fake_repo, tmp_path):
     assert proc.stdout.startswith(f'{on_path} | -m torch.distributed.run ')
 
 
+@pytest.mark.slow
 def test_scripts_usage(fake_repo):
     repo, _, elsewhere = fake_repo
     for script, args in (('dist_train.sh', ['cfg.py']), ('dist_test.sh', ['cfg.py', 'c']),

@@ -12,6 +12,8 @@ from helpers import (CONFIGS, TOY_MOE_CONFIG, build_model, load_config, redraw_p
 from mmdet_moe.layers import export_onnx, record_gates, run_onnx
 from mmdet_moe.models.export import TensorForward, roi_features
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip('onnxruntime')
 
 WIDTH = 32  # FPN and head channels of the shrunk COCO configs

@@ -13,6 +13,8 @@ from mmengine.runner import save_checkpoint
 
 from mmdet.apis import DetInferencer, inference_detector, init_detector
 
+pytestmark = pytest.mark.slow
+
 ALL_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, '*', '*.py')))
 IMAGE = (np.random.RandomState(0).rand(96, 128, 3) * 255).astype(np.uint8)
 

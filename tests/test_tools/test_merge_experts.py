@@ -11,6 +11,8 @@ from mmengine.config import Config
 
 from helpers import TOY_MOE_CONFIG, load_tool, make_tiny_coco, toy_overrides
 
+pytestmark = pytest.mark.slow
+
 # runs the merged files with mmdet_moe unimportable, and compares with the outputs saved
 NO_MMDET_MOE = '''
 import sys

@@ -21,6 +21,8 @@ from helpers import (TOY_MOE_CONFIG, as_cli_options, build_model, load_config,
                      make_tiny_coco, run_tool, toy_overrides)
 from mmdet_moe.stock_tools import stock_tool_path
 
+pytestmark = pytest.mark.slow
+
 
 def run_analysis_tool(name, *args, cwd):
     """``python mmdet/.mim/tools/analysis_tools/<name> ARGS`` with the venv's Python

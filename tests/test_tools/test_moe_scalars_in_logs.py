@@ -11,6 +11,8 @@ from helpers import TOY_MOE_CONFIG, as_cli_options, make_tiny_coco, run_tool, to
 
 from mmdet_moe.stock_tools import stock_tool_path
 
+pytestmark = pytest.mark.slow
+
 LAYER = 'bbox_head.cls_moe'
 
 

@@ -9,6 +9,8 @@ from mmengine.config import Config
 
 from helpers import CONFIGS, TOY_MOE_CONFIG, load_tool, make_tiny_coco, run_tool, toy_overrides
 
+pytestmark = pytest.mark.slow
+
 NEVER = -1e4  # a gate bias that keeps an expert out of every top k
 
 

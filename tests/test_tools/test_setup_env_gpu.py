@@ -12,6 +12,8 @@ import sys
 import pytest
 from helpers import ROOT, TOOLS, load_tool
 
+pytestmark = pytest.mark.slow
+
 MMCV = '2.1.0'
 PLAN = osp.join(TOOLS, 'mmcv_build_plan.py')
 TORCH_ARCHS = ['sm_50', 'sm_60', 'sm_70', 'sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_90a']

@@ -5,6 +5,8 @@ import os.path as osp
 import pytest
 from helpers import TOY_BASE_CONFIG, as_cli_options, make_tiny_coco, run_tool, toy_overrides
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import CONFIGS, as_cli_options, make_tiny_coco, run_tool, toy_overrides
 
+pytestmark = pytest.mark.slow
+
 # config, the option that sets its detections' score threshold, its MoE layers
 CASES = {
     'fcos': ('fcos_r18_fpn_moe-head_3e_toy-coco.py', 'model.test_cfg.score_thr',
