@@ -7,8 +7,11 @@ Usage::
     recorder.records  # [GateRecord(name='neck.fpn_convs.0.conv', call=0, ...), ...]
 
 MoE modules call :func:`record_gate` on every forward; it returns at once unless a
-recorder is active, so training pays nothing for statistics.
+recorder is active, so training pays nothing for statistics. Recorders are per
+thread: a recorder sees the forwards of the thread that opened it, so two threads
+recording (or decoding tagged detections) at once never see each other's gates.
 """
+import threading
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +20,13 @@ from typing import Dict, Iterator, List, Optional
 import torch.nn as nn
 from torch import Tensor
 
-_ACTIVE_RECORDERS: List['GateRecorder'] = []
+_LOCAL = threading.local()  # .recorders: the active GateRecorders of this thread
+
+
+def _active_recorders() -> List['GateRecorder']:
+    if not hasattr(_LOCAL, 'recorders'):
+        _LOCAL.recorders = []
+    return _LOCAL.recorders
 
 
 @dataclass
@@ -95,17 +104,18 @@ def record_gate(module: nn.Module, weights: Tensor, level: Optional[int] = None,
                 pixel_weights: Optional[Tensor] = None) -> None:
     """Hand (B, N) gate weights of ``module`` (and, for per-pixel gates, the
     (B, N, H, W) map they average) to every active recorder."""
-    if not _ACTIVE_RECORDERS:
+    recorders = getattr(_LOCAL, 'recorders', None)
+    if not recorders:
         return
     name = getattr(module, 'moe_name', None) or type(module).__name__
-    for recorder in _ACTIVE_RECORDERS:
+    for recorder in recorders:
         recorder.add(name, weights, level, module, pixel_weights)
 
 
 def mark_row_images(name: str, row_images: Tensor) -> None:
     """Say which image each row of the latest record of layer ``name`` belongs to, in
-    every active recorder (rows that are objects, not images)."""
-    for recorder in _ACTIVE_RECORDERS:
+    active recorder of this thread (rows that are objects, not images)."""
+    for recorder in _active_recorders():
         for record in reversed(recorder.records):
             if record.name == name:
                 record.row_images = row_images.detach()
@@ -117,9 +127,9 @@ def record_gates(model: Optional[nn.Module] = None) -> Iterator[GateRecorder]:
     """Activate a :class:`GateRecorder`; names the MoE modules of ``model`` first."""
     if model is not None:
         assign_moe_names(model)
-    recorder = GateRecorder()
-    _ACTIVE_RECORDERS.append(recorder)
+    recorder, active = GateRecorder(), _active_recorders()
+    active.append(recorder)
     try:
         yield recorder
     finally:
-        _ACTIVE_RECORDERS.remove(recorder)
+        active.remove(recorder)

@@ -12,7 +12,7 @@ def test_records_name_call_level_and_weights():
         mu=CPMuMoEConv2d(4, 4, 3, padding=1, num_experts=5, rank=3))).eval()
     x = torch.randn(2, 4, 6, 6)
     model['conv'](x)  # outside any recorder: nothing kept anywhere
-    assert not recording._ACTIVE_RECORDERS
+    assert not recording._active_recorders()
     with record_gates(model) as rec:
         model['conv'](x)
         model['conv'](x)
@@ -26,7 +26,7 @@ def test_records_name_call_level_and_weights():
     assert set(rec.by_layer()) == {'conv', 'head', 'mu'}
     rec.clear()
     assert rec.records == []
-    assert not recording._ACTIVE_RECORDERS
+    assert not recording._active_recorders()
 
 
 def test_override_routing_forces_one_expert_or_another_k():
@@ -52,3 +52,27 @@ def test_override_routing_forces_one_expert_or_another_k():
     with pytest.raises(ValueError, match='μMoE'):
         with override_routing(model, top_k=2):
             pass
+
+
+def test_a_recorder_sees_only_its_own_threads_gates():
+    """Two threads recording at once (e.g. two statistics runs, or two detectors
+    decoding) each get the records of their own forwards only."""
+    import threading
+    layers = [MoEConv2d(4, 4, 1, num_experts=3, top_k=1).eval() for _ in range(2)]
+    for i, layer in enumerate(layers):
+        layer.moe_name = f'layer{i}'
+    barrier, names = threading.Barrier(2), {}
+
+    def run(i):
+        with record_gates() as rec:
+            barrier.wait()  # both recorders active before either layer runs
+            layers[i](torch.randn(2, 4, 3, 3))
+            barrier.wait()  # both layers ran before either recorder closes
+            names[i] = [r.name for r in rec.records]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert names == {0: ['layer0'], 1: ['layer1']}
