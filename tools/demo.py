@@ -42,6 +42,10 @@ VARIANTS = {
 }
 DEFAULT_VARIANT = 'moe-soft'
 MAX_OBJECTS, DATA_SEED = 6, 0  # tools/make_toy_coco.py's defaults
+# the default dataset (train images, val images, side) and its fingerprint, that of
+# the data the README's figures were made on: another one means other data, not
+# another training
+DEFAULT_DATA, README_FINGERPRINT = (3000, 300, 256), '2fb5dc7e85ed'
 
 
 def parse_args(argv=None):
@@ -55,9 +59,9 @@ def parse_args(argv=None):
                         help='train with seeds SEED, SEED+1, ...; mean ± sd across them')
     parser.add_argument('--data-root', default=osp.join(ROOT, 'data', 'toy_coco'))
     parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs', 'demo'))
-    parser.add_argument('--train-images', type=int, default=3000)
-    parser.add_argument('--val-images', type=int, default=300)
-    parser.add_argument('--image-size', type=int, default=256)
+    parser.add_argument('--train-images', type=int, default=DEFAULT_DATA[0])
+    parser.add_argument('--val-images', type=int, default=DEFAULT_DATA[1])
+    parser.add_argument('--image-size', type=int, default=DEFAULT_DATA[2])
     parser.add_argument('--epochs', type=int, default=None,
                         help='training epochs (default: the config\'s)')
     parser.add_argument('--no-per-expert', dest='per_expert', action='store_false',
@@ -249,6 +253,19 @@ def stale_dataset(args) -> Optional[str]:
     return None
 
 
+def fingerprint_line(args) -> str:
+    """The dataset's fingerprint, said against the README's for the default dataset."""
+    from make_toy_coco import dataset_fingerprint  # tools/ is this script's sys.path[0]
+    found = dataset_fingerprint(args.data_root)
+    line = f'toy dataset {args.data_root}: fingerprint {found}'
+    if (args.train_images, args.val_images, args.image_size) != DEFAULT_DATA:
+        return line
+    if found == README_FINGERPRINT:
+        return line + " (the README's: the same data)"
+    return line + (f" — NOT the README's {README_FINGERPRINT}: other data, so the "
+                   "figures are not comparable (remake it with --regenerate)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
@@ -262,6 +279,8 @@ def main(argv=None) -> None:
              '--seed', str(DATA_SEED)])
     else:
         print(f'==> [demo] using the dataset in {args.data_root} (--regenerate to remake it)')
+    data_line = fingerprint_line(args)
+    print(f'==> [demo] {data_line}', flush=True)
     if args.config:
         variants = [('custom', args.config, osp.basename(args.config))]
     else:
@@ -273,7 +292,7 @@ def main(argv=None) -> None:
     for r in runs:
         r.train_and_evaluate(args)
     import mmdet_moe  # noqa: F401  (registers the modules the summaries name)
-    lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72]
+    lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72, data_line, '']
     for r in runs:
         lines += run_summary(r) + ['']
     if args.compare:

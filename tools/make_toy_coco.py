@@ -6,10 +6,13 @@ Writes ``{out}/train.json``, ``{out}/val.json`` and ``{out}/images/{train,val}/*
 textured shapes of several classes on cluttered backgrounds, with sizes spread over
 COCO's small / medium / large buckets (areas < 32², < 96², ≥ 96² in pixels) in
 about COCO's proportions, some overlapping. ``area`` is the shape's pixel count
-(as in COCO, the mask area, not the box's w·h). Deterministic for a seed.
+(as in COCO, the mask area, not the box's w·h). Deterministic for a seed. Prints
+the dataset's fingerprint (:func:`dataset_fingerprint`: annotations and pixels), which
+tells one dataset from another across machines.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing
@@ -192,6 +195,26 @@ def write_split(out_dir: str, split: str, count: int, size: int, max_objects: in
     return len(images), len(annotations)
 
 
+def dataset_fingerprint(root: str) -> str:
+    """A short hash of the dataset in ``root``: each split's annotations (as parsed)
+    and every image's pixels, in image order. It names the data, not the files (the
+    PNG encoder's output may differ between library versions), so two machines with
+    the same fingerprint train on the same data."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        with open(osp.join(root, f'{split}.json')) as f:
+            coco = json.load(f)
+        digest.update(json.dumps(coco, sort_keys=True, separators=(',', ':')).encode())
+        for image in coco['images']:
+            path = osp.join(root, 'images', image['file_name'])
+            pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+            if pixels is None:
+                raise FileNotFoundError(f'{path}: an image of {split}.json is missing or '
+                                        'unreadable; remake the dataset')
+            digest.update(pixels.tobytes())
+    return digest.hexdigest()[:12]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Generate the toy COCO dataset')
     parser.add_argument('out_dir', nargs='?', default='data/toy_coco')
@@ -221,6 +244,7 @@ def main(argv=None):
             n_img, n_ann = write_split(tmp, split, getattr(args, split), args.size,
                                        args.max_objects, args.seed, pool)
             print(f'{split}: {n_img} images, {n_ann} objects')
+        print(f'fingerprint: {dataset_fingerprint(tmp)} (annotations and pixels)')
     print(f'wrote {args.out_dir}')
 
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from helpers import (TOOLS, TOY_BASE_CONFIG, TOY_MOE_CONFIG, as_cli_options, run_tool,
-                     toy_overrides)
+from helpers import (TOOLS, TOY_BASE_CONFIG, TOY_MOE_CONFIG, as_cli_options, load_tool,
+                     run_tool, toy_overrides)
 
 TINY = ('--train-images', 8, '--val-images', 4, '--image-size', 96, '--epochs', 2, '--tiny')
 
@@ -59,6 +59,11 @@ def test_demo_writes_checkpoint_stats_and_report(demo):
         rows = list(csv.reader(f))
     assert rows[1][0] == 'bbox_head.cls_moe' and 0 <= float(rows[1][4]) <= 1
     assert 'mmdet-moe demo: summary' in output and 'report:' in output
+    # the dataset's fingerprint, as make_toy_coco.py computes it (not the default
+    # dataset: no word about the README's)
+    fingerprint = load_tool('make_toy_coco.py').dataset_fingerprint(root / 'data')
+    line = f"toy dataset {root / 'data'}: fingerprint {fingerprint}\n"
+    assert output.count(line) == 2, output[-3000:]  # at the start and in the summary
     # training logged expert utilisation and the balance loss
     assert 'loss_moe_importance' in output and 'share_e0' in output
     # the summary gives the AP with the routing forced to each expert and to all

@@ -1,11 +1,16 @@
 """The toy COCO generator: deterministic, COCO-loadable, sizes across buckets."""
 import hashlib
+import re
 
+import cv2
 import pytest
 from pycocotools.coco import COCO
 
-from helpers import make_tiny_coco
+from helpers import load_tool, make_tiny_coco
 from mmdet_moe.analysis import bucket_membership
+
+
+dataset_fingerprint = load_tool('make_toy_coco.py').dataset_fingerprint
 
 
 def digest(folder):
@@ -59,7 +64,27 @@ def test_size_proportions_are_coco_s(tmp_path):
     assert counts / counts.sum() == pytest.approx([0.41, 0.34, 0.24], abs=0.03)
 
 
-def test_worker_processes_do_not_change_the_dataset(tmp_path):
+def test_worker_processes_do_not_change_the_dataset_or_its_fingerprint(tmp_path, capsys):
+    printed = []
     for name, workers in (('one', 1), ('two', 2)):
         make_tiny_coco(tmp_path / name, train=5, val=2, size=96, seed=1, workers=workers)
+        printed += re.findall(r'^fingerprint: ([0-9a-f]{12}) ', capsys.readouterr().out,
+                              re.MULTILINE)
     assert digest(tmp_path / 'one') == digest(tmp_path / 'two')
+    assert printed == [dataset_fingerprint(tmp_path / 'one')] * 2
+
+
+def test_fingerprint_names_the_pixels_and_annotations_not_the_files(tmp_path):
+    root = tmp_path / 'toy'
+    make_tiny_coco(root, train=3, val=2, size=64, seed=2)
+    before = dataset_fingerprint(root)
+    image = root / 'images' / 'val' / '000002.png'
+    pixels = cv2.imread(str(image), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(image), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 9])  # other bytes
+    assert dataset_fingerprint(root) == before
+    pixels[5, 7, 0] ^= 1  # one pixel's lowest bit
+    cv2.imwrite(str(image), pixels)
+    assert dataset_fingerprint(root) != before
+    image.unlink()
+    with pytest.raises(FileNotFoundError, match=r'val/000002\.png: an image of val\.json'):
+        dataset_fingerprint(root)
