@@ -3,6 +3,7 @@
     python tools/demo.py                # what `make demo` runs
     python tools/demo.py --compare      # `make demo-compare`: dense, MoE soft, MoE hard
     python tools/demo.py --seeds 3      # the MoE detector for seeds 0, 1, 2: mean ± sd
+    python tools/demo.py --seeds 3 --check   # `make demo-check`: within the README's spread?
 
 1. generates the toy COCO dataset (tools/make_toy_coco.py) unless it exists;
 2. trains each detector with the stock-style tools/train.py, seeded (``--seed``);
@@ -46,6 +47,13 @@ MAX_OBJECTS, DATA_SEED = 6, 0  # tools/make_toy_coco.py's defaults
 # the data the README's figures were made on: another one means other data, not
 # another training
 DEFAULT_DATA, README_FINGERPRINT = (3000, 300, 256), '2fb5dc7e85ed'
+# What the README states of the default demo (the default variant on the default
+# dataset): each figure's mean and sd (ddof=1) over seeds 0, 1 and 2. A run on another
+# machine (or CPU instruction set) is one more draw of the same training, so `--check`
+# asks every figure to lie within mean ± SPREAD_SDS sd, and AP to reach MIN_AP.
+README_SPREAD = {'AP': (0.308, 0.028), 'AP_S': (0.208, 0.038), 'NMI': (0.448, 0.091),
+                 'NMI | level': (0.0019, 0.0028)}
+SPREAD_SDS, MIN_AP = 2, 0.30
 
 
 def parse_args(argv=None):
@@ -67,6 +75,10 @@ def parse_args(argv=None):
     parser.add_argument('--no-per-expert', dest='per_expert', action='store_false',
                         help='skip the evaluations with routing forced to each expert')
     parser.add_argument('--regenerate', action='store_true', help='remake the dataset')
+    parser.add_argument('--check', action='store_true',
+                        help=f'exit 1 unless every run reaches AP {MIN_AP} and its figures '
+                             f'lie within the README\'s mean ± {SPREAD_SDS} sd (default demo '
+                             'and dataset only)')
     parser.add_argument('--tiny', action='store_true',
                         help='test settings: batch 2, no data-loader workers, log every iter')
     args = parser.parse_args(argv)
@@ -76,7 +88,17 @@ def parse_args(argv=None):
         parser.error('--compare trains the three demo configs; it takes no --config')
     if args.config and not osp.isfile(args.config):
         parser.error(f'--config: no such file: {args.config}')
+    if args.check and (args.config or args.compare or args.tiny or args.epochs
+                       or not default_data(args)):
+        parser.error('--check compares with the README\'s figures, made with the default '
+                     f'detector, schedule and dataset {DEFAULT_DATA}: it takes no --config, '
+                     '--compare, --tiny, --epochs or other dataset sizes')
     return args
+
+
+def default_data(args) -> bool:
+    """Whether the dataset asked for is the README's (train, val images, side)."""
+    return (args.train_images, args.val_images, args.image_size) == DEFAULT_DATA
 
 
 def run(step: str, command: list) -> None:
@@ -202,8 +224,42 @@ def ap_line(row: dict) -> str:
     return ', '.join(f'{k} {fmt(row.get(k))}' for k in AP_KEYS)
 
 
-def run_summary(run: Run) -> List[str]:
-    """AP, the specialisation figures and the per-expert AP of one run."""
+def headline(run: Run) -> dict:
+    """The figures README_SPREAD states, of one MoE run (its first MoE layer)."""
+    from mmdet_moe.analysis import BUCKET_NAMES, layer_summary
+    row = run.metrics()[0]
+    layer = layer_summary(next(iter(run.stats()['layers'].values())), BUCKET_NAMES)
+    return {'AP': row.get('AP'), 'AP_S': row.get('AP_S'), 'NMI': layer['nmi'],
+            'NMI | level': layer['nmi_given_level']}
+
+
+def against_readme(figures: dict) -> str:
+    return ', '.join(f'{k} {fmt(figures[k], 4 if k.startswith("NMI") else 3)} '
+                     f'(README {fmt(m, 4 if k.startswith("NMI") else 3)} ± '
+                     f'{fmt(sd, 4 if k.startswith("NMI") else 3)})'
+                     for k, (m, sd) in README_SPREAD.items())
+
+
+def check_failures(runs: List[Run]) -> List[str]:
+    """What keeps each run from the README's promise: AP below MIN_AP, a figure
+    outside mean ± SPREAD_SDS sd."""
+    failures = []
+    for run in runs:
+        figures = headline(run)
+        if figures['AP'] is None or figures['AP'] < MIN_AP:
+            failures.append(f'seed {run.seed}: AP {fmt(figures["AP"])} < {MIN_AP}')
+        for key, (mean, sd) in README_SPREAD.items():
+            low, high = mean - SPREAD_SDS * sd, mean + SPREAD_SDS * sd
+            if figures[key] is None or not low <= figures[key] <= high:
+                failures.append(f'seed {run.seed}: {key} {fmt(figures[key], 4)} outside the '
+                                f'README\'s {mean} ± {SPREAD_SDS}×{sd} = [{low:.4f}, '
+                                f'{high:.4f}]')
+    return failures
+
+
+def run_summary(run: Run, readme: bool = False) -> List[str]:
+    """AP, the specialisation figures and the per-expert AP of one run; ``readme``:
+    beside the README's mean ± sd over seeds."""
     from mmdet_moe.analysis import BUCKET_NAMES, layer_summary, specialisation_lines
     rows = run.metrics()
     lines = [f'{run.label}, seed {run.seed}: COCO bbox (toy val) {ap_line(rows[0])}']
@@ -222,6 +278,9 @@ def run_summary(run: Run) -> List[str]:
         lines.append('COCO bbox AP with the routing forced (tools/analyze_experts.py '
                      '--per-expert):')
         lines += [f'  {row["routing"]:38s} {ap_line(row)}' for row in rows]
+    if readme:
+        lines.append('this run against the README (mean ± sd over seeds 0, 1, 2): '
+                     + against_readme(headline(run)))
     lines.append(f'report: {osp.join(run.report_dir, "report.md")}')
     return lines
 
@@ -258,7 +317,7 @@ def fingerprint_line(args) -> str:
     from make_toy_coco import dataset_fingerprint  # tools/ is this script's sys.path[0]
     found = dataset_fingerprint(args.data_root)
     line = f'toy dataset {args.data_root}: fingerprint {found}'
-    if (args.train_images, args.val_images, args.image_size) != DEFAULT_DATA:
+    if not default_data(args):
         return line
     if found == README_FINGERPRINT:
         return line + " (the README's: the same data)"
@@ -293,8 +352,9 @@ def main(argv=None) -> None:
         r.train_and_evaluate(args)
     import mmdet_moe  # noqa: F401  (registers the modules the summaries name)
     lines = ['', '=' * 72, 'mmdet-moe demo: summary', '=' * 72, data_line, '']
+    readme = default_data(args) and not args.config and not args.tiny and not args.epochs
     for r in runs:
-        lines += run_summary(r) + ['']
+        lines += run_summary(r, readme and r.name == DEFAULT_VARIANT) + ['']
     if args.compare:
         table = comparison_table([r for r in runs if r.seed == args.seed])
         with open(osp.join(args.work_dir, 'comparison.md'), 'w') as f:
@@ -318,6 +378,12 @@ def main(argv=None) -> None:
                  osp.join(args.work_dir, f'{name}_seeds')])
     print('=' * 72)
     print(f'total time: {(time.time() - start) / 60:.1f} min')
+    if args.check:
+        failures = check_failures([r for r in runs if r.name == DEFAULT_VARIANT])
+        if failures:
+            sys.exit('[demo] check FAILED:\n  ' + '\n  '.join(failures))
+        print(f'[demo] check passed: every run reaches AP {MIN_AP} and lies within the '
+              f'README\'s mean ± {SPREAD_SDS} sd')
 
 
 if __name__ == '__main__':

@@ -166,3 +166,34 @@ def test_mean_sd_of_ap_skips_what_coco_could_not_compute():
     assert mean_sd(values + [None, -1]) == \
         f'{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}'
     assert mean_sd([0.3, None]) == 'n/a (1 run(s) with a value)'
+
+
+@pytest.fixture
+def demo_module(monkeypatch):
+    monkeypatch.syspath_prepend(TOOLS)
+    return load_tool('demo.py')
+
+
+def test_check_names_each_figure_outside_the_readme_spread(demo_module, monkeypatch):
+    spread, sds, min_ap = demo_module.README_SPREAD, demo_module.SPREAD_SDS, demo_module.MIN_AP
+    inside = {key: mean for key, (mean, _) in spread.items()}
+    inside['AP'] = max(inside['AP'], min_ap)
+    mean, sd = spread['NMI']
+    runs = {0: inside, 1: dict(inside, AP=min_ap - 0.01),
+            2: dict(inside, NMI=mean + sds * sd + 1e-3)}
+    monkeypatch.setattr(demo_module, 'headline', lambda run: runs[run.seed])
+    failures = demo_module.check_failures(
+        [type('Run', (), dict(seed=seed))() for seed in runs])
+    assert len(failures) == 2, failures
+    assert failures[0].startswith(f'seed 1: AP {min_ap - 0.01:.3f} < {min_ap}')
+    assert failures[1].startswith('seed 2: NMI') and 'outside' in failures[1]
+    assert f'{mean - sds * sd:.4f}, {mean + sds * sd:.4f}' in failures[1]
+
+
+@pytest.mark.parametrize('extra', [['--tiny'], ['--compare'], ['--epochs', '1'],
+                                   ['--image-size', '128']])
+def test_check_refuses_what_the_readme_figures_were_not_made_with(demo_module, capsys,
+                                                                   extra):
+    with pytest.raises(SystemExit):
+        demo_module.parse_args(['--check', *extra])
+    assert '--check compares with the README' in capsys.readouterr().err
