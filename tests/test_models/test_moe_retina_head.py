@@ -83,6 +83,30 @@ def test_gradients_reach_the_gate_and_only_routed_experts():
         assert all(p.grad is None for p in experts[n].parameters())
 
 
+def test_the_papers_soft_setting_trains_with_its_kl_loss_over_all_levels():
+    """``SimpleGate`` (``gate_type='paper_simple'``, noisy) with KL to uniform w=0.5,
+    as the paper's ``classification_moe.py``: the loss is the paper's
+    ``kl_divergence`` (``losses/kullback_leibler_divergence.py`` 6-10) of the gate
+    rows of all FPN levels concatenated (``model.py`` 304-308), re-typed here."""
+    model = moe_model('cls', 'subnet', num_experts=4, top_k=2,
+                      gate_cfg=dict(type='TopKGate', noisy=True, gate_type='paper_simple'),
+                      balance_cfg=dict(kl_uniform=0.5))
+    gate = model.bbox_head.cls_moe.gate
+    outputs = []
+    gate.register_forward_hook(lambda module, args, out: outputs.append(out))
+    losses, data = one_training_step(model)
+    (out,) = outputs
+    levels = len(model.extract_feat(data['inputs']))
+    weights = out.weights.detach()
+    assert weights.shape == (levels * 2, 4)
+    p = (weights.sum(0) + 1e-10) / weights.shape[0]
+    want = 0.5 * torch.sum(p * torch.log(p / torch.full((4,), 0.25)))
+    torch.testing.assert_close(losses['loss_moe_kl_uniform'].detach(), want)
+    assert 'loss_moe_importance' not in losses
+    for p in (gate.w_gate.weight, gate.w_noise.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
 def test_state_dict_round_trip_keeps_hard_constraint_buffers():
     gate_cfg = dict(type='RelativeImportanceGate', threshold=0.3)
     model = moe_model('both', 'subnet', gate_cfg=gate_cfg)
