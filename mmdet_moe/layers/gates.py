@@ -7,6 +7,9 @@ experts per row (an image, or an (image, FPN level) pair)::
     h ← h + ε · (softplus(W_n · GAP(x)) + 0.01)    training only, ε ~ N(0, 1)
     G = softmax(KeepTopK(h, k))                     zeros outside the top k
 
+The ``gate_type='paper_*'`` gates compute the paper's code instead: its noise std
+is ``softplus(W_n · GAP(x) + 0.01)`` with a bias-free, randomly initialised W_n.
+
 With ``renormalize=False`` the kept experts are weighted by their probability in
 the softmax over all N logits instead (Switch Transformer); the weights then sum
 to less than 1, and a top-1 gate still gets a gradient from the task loss.
@@ -62,10 +65,14 @@ class TopKGate(nn.Module):
         top_k: k in [1, N].
         noisy: add learned Gaussian noise to the logits in training mode.
         gate_type: ``'linear'`` (GAP → linear) or ``'conv'`` (3×3 conv → ReLU →
-            GAP → linear), or the gates of the paper's RetinaNet code as it computes
-            them: ``'paper_fc'`` (``W·GAP(ReLU(x)) + b``) and ``'paper_conv'``
-            (``W·GAP(conv3×3(x)) + b``, no padding, no activation, 256 channels);
-            their noise std is ``softplus(W_n·GAP(x) + 0.01)`` on the raw input.
+            GAP → linear), whose noise layer ``W_n`` (with bias) starts at zero,
+            or the gates of the paper's RetinaNet code as it computes them:
+            ``'paper_simple'`` (``SimpleGate``: ``W·GAP(x) + b``), ``'paper_fc'``
+            (``FCGate``: ``W·GAP(ReLU(x)) + b``) and ``'paper_conv'``
+            (``ConvGate``: ``W·GAP(conv3×3(x)) + b``, no padding, no activation,
+            256 channels); their noise std is ``softplus(W_n·GAP(x) + 0.01)`` on the
+            raw input, ``W_n`` bias-free with PyTorch's default init, as the
+            paper's ``BaseGatingNetwork``.
         conv_channels: hidden channels of the conv gates (default 64 for
             ``'conv'``, 256 for ``'paper_conv'``).
         noise_epsilon: floor added to the noise std (keeps Φ in the load loss finite).
@@ -121,8 +128,12 @@ class TopKGate(nn.Module):
             self.conv = nn.Conv2d(in_channels, features, 3,
                                   padding=1 if gate_type == 'conv' else 0)
         self.w_gate = nn.Linear(features, num_experts)
-        if noisy:
-            self.w_noise = nn.Linear(in_channels if self._paper else features, num_experts)
+        if noisy and self._paper:
+            self.w_noise = nn.Linear(in_channels, num_experts, bias=False)
+        elif noisy:
+            # Shazeer et al.'s zero init: at the start every input gets the same
+            # noise (std softplus(0) + ε ≈ 0.70), however W_n was drawn
+            self.w_noise = nn.Linear(features, num_experts)
             nn.init.zeros_(self.w_noise.weight)
             nn.init.zeros_(self.w_noise.bias)
 
@@ -132,9 +143,9 @@ class TopKGate(nn.Module):
 
     def pooled_features(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(B, C, H, W) → pooled features (B, C') of the logits and (B, C'') of the
-        noise std; a (B, C) vector passes through (``'linear'`` gate only)."""
+        noise std; a (B, C) vector passes through (gates on GAP(x) alone)."""
         if x.dim() == 2:
-            if self.gate_type != 'linear':
+            if self.gate_type not in ('linear', 'paper_simple'):
                 raise ValueError(f"gate_type={self.gate_type!r} needs (B, C, H, W) maps, "
                                  f'got shape {tuple(x.shape)}')
             return x, x
@@ -146,7 +157,7 @@ class TopKGate(nn.Module):
         def gap(t):  # accumulated and returned in float32 under mixed precision
             return t.mean(dim=(2, 3), dtype=full_dtype(t))
         raw = gap(x)
-        if self.gate_type == 'linear':
+        if self.gate_type in ('linear', 'paper_simple'):
             return raw, raw
         if self.gate_type == 'conv':
             feats = gap(F.relu(self.conv(x)))
@@ -416,7 +427,8 @@ def end_iteration(model: nn.Module) -> None:
             module.end_iteration()
 
 
-GATE_TYPES = {'linear': None, 'conv': 64, 'paper_fc': None, 'paper_conv': 256}
+GATE_TYPES = {'linear': None, 'conv': 64, 'paper_simple': None, 'paper_fc': None,
+              'paper_conv': 256}
 GATES = {cls.__name__: cls for cls in
          (TopKGate, RelativeImportanceGate, AbsoluteImportanceGate, EqualWeightGate)}
 

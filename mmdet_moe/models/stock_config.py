@@ -20,7 +20,7 @@ MOE_ARGS = {
     'MoERetinaNet': ('train_only_moe',),
     'MoERetinaHead': ('moe_branches', 'expert_type', 'num_experts', 'top_k', 'gate_cfg',
                       'balance_cfg', 'moe_convs', 'experts_include_output',
-                      'upcycle_noise_std', 'impl', 'capacity_factor'),
+                      'upcycle_noise_std', 'fresh_expert_init', 'impl', 'capacity_factor'),
     'MoEFPN': ('moe_parts', 'shared_gate', 'num_experts', 'top_k', 'gate_cfg', 'balance_cfg',
                'impl', 'upcycle_noise_std'),
     'MoEDetTTAModel': (),

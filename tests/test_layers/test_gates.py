@@ -247,8 +247,61 @@ def test_paper_gates_compute_the_reference_formulas():
     std = fc.train()(x).noise_std
     torch.testing.assert_close(std, F.softplus(fc.w_noise(x.mean((2, 3))) + 0.01))
     with pytest.raises(ValueError, match=r"gate_type must be one of \['conv', 'linear', "
-                                         r"'paper_conv', 'paper_fc'\], got 'fc'"):
+                                         r"'paper_conv', 'paper_fc', 'paper_simple'\], "
+                                         r"got 'fc'"):
         TopKGate(8, 4, 2, gate_type='fc')
+
+
+def paper_simple_gate(x, w_fc, b_fc, w_noise, top_k):
+    """The paper's ``SimpleGate`` in training, re-typed from its code
+    (``models/moe_layer/soft_gating_networks.py`` 100-111 and
+    ``base_components/base_gating_network.py`` 44-63): logits, noise std, weights."""
+    flat = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
+    logits = flat @ w_fc.t() + b_fc
+    std = F.softplus(flat @ w_noise.t() + 1e-2)
+    logits = logits + torch.randn_like(logits) * std
+    top_k_logits, top_k_indices = logits.topk(top_k, dim=1)
+    weights = torch.zeros_like(logits).scatter(1, top_k_indices,
+                                               F.softmax(top_k_logits, dim=1))
+    return logits, std, weights
+
+
+def test_paper_simple_gate_computes_the_papers_simple_gate():
+    """Same weights, same seed: the paper's noisy logits, noise std and weights."""
+    torch.manual_seed(0)
+    gate = TopKGate(8, 4, 2, noisy=True, gate_type='paper_simple').train()
+    x = torch.randn(6, 8, 5, 7)
+    torch.manual_seed(1)
+    out = gate(x)
+    torch.manual_seed(1)
+    logits, std, weights = paper_simple_gate(x, gate.w_gate.weight, gate.w_gate.bias,
+                                             gate.w_noise.weight, top_k=2)
+    torch.testing.assert_close(out.noisy_logits, logits)
+    torch.testing.assert_close(out.noise_std, std)
+    torch.testing.assert_close(out.weights, weights)
+    # eval: the clean logits W·GAP(x) + b
+    torch.testing.assert_close(gate.eval()(x).logits, gate.w_gate(x.mean((2, 3))))
+
+
+def test_paper_gates_noise_layer_is_the_papers_bias_free_default_init():
+    """The paper's W_n is ``nn.Linear(C, N, bias=False)`` with PyTorch's default init,
+    so the noise std differs between inputs from the start; the plugin's own gates
+    start from zero (the same std for every input)."""
+    for gate_type in ('paper_simple', 'paper_fc', 'paper_conv'):
+        torch.manual_seed(3)
+        gate = TopKGate(8, 4, 2, noisy=True, gate_type=gate_type).train()
+        torch.manual_seed(3)
+        if gate_type == 'paper_conv':
+            torch.nn.Conv2d(8, 256, 3)
+        torch.nn.Linear(256 if gate_type == 'paper_conv' else 8, 4)  # w_gate's draws
+        want = torch.nn.Linear(8, 4, bias=False)
+        assert gate.w_noise.bias is None
+        torch.testing.assert_close(gate.w_noise.weight, want.weight)
+        std = gate(torch.randn(5, 8, 6, 6)).noise_std
+        assert (std.std(0) > 1e-3).all()
+    linear = TopKGate(8, 4, 2, noisy=True).train()
+    std = linear(torch.randn(5, 8, 6, 6)).noise_std
+    torch.testing.assert_close(std, torch.full_like(std, F.softplus(torch.tensor(0.)) + 0.01))
 
 
 def test_load_loss_honours_the_hard_constraint_mask():

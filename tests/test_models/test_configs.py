@@ -30,14 +30,17 @@ def test_config_builds_and_trains_one_step(path):
     losses, _ = one_training_step(model, image_size=96, num_classes=80)
     assert all_finite(losses)
     head = cfg.model.get('bbox_head', {})
-    has_balance = 'importance' in str(cfg.model)
+    has_balance = 'importance' in str(cfg.model) or 'kl_uniform' in str(cfg.model)
     assert any(k.startswith('loss_moe_') for k in losses) == has_balance
     if 'ft-from-dense' in path:
         moe_ids = {id(p) for p in moe_parameters(model)}
         frozen = [p for p in model.parameters() if id(p) not in moe_ids]
         assert frozen and not any(p.requires_grad for p in frozen)
         assert all(p.grad is None for p in frozen)
-        assert head.upcycle_noise_std > 0
+        # the paper's SimpleGate and KL loss; its upcycled experts start identical
+        assert head.upcycle_noise_std == 0 and 'loss_moe_kl_uniform' in losses
+        assert model.bbox_head.cls_moe.gate.gate_type == 'paper_simple'
+        assert cfg.param_scheduler[0].milestones == [11, 14] and cfg.max_epochs == 16
     if head.get('expert_type') == 'subnet':  # sparse dispatch: DDP must allow it
         assert cfg.find_unused_parameters is True
     if '-hard_' in path:  # the paper's gate, updated after each of the 5 FPN levels
@@ -69,5 +72,36 @@ def test_toy_config_builds_and_trains_one_step(path):
         assert type(gate).__name__ == ('RelativeImportanceGate' if hard else
                                        'EqualWeightGate' if equal else 'TopKGate')
         assert ('loss_moe_importance' in losses) != (hard or equal)
-        if hard:
+        if hard:  # the paper's FCGate without noise
             assert gate.num_iters.item() == 1 and gate.threshold == 0.3
+            assert gate.gate_type == 'paper_fc' and not gate.noisy
+
+
+def test_ft_from_dense_lr_per_epoch_is_the_papers_schedule():
+    """The paper's classification_moe.py (lines 87-96, 248): Adam 1e-5 and a LambdaLR
+    stepped once per epoch, ×1 up to epoch 10, ×0.1 up to 13, then ×0.01."""
+    import torch
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    cfg = load_config(osp.join(CONFIGS, 'moe_retinanet',
+                               'retinanet_r50_moe-cls-head_ft-from-dense_coco.py'))
+    assert cfg.optim_wrapper.optimizer == dict(type='Adam', lr=1e-5)
+    assert cfg.optim_wrapper.clip_grad == dict(max_norm=0.1, norm_type=2)
+
+    def lr_per_epoch(make_scheduler):
+        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+        scheduler, lrs = make_scheduler(optimizer), []
+        for _ in range(cfg.max_epochs):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            scheduler.step()
+        return lrs
+
+    def paper(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: 1 if epoch <= 10 else 0.1 if epoch <= 13 else 0.01)
+
+    def ours(optimizer):
+        (scheduler,) = cfg.param_scheduler
+        return PARAM_SCHEDULERS.build(dict(scheduler, optimizer=optimizer))
+
+    assert lr_per_epoch(ours) == pytest.approx(lr_per_epoch(paper), rel=1e-6)

@@ -83,6 +83,68 @@ def test_gradients_reach_the_gate_and_only_routed_experts():
         assert all(p.grad is None for p in experts[n].parameters())
 
 
+def test_the_papers_soft_setting_trains_with_its_kl_loss_over_all_levels():
+    """``SimpleGate`` (``gate_type='paper_simple'``, noisy) with KL to uniform w=0.5,
+    as the paper's ``classification_moe.py``: the loss is the paper's
+    ``kl_divergence`` (``losses/kullback_leibler_divergence.py`` 6-10) of the gate
+    rows of all FPN levels concatenated (``model.py`` 304-308), re-typed here."""
+    model = moe_model('cls', 'subnet', num_experts=4, top_k=2,
+                      gate_cfg=dict(type='TopKGate', noisy=True, gate_type='paper_simple'),
+                      balance_cfg=dict(kl_uniform=0.5))
+    gate = model.bbox_head.cls_moe.gate
+    outputs = []
+    gate.register_forward_hook(lambda module, args, out: outputs.append(out))
+    losses, data = one_training_step(model)
+    (out,) = outputs
+    levels = len(model.extract_feat(data['inputs']))
+    weights = out.weights.detach()
+    assert weights.shape == (levels * 2, 4)
+    p = (weights.sum(0) + 1e-10) / weights.shape[0]
+    want = 0.5 * torch.sum(p * torch.log(p / torch.full((4,), 0.25)))
+    torch.testing.assert_close(losses['loss_moe_kl_uniform'].detach(), want)
+    assert 'loss_moe_importance' not in losses
+    for p in (gate.w_gate.weight, gate.w_noise.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('expert_type', ['subnet', 'conv'])
+def test_fresh_experts_start_as_the_papers_with_pytorch_init(expert_type):
+    """``fresh_expert_init='pytorch'``: every expert conv as a fresh ``nn.Conv2d``
+    (weight and bias uniform in ±1/√fan_in, so std 1/√(3·fan_in)) and no focal-loss
+    prior, as the paper's fresh experts; the dense convs keep mmdet's init."""
+    import math
+    from mmengine.model import bias_init_with_prob
+    from mmdet_moe.layers import MoEConv2d
+    prior = bias_init_with_prob(0.01)
+    for init in ('mmdet', 'pytorch'):
+        torch.manual_seed(0)
+        head = moe_model('cls', expert_type, fresh_expert_init=init).bbox_head
+        if expert_type == 'subnet':
+            experts = [m for e in head.cls_moe.experts for m in e.modules()
+                       if isinstance(m, torch.nn.Conv2d)]
+            out_biases = [e.retina_cls.bias for e in head.cls_moe.experts]
+        else:
+            experts = [c for m in head.modules() if isinstance(m, MoEConv2d)
+                       for c in m.expert_convs()]
+            out_biases = [head.retina_cls.bias]  # dense: the prior either way
+        for conv in experts:
+            fan_in = conv.weight[0].numel()
+            if init == 'pytorch':
+                bound = 1 / math.sqrt(fan_in)
+                assert conv.weight.abs().max() <= bound
+                assert conv.bias is None or conv.bias.abs().max() <= bound
+                assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3),
+                                                                 rel=0.1)
+            else:
+                assert conv.weight.std().item() == pytest.approx(0.01, rel=0.1)
+        has_prior = init == 'mmdet' or expert_type == 'conv'
+        assert all(torch.allclose(b, torch.full_like(b, prior)) == has_prior
+                   for b in out_biases)
+        assert head.reg_convs[0].conv.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    with pytest.raises(ValueError, match="fresh_expert_init must be one of"):
+        moe_model('cls', expert_type, fresh_expert_init='paper')
+
+
 def test_state_dict_round_trip_keeps_hard_constraint_buffers():
     gate_cfg = dict(type='RelativeImportanceGate', threshold=0.3)
     model = moe_model('both', 'subnet', gate_cfg=gate_cfg)

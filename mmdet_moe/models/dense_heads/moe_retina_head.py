@@ -2,7 +2,7 @@
 from typing import Iterable, Optional, Sequence, Tuple
 
 from mmengine.model import bias_init_with_prob, normal_init
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmdet.models.dense_heads import RetinaHead
 from mmdet.registry import MODELS
@@ -36,6 +36,12 @@ class MoERetinaHead(RetinaHead):
         experts_include_output: subnet experts include the output conv.
         upcycle_noise_std: noise (× std of the dense weights) added to each expert
             when a dense checkpoint is loaded (upcycling).
+        fresh_expert_init: how the experts start before any checkpoint loads:
+            ``'mmdet'`` as the dense head (Normal, std 0.01, and the focal-loss prior
+            on every expert's ``retina_cls``); ``'pytorch'``: PyTorch's default conv
+            init and no prior, as the paper's fresh experts (its MoE heads build them
+            after the model's own init). Upcycled experts copy the dense weights
+            either way.
         impl: MoE implementation (``'auto'``, ``'dispatch'``, ``'dense'``, ...).
         capacity_factor: fixed rows per expert for ``impl='dispatch'`` in training
             (no host read; see :class:`~mmdet_moe.layers.MoE`).
@@ -49,11 +55,12 @@ class MoERetinaHead(RetinaHead):
                  num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
                  balance_cfg: Optional[dict] = None, moe_convs: Sequence[int] = (3,),
                  experts_include_output: bool = True, upcycle_noise_std: float = 0.0,
-                 impl: str = 'auto', capacity_factor: Optional[float] = None,
+                 fresh_expert_init: str = 'mmdet', impl: str = 'auto', capacity_factor: Optional[float] = None,
                  init_cfg=dict(type='Normal', layer='Conv2d', std=0.01),
                  **kwargs):
         check_choice('moe_branches', moe_branches, set(BRANCHES))
         check_choice('expert_type', expert_type, {'subnet', 'conv'})
+        check_choice('fresh_expert_init', fresh_expert_init, {'mmdet', 'pytorch'})
         check_num_experts(num_experts, top_k)
         if moe_branches == 'shared' and expert_type != 'subnet':
             raise ValueError("moe_branches='shared' needs expert_type='subnet' (conv "
@@ -65,6 +72,7 @@ class MoERetinaHead(RetinaHead):
         self.moe_convs = tuple(moe_convs)
         self.experts_include_output = experts_include_output
         self.upcycle_noise_std = upcycle_noise_std
+        self.fresh_expert_init = fresh_expert_init
         super().__init__(*args, init_cfg=init_cfg, **kwargs)
 
     def _init_layers(self) -> None:
@@ -121,6 +129,14 @@ class MoERetinaHead(RetinaHead):
         for name, module in self.named_modules():
             if name.endswith('retina_cls'):
                 normal_init(module, std=0.01, bias=bias_cls)
+        if self.fresh_expert_init == 'pytorch':
+            for module in self.modules():
+                if isinstance(module, MoEConv2d):
+                    module.reset_parameters()  # its experts, not its gate
+                elif isinstance(module, TowerMoE):
+                    for conv in module.experts.modules():
+                        if isinstance(conv, nn.Conv2d):
+                            conv.reset_parameters()
 
     def _branch_forward(self, branch: str, x: Sequence[Tensor], routing=None):
         """Per-level outputs of one branch: (MoE) tower, then the output conv."""
