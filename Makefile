@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast gpu-check demo demo-compare docs
+.PHONY: env test test-fast gpu-check demo demo-compare demo-paper docs
 
 env:
 	bash tools/setup_env.sh
@@ -25,6 +25,12 @@ demo: env
 # dense, MoE soft and MoE hard trained alike, side by side (about 3× the demo's time)
 demo-compare: env
 	$(PYTHON_VENV) tools/demo.py --compare
+
+# the paper's protocol: the dense model (demo-compare's, else trained), then only its
+# classification branch fine-tuned: soft, hard, equal weights × fresh / copied experts,
+# and the dense branch (control), 3 seeds; work_dirs/demo_paper/paper_protocol.md
+demo-paper: env
+	$(PYTHON_VENV) tools/demo.py --paper
 
 # the documentation site from docs/ into build/docs/ (open build/docs/index.html);
 # --strict: any warning, a broken link or anchor between the pages included, fails
