@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast gpu-check demo demo-compare demo-check docs
+.PHONY: env test test-fast gpu-check demo demo-compare demo-check demo-paper docs
 
 env:
 	bash tools/setup_env.sh
@@ -33,6 +33,12 @@ AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS
 demo-check: env
 	$(PYTHON_VENV) tools/demo.py --seeds 3 --no-per-expert --check --work-dir work_dirs/demo-check
 	$(AVX2) $(PYTHON_VENV) tools/demo.py --no-per-expert --check --work-dir work_dirs/demo-check-avx2
+
+# the paper's protocol: the dense model (demo-compare's, else trained), then only its
+# classification branch fine-tuned: soft, hard, equal weights × fresh / copied experts,
+# and the dense branch (control), 3 seeds; work_dirs/demo_paper/paper_protocol.md
+demo-paper: env
+	$(PYTHON_VENV) tools/demo.py --paper
 
 # the documentation site from docs/ into build/docs/ (open build/docs/index.html);
 # --strict: any warning, a broken link or anchor between the pages included, fails

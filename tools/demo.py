@@ -4,6 +4,8 @@
     python tools/demo.py --compare      # `make demo-compare`: dense, MoE soft, MoE hard
     python tools/demo.py --seeds 3      # the MoE detector for seeds 0, 1, 2: mean ± sd
     python tools/demo.py --seeds 3 --check   # `make demo-check`: within the README's spread?
+    python tools/demo.py --paper        # `make demo-paper`: the paper's protocol
+                                        # (tools/demo_paper.py, its own options)
 
 1. generates the toy COCO dataset (tools/make_toy_coco.py) unless it exists;
 2. trains each detector with the stock-style tools/train.py, seeded (``--seed``);
@@ -81,6 +83,9 @@ def parse_args(argv=None):
                              'and dataset only)')
     parser.add_argument('--tiny', action='store_true',
                         help='test settings: batch 2, no data-loader workers, log every iter')
+    parser.add_argument('--paper', action='store_true',
+                        help="the paper's protocol: dense model, then MoE head fine-tuned "
+                             '(tools/demo_paper.py; see its --help for its options)')
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f'--seeds must be >= 1, got {args.seeds}')
@@ -173,9 +178,13 @@ class Run:
         self.report_dir = osp.join(self.work_dir, 'report')
         self.stats_path = osp.join(self.work_dir, 'analyze', 'expert_size_stats.json')
 
+    def options(self, args) -> list:
+        """The ``--cfg-options`` of its training and evaluation."""
+        return overrides(args, self.seed, self.is_moe)
+
     def train_and_evaluate(self, args) -> None:
         python = sys.executable
-        options = overrides(args, self.seed, self.is_moe)
+        options = self.options(args)
         run(f'train {self.label}, seed {self.seed} (tools/train.py)',
             [python, 'tools/train.py', self.config, '--work-dir', self.work_dir, *options])
         if not self.is_moe:
@@ -325,9 +334,9 @@ def fingerprint_line(args) -> str:
                    "figures are not comparable (remake it with --regenerate)")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    start = time.time()
+def prepare_dataset(args) -> str:
+    """Generate the toy dataset into ``--data-root`` unless it is there; returns its
+    fingerprint line."""
     stale = 'asked by --regenerate' if args.regenerate else stale_dataset(args)
     if stale:
         print(f'==> [demo] (re)making the dataset: {stale}')
@@ -340,6 +349,17 @@ def main(argv=None) -> None:
         print(f'==> [demo] using the dataset in {args.data_root} (--regenerate to remake it)')
     data_line = fingerprint_line(args)
     print(f'==> [demo] {data_line}', flush=True)
+    return data_line
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--paper' in argv:
+        from demo_paper import main as paper_main  # tools/ is this script's sys.path[0]
+        sys.exit(paper_main([a for a in argv if a != '--paper']))
+    args = parse_args(argv)
+    start = time.time()
+    data_line = prepare_dataset(args)
     if args.config:
         variants = [('custom', args.config, osp.basename(args.config))]
     else:

@@ -62,6 +62,22 @@ def check_checkpoint(model: nn.Module, checkpoint: str) -> None:
             f'{unexpected[:3]})')
 
 
+def key_mismatch(expected: dict, found: dict, examples: int = 3) -> Optional[str]:
+    """How the state dict ``found`` differs from ``expected`` (a model's state dict)
+    key by key, without load hooks (so a dense checkpoint does not pass for a MoE
+    model by upcycling): the counts of missing, unexpected and shape-mismatched keys
+    with a few of each, or None when they match."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f'{k} {tuple(found[k].shape)} ≠ {tuple(expected[k].shape)}'
+              for k in expected if k in found and hasattr(found[k], 'shape')
+              and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = [f'{len(keys)} {what} (e.g. {keys[:examples]})' for what, keys in (
+        ('missing', missing), ('unexpected', unexpected),
+        ('of another shape (checkpoint ≠ model)', shapes)) if keys]
+    return '; '.join(parts) or None
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The model of ``cfg`` built in mmdet's scope, in eval mode (no weights loaded)."""
     from mmdet.registry import MODELS

@@ -1,5 +1,5 @@
 """Start MoE layers from a trained dense model, and train only the MoE parts."""
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -41,12 +41,42 @@ def moe_parameters(model: nn.Module):
                     yield p
 
 
+def _train_only(model: nn.Module, trainable: Iterable[nn.Parameter]) -> int:
+    """``requires_grad`` on the ``trainable`` parameters only; their number of tensors."""
+    ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return len(ids)
+
+
 def freeze_all_but_moe(model: nn.Module) -> int:
     """``requires_grad=False`` on every non-MoE parameter (the paper fine-tunes only
     the MoE parts of a trained detector). Returns the number of trainable tensors."""
-    trainable = {id(p) for p in moe_parameters(model)}
+    trainable = list(moe_parameters(model))
     if not trainable:
         raise ValueError('freeze_all_but_moe: the model has no MoE layer to train')
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    return len(trainable)
+    return _train_only(model, trainable)
+
+
+def freeze_all_but(model: nn.Module, paths: Sequence[str]) -> int:
+    """``requires_grad=False`` on every parameter outside the submodules at ``paths``
+    (e.g. ``'bbox_head.cls_convs'``): a dense model frozen as :func:`freeze_all_but_moe`
+    freezes its MoE counterpart, the control of the paper's fine-tuning. Returns the
+    number of trainable tensors. Only ``requires_grad`` changes, as there: norm-layer
+    statistics are the config's to fix (e.g. the backbone's ``norm_eval``)."""
+    if isinstance(paths, str) or not paths:
+        raise ValueError(f'freeze_all_but: paths must be a non-empty list of module '
+                         f"paths such as ['bbox_head.cls_convs'], got {paths!r}")
+    trainable = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f'freeze_all_but: the model has no module {path!r} ({err})') \
+                from err
+        params = list(module.parameters())
+        if not params:
+            raise ValueError(f'freeze_all_but: the module {path!r} has no parameter to '
+                             'train')
+        trainable += params
+    return _train_only(model, trainable)

@@ -71,10 +71,16 @@ def test_toy_config_builds_and_trains_one_step(path):
         hard, equal = 'hard' in path, 'equal' in path
         assert type(gate).__name__ == ('RelativeImportanceGate' if hard else
                                        'EqualWeightGate' if equal else 'TopKGate')
-        assert ('loss_moe_importance' in losses) != (hard or equal)
+        balance = {k for k in losses if k.startswith('loss_moe_')}
+        # the paper's protocol (ft-from-dense): KL to uniform, as its RetinaNet code
+        soft_loss = 'loss_moe_kl_uniform' if 'ft-from-dense' in path else 'loss_moe_importance'
+        assert balance == (set() if hard or equal else {soft_loss})
         if hard:  # the paper's FCGate without noise
             assert gate.num_iters.item() == 1 and gate.threshold == 0.3
             assert gate.gate_type == 'paper_fc' and not gate.noisy
+    if 'ft-from-dense' in path:  # only the classification branch trains
+        trainable = {n.split('.')[1] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == ({'cls_moe'} if 'moe' in path else {'cls_convs', 'retina_cls'})
 
 
 def test_ft_from_dense_lr_per_epoch_is_the_papers_schedule():
