@@ -11,8 +11,9 @@
 # times (9 arms × 3 seeds) in about half an hour on 2 cores, so an arm gets 150
 # iterations of batch 8 (0.4 of an epoch; ~0.2 s each next to ~35 s of start-up and
 # evaluation). At lr 1e-5 fresh experts would hardly leave their initialisation in
-# 150 Adam steps (≤ 1e-5 per weight and step); lr 3e-4 (a tenth of the dense training's
-# peak) for 100 iterations, then 3e-5, lets them learn and moves copied experts.
+# 150 Adam steps (≤ 1e-5 per weight and step); hence lr 3e-4 (a tenth of the dense
+# training's peak) for 100 iterations, then 3e-5. Estimated from `make demo`'s measured
+# costs, not yet timed, nor its effect on AP measured: the first run's table says.
 _base_ = './retinanet_r18_fpn_3e_toy-coco.py'
 
 model = dict(
