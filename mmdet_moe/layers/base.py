@@ -9,6 +9,7 @@ from ._checks import check_capacity_factor
 from .balance_losses import BalanceLosses
 from .conv_ops import dispatch, dispatch_with_capacity
 from .gate_output import GateOutput
+from .gates import pixel_map
 from .recording import record_gate
 
 # A module that computes balance losses nobody collects would hold every step's
@@ -66,12 +67,23 @@ class MoEModuleMixin:
         return overflow
 
     def _track(self, gate_output: GateOutput,
-               level_sizes: Optional[Sequence[int]] = None) -> None:
+               level_sizes: Optional[Sequence[int]] = None,
+               pixel_shapes: Optional[Sequence[Sequence[int]]] = None) -> None:
         """Record the gate weights (if a recorder is active) and keep them for the losses.
 
         ``level_sizes``: row counts per FPN level when the rows stack several levels.
+        ``pixel_shapes``: the (B, C, H, W) shape of each map a ``gate_mode='pixel'``
+        gate routed (one per level when ``level_sizes`` is given, else one); its
+        records then carry the (B, N, H, W) maps and their per-image means.
         """
-        if level_sizes is None:
+        if pixel_shapes is not None:
+            sizes = [s[0] * s[-2] * s[-1] for s in pixel_shapes]
+            parts = gate_output.weights.split(sizes)
+            for level, (part, shape) in enumerate(zip(parts, pixel_shapes, strict=True)):
+                gate_map = pixel_map(part, shape)
+                record_gate(self, gate_map.mean(dim=(2, 3)),
+                            None if level_sizes is None else level, pixel_weights=gate_map)
+        elif level_sizes is None:
             record_gate(self, gate_output.weights)
         else:
             for level, part in enumerate(gate_output.weights.split(list(level_sizes))):

@@ -16,6 +16,8 @@ Scatter → weights, recomputed for every input):
   which ONNX's Conv needs.
 - ``dense`` (whole-subnet :class:`MoE`, non-linear experts): every expert on every
   row, weighted by the gate: N× one expert, where eager dispatch runs k×.
+- per-location gates (``gate_mode='pixel'``): ``dense``, every expert on the whole map
+  mixed per location (N× one expert, eager dispatch k× for conv experts).
 - ``soft`` (μMoE layers): unchanged, no host read: ≈ two convs with R channels.
 
 The batch size is frozen into the graph (gates split their rows per FPN level by it).
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .gates import routes_pixels
 from .moe import MoE
 from .moe_conv import MoEConv2d
 from .multilinear import _MuMoEConvBase
@@ -63,6 +66,11 @@ class LayerExport:
 
 def _plan(module: nn.Module, dynamic_rows: bool) -> LayerExport:
     name, layer = module.moe_name, type(module).__name__
+    if isinstance(module, (MoE, MoEConv2d)) and routes_pixels(module.gate):
+        return LayerExport(name, layer, 'dense', f'per location: all {module.num_experts} '
+                           'experts on the whole map, mixed by the per-location gate: '
+                           f'{module.num_experts}× one expert (eager: k× for conv experts '
+                           'with impl dispatch)')
     if isinstance(module, (MoE, MoEConv2d)):
         n, k, impl = module.num_experts, module.top_k, module.impl
         eager = {'dispatch': f'{k}×', 'dense': f'{n}×'}.get(impl, '≈ 1×: fused kernel')

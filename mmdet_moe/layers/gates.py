@@ -1,4 +1,4 @@
-r"""Per-image noisy top-k gates (soft routing decisions) and hard constraints.
+r"""Noisy top-k gates (soft routing decisions) and hard constraints.
 
 A gate looks at a global-average-pooled summary of its input and picks k of N
 experts per row (an image, or an (image, FPN level) pair)::
@@ -9,6 +9,11 @@ experts per row (an image, or an (image, FPN level) pair)::
 
 The ``gate_type='paper_*'`` gates compute the paper's code instead: its noise std
 is ``softplus(W_n · GAP(x) + 0.01)`` with a bias-free, randomly initialised W_n.
+
+With ``gate_mode='pixel'`` the same linear maps act on the feature vector of every
+location instead of GAP(x) (a 1×1 conv): a (B, C, H, W) map gives B·H·W rows, in
+(image, row, column) order, each routed on its own (Spatial MoE, Dryden & Hoefler
+2022). Balance losses and hard constraints then count locations, not images.
 
 With ``renormalize=False`` the kept experts are weighted by their probability in
 the softmax over all N logits instead (Switch Transformer); the weights then sum
@@ -76,6 +81,10 @@ class TopKGate(nn.Module):
         conv_channels: hidden channels of the conv gates (default 64 for
             ``'conv'``, 256 for ``'paper_conv'``).
         noise_epsilon: floor added to the noise std (keeps Φ in the load loss finite).
+        gate_mode: ``'image'`` (the paper: one row per map, on GAP(x)) or
+            ``'pixel'`` (one row per location, on the location's features; the
+            ``'conv'`` gate's padded 3×3 conv keeps the map size, ``'paper_conv'``'s
+            unpadded one does not and is refused).
         renormalize: ``True`` (the paper): softmax over the k kept logits, the
             weights sum to 1. ``False`` (Switch Transformer): each kept expert
             is weighted by its softmax probability over all N logits. With
@@ -85,7 +94,8 @@ class TopKGate(nn.Module):
 
     ``forward(x)`` takes a (B, C, H, W) map, a (B, C) pooled vector, or a list of
     maps (FPN levels) that share this gate; rows of a list are concatenated level
-    by level, giving L·B rows. It returns a :class:`GateOutput`.
+    by level, giving L·B rows (``'pixel'``: Σ_l B·H_l·W_l). It returns a
+    :class:`GateOutput`; :func:`pixel_map` turns a map's pixel rows into (B, N, H, W).
 
     Mixed precision: a conv gate's conv runs in the activation dtype (autocast), the
     pooled features, logits, noise, softmax and weights in float32 with autocast off
@@ -95,10 +105,15 @@ class TopKGate(nn.Module):
     def __init__(self, in_channels: int, num_experts: int, top_k: int,
                  noisy: bool = True, gate_type: str = 'linear',
                  conv_channels: Optional[int] = None, noise_epsilon: float = 1e-2,
-                 renormalize: bool = True):
+                 renormalize: bool = True, gate_mode: str = 'image'):
         super().__init__()
         check_num_experts(num_experts, top_k)
         check_choice('gate_type', gate_type, set(GATE_TYPES))
+        check_choice('gate_mode', gate_mode, set(GATE_MODES))
+        if gate_mode == 'pixel' and gate_type == 'paper_conv':
+            raise ValueError("gate_type='paper_conv' (unpadded 3×3) shrinks the map, so "
+                             "gate_mode='pixel' cannot give every location a row; use "
+                             "gate_type='conv' (padded) or 'linear'")
         check_choice('renormalize', renormalize, {True, False})
         if top_k == 1 and renormalize:
             warnings.warn('TopKGate(top_k=1, renormalize=True): the softmax over one '
@@ -108,7 +123,7 @@ class TopKGate(nn.Module):
                           'softmax probability over all experts (Switch Transformer)',
                           stacklevel=2)
         self.in_channels, self.num_experts, self.top_k = in_channels, num_experts, top_k
-        self.renormalize = renormalize
+        self.renormalize, self.gate_mode = renormalize, gate_mode
         self.noisy, self.gate_type, self.noise_epsilon = noisy, gate_type, noise_epsilon
         self.moe_name = None  # set by assign_moe_names(); used in error messages
         self.forced_expert = None  # set by override_routing() for analysis
@@ -143,7 +158,12 @@ class TopKGate(nn.Module):
 
     def pooled_features(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(B, C, H, W) → pooled features (B, C') of the logits and (B, C'') of the
-        noise std; a (B, C) vector passes through (gates on GAP(x) alone)."""
+        noise std; a (B, C) vector passes through (gates on GAP(x) alone). With
+        ``gate_mode='pixel'``, one row per location instead: (B·H·W, C'), (B·H·W, C'')."""
+        if self.gate_mode == 'pixel' and x.dim() != 4:
+            raise ValueError(f"{self._label()}: gate_mode='pixel' routes every location of "
+                             f'a (B, C, H, W) map; got shape {tuple(x.shape)} (no spatial '
+                             "map: use gate_mode='image')")
         if x.dim() == 2:
             if self.gate_type not in ('linear', 'paper_simple'):
                 raise ValueError(f"gate_type={self.gate_type!r} needs (B, C, H, W) maps, "
@@ -155,6 +175,8 @@ class TopKGate(nn.Module):
                              f'input, got shape {tuple(x.shape)}')
 
         def gap(t):  # accumulated and returned in float32 under mixed precision
+            if self.gate_mode == 'pixel':  # every location is a row
+                return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).to(full_dtype(t))
             return t.mean(dim=(2, 3), dtype=full_dtype(t))
         raw = gap(x)
         if self.gate_type in ('linear', 'paper_simple'):
@@ -269,7 +291,7 @@ class TopKGate(nn.Module):
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, num_experts={self.num_experts}, '
                 f'top_k={self.top_k}, noisy={self.noisy}, gate_type={self.gate_type!r}, '
-                f'renormalize={self.renormalize}')
+                f'renormalize={self.renormalize}, gate_mode={self.gate_mode!r}')
 
 
 class _HardConstraintGate(TopKGate):
@@ -427,6 +449,18 @@ def end_iteration(model: nn.Module) -> None:
             module.end_iteration()
 
 
+def pixel_map(rows: Tensor, shape: Sequence[int]) -> Tensor:
+    """(B·H·W, N) rows of a ``gate_mode='pixel'`` gate → (B, N, H, W) for a map of
+    ``shape`` (B, _, H, W)."""
+    batch, height, width = shape[0], shape[-2], shape[-1]
+    return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def routes_pixels(gate: nn.Module) -> bool:
+    return getattr(gate, 'gate_mode', 'image') == 'pixel'
+
+
+GATE_MODES = ('image', 'pixel')
 GATE_TYPES = {'linear': None, 'conv': 64, 'paper_simple': None, 'paper_fc': None,
               'paper_conv': 256}
 GATES = {cls.__name__: cls for cls in

@@ -10,8 +10,10 @@ from ._checks import check_capacity_impl, check_choice, check_num_experts, has_z
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, mixed_conv2d
 from .gate_output import GateOutput
-from .gates import TopKGate, build_gate
+from .gates import TopKGate, build_gate, pixel_map, routes_pixels
 from .moe_conv import IMPLS, noisy_copy
+from .pixel_routing import (dense_pixel_conv2d, pixel_mixture, routed_pixel_conv2d,
+                            same_padding)
 
 _CONV_GEOMETRY = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
                   'dilation', 'groups', 'padding_mode')
@@ -89,6 +91,9 @@ class MoE(MoEModuleMixin, nn.Module):
                              f'(zero padding); got {type(experts[0]).__name__} experts')
         self.impl = ('fused' if fusable else 'dispatch') if impl == 'auto' else impl
         check_capacity_impl(capacity_factor, self.impl)
+        if routes_pixels(gate) and capacity_factor is not None:
+            raise ValueError(f'capacity_factor={capacity_factor!r} caps rows per expert; '
+                             "gate_mode='pixel' runs each expert on whole maps: leave it None")
 
     def _check_same_structure(self):
         shapes = [[tuple(p.shape) for p in e.parameters()] for e in self.experts]
@@ -120,9 +125,35 @@ class MoE(MoEModuleMixin, nn.Module):
     def route(self, x: Features) -> GateOutput:
         """Gate ``x`` (a map or a list of level maps), record and keep the rows."""
         gate_output = self.gate(x)
-        sizes = [level.shape[0] for level in x] if isinstance(x, (list, tuple)) else None
-        self._track(gate_output, sizes)
+        levels = isinstance(x, (list, tuple))
+        if routes_pixels(self.gate):
+            shapes = [level.shape for level in x] if levels else [x.shape]
+            self._track(gate_output, self._row_counts(x) if levels else None, shapes)
+        else:
+            self._track(gate_output, self._row_counts(x) if levels else None)
         return gate_output
+
+    def _row_counts(self, x: Sequence[Tensor]) -> List[int]:
+        """Gate rows per level map: its images, or its locations for a pixel gate."""
+        if routes_pixels(self.gate):
+            return [level.shape[0] * level.shape[-2] * level.shape[-1] for level in x]
+        return [level.shape[0] for level in x]
+
+    def mix_pixels(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Apply the experts to ``x`` (B, C, H, W) with (B·H·W, N) per-location gate
+        weights (a pixel gate's rows) and their (B·H·W, k) ``indices``."""
+        gate_map = pixel_map(weights, x.shape)
+        c = self.experts[0]
+        if self.impl != 'fused' or c.stride != (1, 1) or \
+                not same_padding(c.kernel_size, c.padding, c.dilation):
+            return pixel_mixture(x, gate_map, self._run_expert)  # checks the map size
+        weight = torch.stack([e.weight for e in self.experts])
+        bias = torch.stack([e.bias for e in self.experts]) if c.bias is not None else None
+        if c.groups == 1 and not torch.jit.is_tracing():
+            return routed_pixel_conv2d(x, weights, indices, weight, bias, c.stride,
+                                       c.padding, c.dilation)
+        return dense_pixel_conv2d(x, gate_map, weight, bias, c.stride, c.padding,
+                                  c.dilation, c.groups)
 
     def mix(self, x: Tensor, gates: Tensor, indices: Optional[Tensor] = None,
             counts: Optional[Sequence[int]] = None) -> Tensor:
@@ -149,9 +180,14 @@ class MoE(MoEModuleMixin, nn.Module):
         (e.g. one gate for both the classification and regression branch)."""
         if gate_output is None:
             gate_output = self.route(x)
+        pixels = routes_pixels(self.gate)
         if not isinstance(x, (list, tuple)):
-            return self.mix(x, gate_output.weights, gate_output.indices)
-        parts = gate_output.split([level.shape[0] for level in x])
+            mix = self.mix_pixels if pixels else self.mix
+            return mix(x, gate_output.weights, gate_output.indices)
+        parts = gate_output.split(self._row_counts(x))
+        if pixels:
+            return [self.mix_pixels(level, part.weights, part.indices)
+                    for level, part in zip(x, parts, strict=True)]
         counts = [None] * len(parts)
         if self.impl == 'dispatch' and not self._capacity_applies():
             # the rows per expert of every level in one host read per step, not per level

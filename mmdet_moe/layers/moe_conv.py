@@ -1,4 +1,5 @@
-"""MoEConv2d: a convolution whose kernel is a per-image mixture of N expert kernels."""
+"""MoEConv2d: a convolution whose kernel is a per-image (or per-location) mixture of N
+expert kernels."""
 from typing import Iterator, List, Optional
 
 import torch
@@ -10,9 +11,13 @@ from torch.nn.modules.utils import _pair
 from ._checks import check_capacity_impl, check_choice, check_num_experts, has_zero_padding
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, mixed_conv2d
-from .gates import build_gate
+from .gates import build_gate, pixel_map, routes_pixels
+from .pixel_routing import dense_pixel_conv2d, gate_input, routed_pixel_conv2d, same_padding
 
 IMPLS = {'auto', 'fused', 'dispatch', 'dense'}
+# per-location gates: running all N experts as one conv beats gathering each location's
+# k experts up to N = this × k (measured on CPU, tools/benchmark.py layers)
+PIXEL_DENSE_MAX_RATIO = 2
 
 
 def copy_with_noise(dense: Tensor, copies: int, noise_std: float) -> Tensor:
@@ -36,7 +41,10 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
     r"""Sparsely-gated mixture of N single-conv experts with per-image top-k gates.
 
     ``y_b = Σ_{n ∈ topk(b)} G_bn · (W_n ∗ x_b + b_n)`` with ``G = gate(x)``
-    (see :class:`~mmdet_moe.layers.TopKGate`).
+    (see :class:`~mmdet_moe.layers.TopKGate`). With a per-location gate
+    (``gate_cfg=dict(gate_mode='pixel')``) every output location p picks its own k
+    experts, gated on the input at its window centre:
+    ``y_b[p] = Σ_{n ∈ topk(b, p)} G_bnp · (W_n ∗ x_b + b_n)[p]`` ("same" padding only).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
@@ -51,7 +59,13 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         impl: ``'fused'`` (one grouped conv with the mixed kernel, ≈ one dense
             conv), ``'dispatch'`` (each image through its k experts, ≈ k convs),
             ``'dense'`` (all N experts, reference) or ``'auto'`` (= fused, which is
-            exact for linear experts and the fastest).
+            exact for linear experts and the fastest). Per-location gates:
+            ``'dispatch'`` runs each location through its k experts only (gathered
+            patches, one host read per call, ``groups=1``), ``'dense'`` all N experts
+            everywhere (one conv with N·C_out channels), ``'auto'`` picks dense for
+            N <= :data:`PIXEL_DENSE_MAX_RATIO`·k (faster measured there, see
+            ``docs/benchmarks.md``), while tracing or with groups > 1, else dispatch;
+            ``'fused'`` is refused (a kernel per location is not one conv).
         capacity_factor: with ``impl='dispatch'``, fixed rows per expert in training
             (no host read; overflow dropped and counted), see
             :meth:`~mmdet_moe.layers.MoE`; None: every routed image runs.
@@ -85,11 +99,26 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             raise ValueError(f'upcycle_noise_std must be >= 0, got {upcycle_noise_std!r}')
         self.upcycle_noise_std = upcycle_noise_std
         self.gate = build_gate(gate_cfg, in_channels, num_experts, top_k)
+        if routes_pixels(self.gate):
+            self._check_pixel_routing(impl, capacity_factor)
         self._init_moe(balance_cfg, noisy=self.gate.noisy, capacity_factor=capacity_factor)
         self.weight = nn.Parameter(torch.empty(num_experts, out_channels,
                                                in_channels // groups, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
         self.reset_parameters()
+
+    def _check_pixel_routing(self, impl: str, capacity_factor: Optional[float]) -> None:
+        if not same_padding(self.kernel_size, self.padding, self.dilation):
+            raise ValueError(
+                "gate_mode='pixel' gates each output location on its window centre and "
+                f'needs "same" padding = dilation·(k−1)/2; got kernel_size={self.kernel_size}, '
+                f'padding={self.padding}, dilation={self.dilation}')
+        if impl == 'fused':
+            raise ValueError("impl='fused' mixes one kernel per image; with "
+                             "gate_mode='pixel' use 'auto', 'dispatch' or 'dense'")
+        if capacity_factor is not None:
+            raise ValueError(f'capacity_factor={capacity_factor!r} caps images per expert; '
+                             "gate_mode='pixel' routes locations: leave it None")
 
     def init_weights(self) -> None:
         """Nothing: the experts keep their initialisation. Its presence tells mmcv's
@@ -190,7 +219,32 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
                 self.groups))
         return dense_mixture(x, gates, self.expert_forward)
 
+    def pixel_impl(self) -> str:
+        """``'dense'`` or ``'dispatch'``: how :meth:`forward` runs a per-location gate."""
+        if self.impl != 'auto':
+            return self.impl
+        if torch.jit.is_tracing() or self.groups > 1 or \
+                self.num_experts <= PIXEL_DENSE_MAX_RATIO * self.top_k:
+            return 'dense'
+        return 'dispatch'
+
+    def mix_pixels(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Apply the experts to ``x`` with (B·H'·W', N) per-location gate weights
+        (a pixel gate's rows) and their (B·H'·W', k) ``indices``."""
+        if self.pixel_impl() == 'dispatch' and self.groups == 1:
+            return routed_pixel_conv2d(x, weights, indices, self.weight, self.bias,
+                                       self.stride, self.padding, self.dilation)
+        centres = gate_input(x, self.stride)
+        gate_map = pixel_map(weights, centres.shape)
+        return dense_pixel_conv2d(x, gate_map, self.weight, self.bias, self.stride,
+                                  self.padding, self.dilation, self.groups)
+
     def forward(self, x: Tensor) -> Tensor:
+        if routes_pixels(self.gate):
+            centres = gate_input(x, self.stride)
+            gate_output = self.gate(centres)
+            self._track(gate_output, pixel_shapes=[centres.shape])
+            return self.mix_pixels(x, gate_output.weights, gate_output.indices)
         gate_output = self.gate(x)
         self._track(gate_output)
         return self.mix(x, gate_output.weights, indices=gate_output.indices)
