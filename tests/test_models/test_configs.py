@@ -63,11 +63,17 @@ def test_toy_config_builds_and_trains_one_step(path):
         hooks = {h['type'] for h in cfg.custom_hooks}
         assert hooks == {'ExpertSizeStatsHook', 'ExpertUtilisationHook'}
     if cfg.model.type == 'MoEDetector':  # MoE anywhere: the paths' convs are MoE layers
-        layers = {n for n, m in model.named_modules() if type(m).__name__ == 'MoEConv2d'}
-        assert layers == set(cfg.model.moe_layers[0].paths)
-        assert 'loss_moe_importance' in losses
+        spec = cfg.model.moe_layers[0]
+        layer_type = spec.get('type', 'MoEConv2d')
+        paths = [spec.paths] if isinstance(spec.paths, str) else list(spec.paths)
+        layers = {n for n, m in model.named_modules() if type(m).__name__ == layer_type}
+        assert layers == set(paths)
+        if layer_type == 'MoEConv2d':
+            assert 'loss_moe_importance' in losses
     elif 'moe' in path:  # MoERetinaNet
-        gate = model.bbox_head.cls_moe.gate
+        head = model.bbox_head
+        gate = (head.cls_moe if head.expert_type == 'subnet' else
+                head.cls_convs[head.moe_convs[0]].conv).gate
         hard, equal = 'hard' in path, 'equal' in path
         assert type(gate).__name__ == ('RelativeImportanceGate' if hard else
                                        'EqualWeightGate' if equal else 'TopKGate')
@@ -78,6 +84,10 @@ def test_toy_config_builds_and_trains_one_step(path):
         if hard:  # the paper's FCGate without noise
             assert gate.num_iters.item() == 1 and gate.threshold == 0.3
             assert gate.gate_type == 'paper_fc' and not gate.noisy
+    if 'pixel' in path:  # every MoE layer routes per location
+        modes = {getattr(getattr(m, 'gate', m), 'gate_mode', None)
+                 for m in model.modules() if getattr(m, 'is_moe_module', False)}
+        assert modes == {'pixel'}
     if 'ft-from-dense' in path:  # only the classification branch trains
         trainable = {n.split('.')[1] for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == ({'cls_moe'} if 'moe' in path else {'cls_convs', 'retina_cls'})

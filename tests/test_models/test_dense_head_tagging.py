@@ -100,17 +100,26 @@ def test_detector_predict_tags_fcos_detections():
     assert results[0].pred_instances.expert_weights.shape[1:] == (5, 3)
 
 
-def test_per_pixel_gates_tag_each_detection_with_its_location():
-    """A μMoE conv with per-pixel gates: each detection gets the gate vector at its
-    anchor. With the regression output zeroed, every box is its anchor, so the
-    anchor's location (box centre / stride) is known independently of the decode."""
+PIXEL_LAYERS = {
+    'mumoe': dict(type='CPMuMoEConv2d', num_experts=6, gate_mode='pixel',
+                  gate_act='softmax', norm=None),
+    'moe-conv-dispatch': dict(type='MoEConv2d', num_experts=6, top_k=2, impl='dispatch',
+                              gate_cfg=dict(gate_mode='pixel')),
+}
+
+
+@pytest.mark.parametrize('layer', sorted(PIXEL_LAYERS))
+def test_per_pixel_gates_tag_each_detection_with_its_location(layer):
+    """A conv with per-pixel gates (μMoE, or a top-k MoEConv2d routed per location): each
+    detection gets the gate vector at its anchor. With the regression output zeroed,
+    every box is its anchor, so the anchor's location (box centre / stride) is known
+    independently of the decode."""
     cfg = stock_model_cfg('retinanet/retinanet_r50_fpn_1x_coco.py', WIDTH)
     cfg.bbox_head.anchor_generator.update(octave_base_scale=1, scales_per_octave=1,
                                           ratios=[1.0])
     cfg.test_cfg.update(score_thr=0.0, nms_pre=50, max_per_img=100)
     model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
-        dict(paths='bbox_head.cls_convs.1.conv', type='CPMuMoEConv2d', num_experts=6,
-             gate_mode='pixel', gate_act='softmax', norm=None)]))
+        dict(paths='bbox_head.cls_convs.1.conv', **PIXEL_LAYERS[layer])]))
     redraw_parameters(model, seed=3)
     head = model.eval().bbox_head
     torch.nn.init.zeros_(head.retina_reg.weight)
