@@ -41,7 +41,9 @@ def test_sweep_prints_the_cost_against_the_number_of_experts():
     rows = re.findall(r'^\| (\S.*?) +\| +([0-9.]+)× \| +([0-9.]+)× \| ([0-9.]+) \|$',
                       proc.stdout, re.MULTILINE)
     assert [r[0] for r in rows] == ['fused', 'dispatch', 'dispatch, capacity 1.25',
+                                    'per location, dispatch', 'per location, dense',
                                     'dispatch', 'dispatch, capacity 1.25',
+                                    'per location (all N, mixed)',
                                     'gate=image', 'gate=pixel']
     for _, first, last, ratio in rows:
         first, last = float(first), float(last)
@@ -59,7 +61,8 @@ def test_layers_prints_every_layer_against_the_dense_conv():
     assert proc.returncode == 0, proc.output[-3000:]
     names = re.findall(r'^\| (\S.*?) +\| +[0-9,]+ \| +[0-9.]+ \| +[0-9.]+ \|$', proc.stdout,
                        re.MULTILINE)
-    assert names[0] == 'Conv2d 3×3 (dense reference)' and len(names) == 6, proc.stdout
+    assert names[0] == 'Conv2d 3×3 (dense reference)' and len(names) == 8, proc.stdout
+    assert 'MoEConv2d N=4 k=2 per location, impl=dispatch' in names
 
 
 def test_sweep_peak_memory_of_a_variant_in_a_process_of_its_own():

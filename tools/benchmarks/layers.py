@@ -1,6 +1,7 @@
 """``benchmark.py layers``: median forward + backward time of the MoE conv layers
-(``MoEConv2d`` in each implementation, the CP μMoE conv with its rank matched to a
-dense conv's parameters) and their ratios to a plain dense conv."""
+(``MoEConv2d`` in each implementation, routed per image and per location, the CP μMoE
+conv with its rank matched to a dense conv's parameters) and their ratios to a plain
+dense conv."""
 import argparse
 from typing import List, Tuple
 
@@ -34,6 +35,10 @@ def bench_layers(args: argparse.Namespace) -> None:
     for impl in ['fused', 'dispatch', 'dense']:
         layers.append((f'MoEConv2d N={n} k={k} impl={impl}',
                        MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=k, impl=impl)))
+    for impl in ['dispatch', 'dense']:
+        layers.append((f'MoEConv2d N={n} k={k} per location, impl={impl}',
+                       MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=k, impl=impl,
+                                 gate_cfg=dict(gate_mode='pixel'))))
     rank = rank_for_params(c, c, args.mu_experts, kernel_size=3)
     for mode in ['image', 'pixel']:
         layers.append((f'CPMuMoEConv2d N={args.mu_experts} R={rank} gate={mode}',

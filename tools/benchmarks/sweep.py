@@ -1,5 +1,6 @@
 """``benchmark.py sweep``: the cost against the number of experts N at fixed k of
-``MoEConv2d`` (fused, dispatch, dispatch with a capacity), of whole-subnet experts
+``MoEConv2d`` (fused, dispatch, dispatch with a capacity; routed per location: each
+location's k experts, or all N), of whole-subnet experts (per image; per location)
 and of the CP μMoE conv, with the ratio of the largest N to the smallest and each
 variant's peak memory (CUDA allocator peak, or on a CPU the peak RSS of a process
 per variant: ``sweep --memory-of TABLE ROW N``)."""
@@ -30,13 +31,14 @@ def sweep_tables(args: argparse.Namespace) -> SweepTables:
     def tower():  # a whole-subnet expert: two conv3×3 + ReLU
         return nn.Sequential(conv(), nn.ReLU(), conv(), nn.ReLU())
 
-    def moe_conv(impl, capacity=None):
+    def moe_conv(impl, capacity=None, mode='image'):
         return lambda n: MoEConv2d(c, c, 3, padding=1, num_experts=n, top_k=k, impl=impl,
-                                   capacity_factor=capacity)
+                                   capacity_factor=capacity, gate_cfg=dict(gate_mode=mode))
 
-    def subnets(capacity=None):
+    def subnets(capacity=None, mode='image'):
         return lambda n: MoE(expert_factory=tower, num_experts=n, top_k=k, in_channels=c,
-                             impl='dispatch', capacity_factor=capacity)
+                             impl='dispatch', capacity_factor=capacity,
+                             gate_cfg=dict(gate_mode=mode))
 
     def mumoe(mode):
         return lambda n: CPMuMoEConv2d(c, c, 3, padding=1, num_experts=n, gate_mode=mode)
@@ -46,9 +48,12 @@ def sweep_tables(args: argparse.Namespace) -> SweepTables:
     return {
         'MoEConv2d (× dense conv)': (conv, args.experts, {
             'fused': moe_conv('fused'), 'dispatch': moe_conv('dispatch'),
-            capacity: moe_conv('dispatch', factor)}),
+            capacity: moe_conv('dispatch', factor),
+            'per location, dispatch': moe_conv('dispatch', mode='pixel'),
+            'per location, dense': moe_conv('dense', mode='pixel')}),
         'subnet experts, 2 × conv3×3+ReLU (× one subnet)': (tower, args.experts, {
-            'dispatch': subnets(), capacity: subnets(factor)}),
+            'dispatch': subnets(), capacity: subnets(factor),
+            'per location (all N, mixed)': subnets(mode='pixel')}),
         'CP μMoE conv, rank matched to dense (× dense conv)': (conv, args.mu_experts, {
             'gate=image': mumoe('image'), 'gate=pixel': mumoe('pixel')}),
     }
