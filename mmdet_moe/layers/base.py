@@ -31,6 +31,9 @@ class MoEModuleMixin:
                   capacity_factor: Optional[float] = None) -> None:
         self.moe_name: Optional[str] = None
         self.balance_losses = BalanceLosses(balance_cfg, noisy=noisy)
+        # training forwards keep their GateOutputs for a loss of the caller's (e.g.
+        # routing supervised by a head) even without balance losses
+        self.keep_gate_outputs = False
         self._gate_outputs: List[GateOutput] = []
         self._collected = False
         check_capacity_factor(capacity_factor)
@@ -88,7 +91,8 @@ class MoEModuleMixin:
         else:
             for level, part in enumerate(gate_output.weights.split(list(level_sizes))):
                 record_gate(self, part, level)
-        if not (self.training and self.balance_losses and torch.is_grad_enabled()):
+        if not (self.training and (self.balance_losses or self.keep_gate_outputs)
+                and torch.is_grad_enabled()):
             return
         if self._collected:
             self._gate_outputs.clear()
@@ -102,6 +106,11 @@ class MoEModuleMixin:
                 'path); a loop of your own must call '
                 'mmdet_moe.models.collect_moe_losses(model) or aux_losses() each step '
                 '(or set balance_cfg=None)')
+
+    def gate_outputs(self) -> Optional[GateOutput]:
+        """The rows of the training forward(s) since the last collection, concatenated
+        (kept with balance losses or ``keep_gate_outputs``), or None."""
+        return GateOutput.cat(self._gate_outputs) if self._gate_outputs else None
 
     def aux_losses(self) -> Dict[str, Tensor]:
         """Weighted balance losses ``{name: scalar}`` of the last training forward(s)."""

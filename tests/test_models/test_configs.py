@@ -80,7 +80,8 @@ def test_toy_config_builds_and_trains_one_step(path):
         balance = {k for k in losses if k.startswith('loss_moe_')}
         # the paper's protocol (ft-from-dense): KL to uniform, as its RetinaNet code
         soft_loss = 'loss_moe_kl_uniform' if 'ft-from-dense' in path else 'loss_moe_importance'
-        assert balance == (set() if hard or equal else {soft_loss})
+        supervised = {'loss_moe_scale_routing'} if 'scale-routed' in path else set()
+        assert balance == (set() if hard or equal else {soft_loss}) | supervised
         if hard:  # the paper's FCGate without noise
             assert gate.num_iters.item() == 1 and gate.threshold == 0.3
             assert gate.gate_type == 'paper_fc' and not gate.noisy

@@ -1,6 +1,7 @@
 """RetinaNet head whose classification and/or regression towers are MoE layers."""
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
+import torch
 from mmengine.model import bias_init_with_prob, normal_init
 from torch import Tensor, nn
 
@@ -9,8 +10,10 @@ from mmdet.registry import MODELS
 
 from ...layers import MoEConv2d
 from ...layers._checks import check_choice, check_num_experts
-from ..moe_losses import collect_moe_losses, merge_losses
+from ..moe_losses import LOSS_PREFIX, collect_moe_losses, merge_losses
 from ..tower_moe import TowerMoE, UpcycleDenseKeys
+from .expert_tagging import moe_modules
+from .scale_routing import check_routing_supervision, scale_routing_loss
 
 BRANCHES = {'cls': ('cls',), 'reg': ('reg',), 'both': ('cls', 'reg'), 'shared': ('cls', 'reg')}
 
@@ -45,6 +48,11 @@ class MoERetinaHead(RetinaHead):
         impl: MoE implementation (``'auto'``, ``'dispatch'``, ``'dense'``, ...).
         capacity_factor: fixed rows per expert for ``impl='dispatch'`` in training
             (no host read; see :class:`~mmdet_moe.layers.MoE`).
+        routing_supervision: with per-location gates (``gate_cfg=dict(gate_mode=
+            'pixel')``), ``dict(weight=1.0, edges=None)`` adds ``loss_moe_scale_routing``:
+            each positive anchor's location is taught to pick the expert of its
+            ground-truth box's relative scale (see :mod:`.scale_routing`); a positive
+            control for the within-level scale measure, not a way to train a detector.
 
     ``predict`` adds ``levels`` and ``expert_weights`` (num_dets, M, N) to each
     image's ``pred_instances`` (M = number of MoE modules in the head), as every
@@ -55,7 +63,9 @@ class MoERetinaHead(RetinaHead):
                  num_experts: int = 4, top_k: int = 2, gate_cfg: Optional[dict] = None,
                  balance_cfg: Optional[dict] = None, moe_convs: Sequence[int] = (3,),
                  experts_include_output: bool = True, upcycle_noise_std: float = 0.0,
-                 fresh_expert_init: str = 'mmdet', impl: str = 'auto', capacity_factor: Optional[float] = None,
+                 fresh_expert_init: str = 'mmdet', impl: str = 'auto',
+                 capacity_factor: Optional[float] = None,
+                 routing_supervision: Optional[dict] = None,
                  init_cfg=dict(type='Normal', layer='Conv2d', std=0.01),
                  **kwargs):
         check_choice('moe_branches', moe_branches, set(BRANCHES))
@@ -73,7 +83,13 @@ class MoERetinaHead(RetinaHead):
         self.experts_include_output = experts_include_output
         self.upcycle_noise_std = upcycle_noise_std
         self.fresh_expert_init = fresh_expert_init
+        self.routing_supervision = check_routing_supervision(
+            routing_supervision, num_experts, (gate_cfg or {}).get('gate_mode') == 'pixel')
         super().__init__(*args, init_cfg=init_cfg, **kwargs)
+        self._scale_targets = None  # (positives, gt boxes) per level of the last targets
+        if self.routing_supervision:
+            for module in moe_modules(self):
+                module.keep_gate_outputs = True
 
     def _init_layers(self) -> None:
         super()._init_layers()
@@ -167,5 +183,35 @@ class MoERetinaHead(RetinaHead):
         cls_scores, bbox_preds = self([x])
         return cls_scores[0], bbox_preds[0]
 
-    def loss_by_feat(self, *args, **kwargs) -> dict:
-        return merge_losses(super().loss_by_feat(*args, **kwargs), collect_moe_losses(self))
+    def get_targets(self, anchor_list, *args, **kwargs) -> tuple:
+        """``AnchorHead.get_targets``; with ``routing_supervision`` it also keeps, per
+        level, the positive anchors and the box each is assigned (decoded from the
+        regression targets), for :meth:`loss_by_feat`."""
+        targets = super().get_targets(anchor_list, *args, **kwargs)
+        if self.routing_supervision:
+            labels, bbox_targets = targets[0], targets[2]
+            levels = [torch.stack(per_image) for per_image in zip(*anchor_list)]
+            boxes = [t if self.reg_decoded_bbox else
+                     self.bbox_coder.decode(a.reshape(-1, 4), t.reshape(-1, t.shape[-1]))
+                     .reshape(*t.shape[:2], 4)
+                     for a, t in zip(levels, bbox_targets)]
+            self._scale_targets = ([(lab >= 0) & (lab < self.num_classes) for lab in labels],
+                                   boxes)
+        return targets
+
+    def _scale_routing_loss(self, cls_scores: List[Tensor]) -> Tensor:
+        positives, boxes = self._scale_targets
+        self._scale_targets = None
+        shapes = [(s.shape[0], *s.shape[-2:]) for s in cls_scores]
+        strides = [s[0] for s in self.prior_generator.strides]
+        references = [self.prior_generator.octave_base_scale * s for s in strides]
+        losses = [scale_routing_loss(m.gate_outputs().logits, shapes, positives, boxes,
+                                     references, self.routing_supervision['edges'])
+                  for m in moe_modules(self) if m.gate_outputs() is not None]
+        return self.routing_supervision['weight'] * sum(losses)
+
+    def loss_by_feat(self, cls_scores: List[Tensor], *args, **kwargs) -> dict:
+        losses = super().loss_by_feat(cls_scores, *args, **kwargs)
+        if self.routing_supervision:
+            losses[LOSS_PREFIX + 'scale_routing'] = self._scale_routing_loss(cls_scores)
+        return merge_losses(losses, collect_moe_losses(self))
