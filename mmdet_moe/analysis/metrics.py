@@ -265,6 +265,38 @@ def size_table(layer: dict) -> Tuple[np.ndarray, str]:
     return np.asarray(layer['image']['mass'], dtype=np.float64), 'image'
 
 
+def relative_scale_summary(layer: dict) -> dict:
+    """The measure's headline figures of one layer (all None when it is absent):
+    ``nmi_rel_scale_given_level`` with its interval, the within-(image, level)
+    baseline, whether it is beaten (``nmi_rel_scale_significant``) and in words
+    (``rel_scale_verdict``); ``rel_scale_absent`` says why it is missing."""
+    measure = layer.get('relative_scale')
+    if not measure or 'absent' in measure:
+        reason = (measure or {}).get('absent', 'the statistics have no relative-scale '
+                                               'measure (written before schema version 3)')
+        return dict(nmi_rel_scale_given_level=None, nmi_rel_scale_interval=None,
+                    nmi_rel_scale_shuffled=None, nmi_rel_scale_shuffled_interval=None,
+                    nmi_rel_scale_significant=False, rel_scale_absent=reason,
+                    rel_scale_verdict=f'within-level scale not measured: {reason}')
+    value, bounds = measure['nmi_given_level'], measure['interval']
+    baseline = measure['shuffled_within_image_level']
+    beats = significant(bounds, baseline)
+    if bounds is None:
+        words = ('not assessed (no bootstrap interval); compare it with its '
+                 'within-(image, level) baseline by eye')
+    elif beats:
+        words = ('above its within-(image, level) baseline: experts separate relative '
+                 'scales within an image\'s level (per-location routing by scale)')
+    else:
+        words = ('not above its within-(image, level) baseline: what it holds comes '
+                 'from image composition, not from routing by scale within a level')
+    return dict(nmi_rel_scale_given_level=value, nmi_rel_scale_interval=bounds,
+                nmi_rel_scale_shuffled=baseline['mean'],
+                nmi_rel_scale_shuffled_interval=baseline['interval'],
+                nmi_rel_scale_significant=beats, rel_scale_absent=None,
+                rel_scale_verdict=f'NMI expert↔relative scale | level is {words}')
+
+
 def layer_summary(layer: dict, size_names) -> dict:
     """Headline numbers of one layer of an ``expert_size_stats.json``: the plain and
     the level-conditioned NMI with their baselines and intervals, and in words which
@@ -299,7 +331,8 @@ def layer_summary(layer: dict, size_names) -> dict:
         p_size_given_expert=normalise_rows(table).tolist(),
         p_size_given_expert_interval=intervals.get('p_size_given_expert'),
         dominant_size=dominant(table, size_names),
-        over_represented_size=most_over_represented(table, size_names))
+        over_represented_size=most_over_represented(table, size_names),
+        **relative_scale_summary(layer))
     summary['verdict'] = verdict(summary)
     return summary
 

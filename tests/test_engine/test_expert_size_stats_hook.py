@@ -81,7 +81,7 @@ def test_known_gates_and_boxes_give_a_known_matrix():
     np.testing.assert_allclose(head['importance'], [1.75, 2.25])
     assert head['rows'] == 4 and neck['rows'] == 2
     assert stats['num_detections'] == 3 and stats['gt_per_bucket'] == [1, 1, 0]
-    assert stats['version'] == 2 and stats['size_buckets']['names'] == ['small', 'medium', 'large']
+    assert stats['version'] == 3 and stats['size_buckets']['names'] == ['small', 'medium', 'large']
     # per level: the small det (P3) and the large and medium dets (P4), by hand
     levels = np.zeros((2, 3, 2))
     levels[:, 0, 0] = [1, 0]                   # small, level 0, row [1, 0]
