@@ -341,9 +341,12 @@ def test_a_seed_run_without_detections_leaves_its_nmis_out(tool, valid, tmp_path
     paths.append(write(tmp_path, hook_stats(score_thr=0.99), 'seed2'))
     assert tool.main([*paths, '--out-dir', str(tmp_path / 'stab')]) == 0
     printed = capsys.readouterr().out
-    assert (f'note: {paths[2]}: {HEAD} nmi, {HEAD} nmi_given_level, {NECK} nmi, '
-            f'{NECK} nmi_given_level unavailable (no detection above score_thr') in printed
+    assert (f'note: {paths[2]}: {HEAD} nmi, {HEAD} nmi_given_level, '
+            f'{HEAD} nmi_rel_scale_given_level, {NECK} nmi, {NECK} nmi_given_level, '
+            f'{NECK} nmi_rel_scale_given_level unavailable (no detection above score_thr'
+            ) in printed
     with open(tmp_path / 'stab' / 'seed_stability.csv') as f:
         rows = {(r[0], r[1]): r[2:] for r in csv.reader(f)}
     assert rows[(HEAD, 'nmi')][2] == '' and rows[(HEAD, 'nmi')][-1] == '2'
     assert rows[(HEAD, 'living_experts')][-1] == '3'
+    assert rows[(HEAD, 'nmi_rel_scale_given_level')][-1] == '2'
