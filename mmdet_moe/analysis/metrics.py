@@ -266,7 +266,7 @@ def size_table(layer: dict) -> Tuple[np.ndarray, str]:
 
 
 def relative_scale_summary(layer: dict) -> dict:
-    """The measure's headline figures of one layer (all None when it is absent):
+    """The measure's headline figures of one layer (None when it is absent):
     ``nmi_rel_scale_given_level`` with its interval, the within-(image, level)
     baseline, whether it is beaten (``nmi_rel_scale_significant``) and in words
     (``rel_scale_verdict``); ``rel_scale_absent`` says why it is missing."""

@@ -245,8 +245,8 @@ def test_a_test_run_does_not_build_the_training_loop(tmp_path):
 
 
 def test_the_json_carries_the_within_level_scale_measure(tmp_path):
-    """Per-location tags on the head, per-image rows on the neck, s_l = 8 and 16 px:
-    relative scales, per-level quantile edges, the (N, bins, L) table and its NMI,
+    """Per-location tags on the head, per-image rows on the neck, s_l = 8 and 16
+    input pixels: relative scales, per-level quantile edges, the (N, bins, L) table and its NMI,
     by hand; the per-image neck equals its within-(image, level) baseline; the
     measure is logged as ``<layer>.nmi_rel_scale_given_level``."""
     from types import SimpleNamespace
@@ -271,8 +271,9 @@ def test_the_json_carries_the_within_level_scale_measure(tmp_path):
     hook._finish(runner, 'val_epoch_1', 'val', None)
     stats = json.loads((tmp_path / 'expert_size_stats.json').read_text())
     head, neck = (stats['layers'][n]['relative_scale'] for n in ('head', 'neck'))
-    # kept: image 1 10×10 at P3 and 100×100 at P4, image 2 40×40 at P4
-    p3, p4_large, p4_medium = np.log2(10 / 8), np.log2(100 / 16), np.log2(40 / 16)
+    # kept: image 1 10×10 at P3 and 100×100 at P4, image 2 40×40 at P4, in original
+    # pixels; the images were resized by 2 (s_l is in input pixels)
+    p3, p4_large, p4_medium = np.log2(20 / 8), np.log2(200 / 16), np.log2(80 / 16)
     assert head['reference_sizes'] == [8.0, 16.0] and head['bins'] == 2
     np.testing.assert_allclose(head['edges'], [[p3] * 3,
                                                [p4_medium, (p4_medium + p4_large) / 2,

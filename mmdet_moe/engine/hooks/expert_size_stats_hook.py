@@ -64,8 +64,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
       the gate weights shuffled across detections;
     - the within-level scale measure (``relative_scale_bins`` quantile bins per FPN
       level, None: left out): NMI(expert; relative scale | level) of each
-      detection's ``log2(√(w·h) / s_l)`` (with ``match_gt`` its GT box's area; s_l
-      from :func:`~mmdet_moe.models.detector_reference_sizes`), its bootstrap
+      detection's ``log2(√(w·h) / s_l)`` (the area the size buckets use, with
+      ``match_gt`` its GT box's, times the image's ``scale_factor``: s_l, from
+      :func:`~mmdet_moe.models.detector_reference_sizes`, is in network-input
+      pixels), its bootstrap
       interval and baselines shuffled within each (image, level) and each level
       (:mod:`mmdet_moe.analysis.relative_scale`); detectors whose detections carry
       no FPN level (two-stage) get the reason instead.
@@ -189,7 +191,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             tags = None if tags is None else tags[hit]
         else:
             hit = np.ones(len(boxes), bool)
-        scales = (relative_scales(areas, levels, self._reference_sizes)
+        # s_l is in network-input pixels: the same area, resized as the image was
+        sx, sy = sample.metainfo.get('scale_factor', (1.0, 1.0))
+        scales = (relative_scales(areas * sx * sy, levels, self._reference_sizes)
                   if levels is not None and self._reference_sizes is not None else None)
         record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
                       gt_buckets=bucket_membership(gt_areas).sum(0),
