@@ -241,7 +241,13 @@ def test_valid_statistics_still_give_the_report(tool, valid, tmp_path, capsys):
     path = write(tmp_path, valid)
     assert tool.main([path, '--out-dir', str(tmp_path / 'r')]) == 0
     assert (tmp_path / 'r' / 'report.md').is_file()
-    assert capsys.readouterr().err == ''
+    captured = capsys.readouterr()
+    assert captured.err == ''
+    # the within-level scale measure beside the S/M/L figures, printed and reported
+    assert captured.out.count('NMI expert↔relative scale | FPN level') == 2
+    report = (tmp_path / 'r' / 'report.md').read_text()
+    assert 'Within-level scale (4 quantile bins' in report
+    assert (tmp_path / 'r' / f'{HEAD}_relative_scale.csv').is_file()
 
 
 def version_1(stats: dict) -> dict:
