@@ -10,7 +10,9 @@
     python tools/analyze_experts.py s0/expert_size_stats.json s1/... s2/... --out-dir stab/
 
 Writes ``report.md`` (tables per MoE layer: P(size | expert), P(expert | size),
-dominant size, NMI expert↔size against its shuffled baseline, living experts,
+dominant size, NMI expert↔size against its shuffled baseline, the within-level
+scale measure NMI(expert; relative scale | level) against its baseline shuffled
+within each (image, level), living experts,
 per-level routing, class view), CSV files and PNG heatmaps; from CONFIG CHECKPOINT
 also ``metrics.json`` (COCO AP of each evaluation) and an "Active compute" section
 (``active_compute.csv``: per MoE layer and for the whole model, parameters total and
@@ -22,7 +24,8 @@ experts with equal weights 1/N (no gate, the paper's baseline), and with each k 
 ``--k-sweep``, and reports COCO AP, AP_S, AP_M, AP_L of each.
 
 Given several statistics files, prints each figure of each run (per MoE layer: NMI,
-level-conditioned NMI where recorded, living experts; COCO AP, AP_S, AP_M, AP_L where
+level-conditioned NMI and NMI(expert; relative scale | level) where recorded, living
+experts; COCO AP, AP_S, AP_M, AP_L where
 the file holds the evaluator's ``metrics``) with its mean ± sd across runs (sd with
 ddof=1), warns when a run's figure lies more than 2 sd from the mean of the other
 runs, and writes ``seed_stability.md`` and ``seed_stability.csv`` into ``--out-dir``.
@@ -47,7 +50,7 @@ AP_KEYS = {'AP': 'coco/bbox_mAP', 'AP_S': 'coco/bbox_mAP_s', 'AP_M': 'coco/bbox_
            'AP_L': 'coco/bbox_mAP_l'}
 EQUAL_WEIGHTS_ROW = 'all experts, equal weights (no gate)'
 # per-layer figures of layer_summary() compared across seeds
-LAYER_FIGURES = ('nmi', 'nmi_given_level', 'living_experts')
+LAYER_FIGURES = ('nmi', 'nmi_given_level', 'nmi_rel_scale_given_level', 'living_experts')
 OUTLIER_SD = 2.0  # a run is flagged beyond this many sd of the other runs
 
 
@@ -220,8 +223,10 @@ def run_figures(path: str, stats: dict) -> Tuple[Dict[Tuple[str, str], Optional[
                 continue
             figures[(name, key)] = _number(summary.get(key), f'{path}: {name} {key}')
             if figures[(name, key)] is None:
-                missing[(name, key)] = NO_LEVELS if key == 'nmi_given_level' else \
-                    f'layer_summary gives {summary.get(key)!r}'
+                missing[(name, key)] = {
+                    'nmi_given_level': NO_LEVELS,
+                    'nmi_rel_scale_given_level': summary['rel_scale_absent']}.get(
+                        key, f'layer_summary gives {summary.get(key)!r}')
     metrics = stats.get('metrics')
     if metrics is not None and not isinstance(metrics, dict):
         raise ReportError(f"{path}: 'metrics' must be a dict of the evaluator's metrics, "

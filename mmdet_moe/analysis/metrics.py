@@ -101,14 +101,25 @@ def permute_rows(weights: np.ndarray, rng: np.random.Generator,
                  strata: Optional[np.ndarray] = None) -> np.ndarray:
     """``weights`` (n, N) with rows permuted: item by item, or with ``groups`` (n,)
     whole groups of items that share one gate row (the detections of one (image,
-    level)) trade rows, so that sizes clustered in an image stay clustered; with
-    ``strata`` (n,), only within the same stratum (e.g. FPN level)."""
+    level) under a per-(image, level) gate) trade rows, so that sizes clustered in an
+    image stay clustered. A group whose rows differ (per-location gates: each
+    detection has the row of its prior's location) has no shared row to trade: its
+    items are permuted one by one, alongside the whole groups. With ``strata`` (n,),
+    rows move only within the same stratum (e.g. FPN level; a whole group moves within
+    the stratum of its first item)."""
+    weights = np.asarray(weights)
     groups = np.arange(len(weights)) if groups is None else np.asarray(groups)
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    constant = np.ones(len(first), bool)
+    np.logical_and.at(constant, inverse, (weights == weights[first][inverse]).all(axis=1))
+    # units that trade rows: a constant group, or one item of a varying group
+    units = np.where(constant[inverse], inverse, len(first) + np.arange(len(weights)))
+    _, first, inverse = np.unique(units, return_index=True, return_inverse=True)
     order = np.arange(len(first))
-    group_strata = np.zeros(len(first)) if strata is None else np.asarray(strata)[first]
-    for stratum in np.unique(group_strata):
-        members = np.flatnonzero(group_strata == stratum)
+    unit_strata = np.zeros(len(first)) if strata is None else np.asarray(strata)[first]
+    for stratum in np.unique(unit_strata):
+        members = np.flatnonzero(unit_strata == stratum)
         order[members] = rng.permutation(members)
     return weights[first][order][inverse.ravel()]
 
@@ -136,15 +147,18 @@ def shuffled_nmi(weights: np.ndarray, categories: np.ndarray, num_categories: in
 
 def level_shuffled_nmi(weights: np.ndarray, categories: np.ndarray, levels: np.ndarray,
                        num_levels: int, permutations: int = 20, seed: int = 0,
-                       groups: Optional[np.ndarray] = None) -> dict:
+                       groups: Optional[np.ndarray] = None,
+                       strata: Optional[np.ndarray] = None) -> dict:
     """Chance level of :func:`conditional_nmi`: gate weights shuffled among the items
-    of the same level only (the level's routing is kept, its link to size is not);
+    of the same level only (the level's routing is kept, its link to size is not), or
+    within finer ``strata`` (n,) nested in the levels (e.g. (image, level) groups);
     ``groups`` as in :func:`permute_rows`."""
     weights = np.asarray(weights, dtype=np.float64)
     levels = np.asarray(levels, dtype=np.int64)
+    strata = levels if strata is None else strata
     rng = np.random.default_rng(seed)
     values = [conditional_nmi(expert_size_level_table(
-        permute_rows(weights, rng, groups, levels), categories, levels, num_levels))
+        permute_rows(weights, rng, groups, strata), categories, levels, num_levels))
         for _ in range(permutations)]
     return _baseline(values, permutations)
 
@@ -251,6 +265,38 @@ def size_table(layer: dict) -> Tuple[np.ndarray, str]:
     return np.asarray(layer['image']['mass'], dtype=np.float64), 'image'
 
 
+def relative_scale_summary(layer: dict) -> dict:
+    """The measure's headline figures of one layer (None when it is absent):
+    ``nmi_rel_scale_given_level`` with its interval, the within-(image, level)
+    baseline, whether it is beaten (``nmi_rel_scale_significant``) and in words
+    (``rel_scale_verdict``); ``rel_scale_absent`` says why it is missing."""
+    measure = layer.get('relative_scale')
+    if not measure or 'absent' in measure:
+        reason = (measure or {}).get('absent', 'the statistics have no relative-scale '
+                                               'measure (written before schema version 3)')
+        return dict(nmi_rel_scale_given_level=None, nmi_rel_scale_interval=None,
+                    nmi_rel_scale_shuffled=None, nmi_rel_scale_shuffled_interval=None,
+                    nmi_rel_scale_significant=False, rel_scale_absent=reason,
+                    rel_scale_verdict=f'within-level scale not measured: {reason}')
+    value, bounds = measure['nmi_given_level'], measure['interval']
+    baseline = measure['shuffled_within_image_level']
+    beats = significant(bounds, baseline)
+    if bounds is None:
+        words = ('not assessed (no bootstrap interval); compare it with its '
+                 'within-(image, level) baseline by eye')
+    elif beats:
+        words = ('above its within-(image, level) baseline: experts separate relative '
+                 'scales within an image\'s level (per-location routing by scale)')
+    else:
+        words = ('not above its within-(image, level) baseline: what it holds comes '
+                 'from image composition, not from routing by scale within a level')
+    return dict(nmi_rel_scale_given_level=value, nmi_rel_scale_interval=bounds,
+                nmi_rel_scale_shuffled=baseline['mean'],
+                nmi_rel_scale_shuffled_interval=baseline['interval'],
+                nmi_rel_scale_significant=beats, rel_scale_absent=None,
+                rel_scale_verdict=f'NMI expert↔relative scale | level is {words}')
+
+
 def layer_summary(layer: dict, size_names) -> dict:
     """Headline numbers of one layer of an ``expert_size_stats.json``: the plain and
     the level-conditioned NMI with their baselines and intervals, and in words which
@@ -285,7 +331,8 @@ def layer_summary(layer: dict, size_names) -> dict:
         p_size_given_expert=normalise_rows(table).tolist(),
         p_size_given_expert_interval=intervals.get('p_size_given_expert'),
         dominant_size=dominant(table, size_names),
-        over_represented_size=most_over_represented(table, size_names))
+        over_represented_size=most_over_represented(table, size_names),
+        **relative_scale_summary(layer))
     summary['verdict'] = verdict(summary)
     return summary
 

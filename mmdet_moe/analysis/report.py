@@ -148,8 +148,22 @@ def _with_interval(value: Optional[float], bounds: Optional[list]) -> str:
     return text + (f' [95 % CI {bounds[0]:.4f}, {bounds[1]:.4f}]' if bounds else '')
 
 
+def relative_scale_line(summary: dict) -> str:
+    """NMI(expert; relative scale | level) with its interval against its
+    within-(image, level) baseline and what that says, or why it is absent."""
+    if summary['nmi_rel_scale_given_level'] is None:
+        return summary['rel_scale_verdict']
+    value = _with_interval(summary['nmi_rel_scale_given_level'],
+                           summary['nmi_rel_scale_interval'])
+    baseline = _with_interval(summary['nmi_rel_scale_shuffled'],
+                              summary['nmi_rel_scale_shuffled_interval'])
+    return (f'NMI expert↔relative scale | FPN level {value}; shuffled within '
+            f'(image, level) {baseline}: {summary["rel_scale_verdict"]}')
+
+
 def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> List[str]:
     """The plain and the level-conditioned NMI, each with its baseline and interval,
+    the within-level scale measure against its within-(image, level) baseline,
     each expert's P(size | expert) with its interval, and which of the two NMIs
     carries the specialisation (for reports and printouts). The image view (no
     detection) has neither baseline nor level-conditioned NMI: its NMI stands alone."""
@@ -167,6 +181,8 @@ def specialisation_lines(summary: dict, sizes=('small', 'medium', 'large')) -> L
             f'{_with_interval(summary["nmi_given_level"], summary["nmi_given_level_interval"])}; '
             'shuffled within levels '
             f'{_with_interval(summary["nmi_given_level_shuffled"], summary["nmi_given_level_shuffled_interval"])}')
+    if summary['view'] == 'detection':  # the measure is of detections only
+        lines.append(relative_scale_line(summary))
     bounds = summary['p_size_given_expert_interval']
     if summary['num_experts'] > MAX_EXPERTS_LISTED:
         return lines + [f'{summary["num_experts"]} experts by dominant size: '
@@ -205,6 +221,31 @@ def _level_tables(name: str, layer: dict, experts: List[str], sizes: List[str],
             markdown_table(header, rows) if listed
             else f'`{stem}_size_expert_given_level.csv`', '',
             f'![{name} size given expert and level]({stem}_size_given_expert_level.png)', '']
+
+
+def _relative_scale_table(name: str, measure: dict, experts: List[str],
+                          out_dir: str) -> List[str]:
+    """Per level: s_l, the quantile edges of log2(√(w·h) / s_l), and each expert's
+    P(bin | expert, level); Markdown (up to MAX_EXPERTS_LISTED experts) and CSV."""
+    mass = np.asarray(measure['mass'], dtype=np.float64)  # (N, bins, L)
+    bins = measure['bins']
+    header = ['level', 's_l (px)', 'edges log2(√(w·h) / s_l)', 'expert',
+              *[f'P(bin {q + 1} | expert, level)' for q in range(bins)]]
+    rows = []
+    for level, (size, edges) in enumerate(zip(measure['reference_sizes'],
+                                              measure['edges'], strict=True)):
+        if edges is None:
+            continue
+        given_expert = normalise_rows(mass[:, :, level])
+        shown = ', '.join(f'{e:.2f}' for e in edges)
+        rows += [[f'P{3 + level}', size, shown, e, *map(float, given_expert[i])]
+                 for i, e in enumerate(experts)]
+    stem = safe_name(name)
+    write_csv(osp.join(out_dir, f'{stem}_relative_scale.csv'), header, rows)
+    return [f'Within-level scale ({bins} quantile bins of the relative scale per FPN '
+            'level, bin 1 the smallest):', '',
+            markdown_table(header, rows) if len(experts) <= MAX_EXPERTS_LISTED
+            else f'`{stem}_relative_scale.csv`', '']
 
 
 VIEW_LABELS = dict(detection='detection', image='image (no detection above threshold)')
@@ -253,6 +294,9 @@ def _layer_section(name: str, layer: dict, summary: dict, sizes: List[str],
              f'![{name} expert × size]({stem}_expert_size.png)', '']
     if layer.get('detection_levels') and summary['view'] == 'detection':  # else all 0
         lines += _level_tables(name, layer, experts, sizes, out_dir, order)
+    measure = layer.get('relative_scale') or {}
+    if 'edges' in measure:
+        lines += _relative_scale_table(name, measure, experts, out_dir)
     if layer.get('levels'):
         level_mass = np.asarray(layer['levels']['mass'])
         levels = [f'P{3 + i}' for i in range(level_mass.shape[1])]
@@ -363,6 +407,7 @@ def render_report(stats: dict, out_dir: str,
             summary_rows.append([name, s['num_experts'], s['living_experts'],
                                  s['importance_cv'], s['nmi'], s['nmi_shuffled'],
                                  s['nmi_given_level'], s['nmi_given_level_shuffled'],
+                                 s['nmi_rel_scale_given_level'], s['nmi_rel_scale_shuffled'],
                                  *[', '.join(str(d) for d in s[key])
                                    if s['num_experts'] <= MAX_EXPERTS_LISTED
                                    else dominant_counts(s[key], sizes)
@@ -370,6 +415,7 @@ def render_report(stats: dict, out_dir: str,
                                  s['verdict']])
         header = ['layer', 'experts', 'living', 'importance CV', 'NMI expert↔size',
                   'NMI shuffled', 'NMI | level', 'NMI | level shuffled',
+                  'NMI rel. scale | level', 'NMI rel. scale | level shuffled in (image, level)',
                   'dominant size per expert', 'most over-represented size per expert',
                   'verdict']
         write_csv(osp.join(tmp, 'summary.csv'), header, summary_rows)

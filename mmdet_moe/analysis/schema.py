@@ -9,9 +9,10 @@ from typing import Any, Optional, Sequence, Tuple
 
 SCHEMA = 'mmdet_moe/expert_size_stats'
 # 2: per-layer detection_levels, nmi_given_level_shuffled, intervals; top-level
-# metrics. Version 1 files are still read (without the level-controlled view).
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# metrics. 3: per-layer relative_scale (the within-level scale measure). Version 1
+# and 2 files are still read (without the level-controlled view, the measure).
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 NUM_SIZE_BUCKETS = 3
 
 # one axis of a table: (its length, None where the first row fixes it; what its
@@ -129,6 +130,69 @@ def _intervals(value: Any, where: str, experts: Axis, sizes: Axis) -> None:
                 _bounds(pair, f'{path}[{i}][{j}]')
 
 
+def _finite(value: Any, where: str, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise StatsFormatError(f'{where} = {_show(value)}: expected a finite number ({what})')
+    return value
+
+
+def _relative_scale(value: Any, where: str, experts: Axis) -> None:
+    """The within-level scale measure, or ``{"absent": reason}``."""
+    if value is None:
+        return
+    _object(value, where, 'with the within-level scale measure ("bins", "edges", '
+            '"mass", ...) or {"absent": "why"}')
+    if 'absent' in value:
+        if not isinstance(value['absent'], str):
+            raise StatsFormatError(f'{_key(where, "absent")} = {_show(value["absent"])}: '
+                                   'expected a string saying why the measure is absent')
+        return
+    bins = _integer(_require(value, 'bins', where, 'the quantile bins per level, an '
+                             'integer >= 2'), _key(where, 'bins'), 2)
+    sizes = _require(value, 'reference_sizes', where, 'the reference size s_l of each '
+                     'FPN level')
+    path = _key(where, 'reference_sizes')
+    if not isinstance(sizes, list) or not sizes:
+        raise StatsFormatError(f'{path} = {_show(sizes)}: expected a list of the reference '
+                               'sizes (pixels > 0), one per FPN level')
+    for i, size in enumerate(sizes):
+        if _finite(size, f'{path}[{i}]', 'a reference size in pixels') <= 0:
+            raise StatsFormatError(f'{path}[{i}] = {_show(size)}: expected a reference size '
+                                   '> 0 (pixels)')
+    levels: Axis = (len(sizes), 'FPN levels', 'one per entry of reference_sizes')
+    edges = _require(value, 'edges', where, 'the quantile edges of each level')
+    path = _key(where, 'edges')
+    if not isinstance(edges, list) or len(edges) != len(sizes):
+        raise StatsFormatError(f'{path} = {_show(edges)}: expected a list of {len(sizes)} '
+                               'levels\' edges (one per entry of reference_sizes, null for '
+                               'a level without detections)')
+    for i, level_edges in enumerate(edges):
+        at = f'{path}[{i}]'
+        if level_edges is None:
+            continue
+        if not isinstance(level_edges, list) or len(level_edges) != bins + 1:
+            raise StatsFormatError(f'{at} = {_show(level_edges)}: expected {bins + 1} '
+                                   f'quantile edges (bins + 1) or null')
+        for j, edge in enumerate(level_edges):
+            _finite(edge, f'{at}[{j}]', 'a relative scale, log2')
+        if any(b < a for a, b in zip(level_edges, level_edges[1:])):
+            raise StatsFormatError(f'{at} = {_show(level_edges)}: expected non-decreasing '
+                                   'edges')
+    _table(_require(value, 'mass', where, 'the expert × bin × level gate mass'),
+           _key(where, 'mass'), [experts, (bins, 'bins', 'bins'), levels], 'gate mass')
+    nmi = _finite(_require(value, 'nmi_given_level', where, 'NMI(expert; relative scale '
+                           '| level)'), _key(where, 'nmi_given_level'), 'an NMI')
+    if not 0 <= nmi <= 1 + 1e-9:
+        raise StatsFormatError(f'{_key(where, "nmi_given_level")} = {_show(nmi)}: expected '
+                               'an NMI in [0, 1]')
+    if value.get('interval') is not None:
+        _bounds(value['interval'], _key(where, 'interval'))
+    _baseline(_require(value, 'shuffled_within_image_level', where, 'the baseline '
+                       'shuffled within each (image, level)'),
+              _key(where, 'shuffled_within_image_level'))
+    _baseline(value.get('shuffled_within_level'), _key(where, 'shuffled_within_level'))
+
+
 def _layer(layer: Any, where: str, sizes: Axis, classes: Axis) -> None:
     _object(layer, where, 'with one MoE layer\'s tables ("num_experts", "detection", ...)')
     num_experts = _integer(_require(layer, 'num_experts', where, 'the number of experts, '
@@ -167,6 +231,7 @@ def _layer(layer: Any, where: str, sizes: Axis, classes: Axis) -> None:
     for key in ('nmi_shuffled', 'nmi_given_level_shuffled'):
         _baseline(layer.get(key), _key(where, key))
     _intervals(layer.get('intervals'), _key(where, 'intervals'), experts, sizes)
+    _relative_scale(layer.get('relative_scale'), _key(where, 'relative_scale'), experts)
 
 
 def validate_stats(stats: Any) -> None:
@@ -175,7 +240,8 @@ def validate_stats(stats: Any) -> None:
     schema name and version, the keys the report reads, and table shapes (num_experts
     rows; 3 size buckets) of finite numbers >= 0. Views a run may not have recorded
     (``levels``, ``detection_levels``, baselines, ``intervals``; all absent before
-    schema version 2) are checked where present. Does not modify ``stats``."""
+    schema version 2; ``relative_scale``, absent before version 3) are checked where
+    present. Does not modify ``stats``."""
     if not isinstance(stats, dict):
         kind = {list: 'list', str: 'string'}.get(type(stats), type(stats).__name__)
         raise StatsFormatError(f'the file holds a JSON {kind}, expected an object with '
@@ -187,7 +253,8 @@ def validate_stats(stats: Any) -> None:
     if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise StatsFormatError(
             f'statistics schema version {version!r} is not supported; this mmdet_moe '
-            f'reads versions {" and ".join(map(str, READABLE_VERSIONS))}')
+            f'reads versions {", ".join(map(str, READABLE_VERSIONS[:-1]))} and '
+            f'{READABLE_VERSIONS[-1]}')
     mode = _require(stats, 'mode', '', '"val" or "test"')
     if mode not in ('val', 'test'):
         raise StatsFormatError(f'mode = {_show(mode)}: expected "val" or "test"')

@@ -62,7 +62,7 @@ def test_report_files_and_numbers(tmp_path):
 
 @pytest.mark.parametrize('change, match', [
     (dict(schema='other'), 'not an expert size statistics file'),
-    (dict(version=3), 'version 3 is not supported'),
+    (dict(version=4), 'version 4 is not supported'),
     (dict(layers={}), 'no MoE layer'),
     (dict(num_images=0), 'empty dataset'),
 ])

@@ -81,7 +81,7 @@ def test_known_gates_and_boxes_give_a_known_matrix():
     np.testing.assert_allclose(head['importance'], [1.75, 2.25])
     assert head['rows'] == 4 and neck['rows'] == 2
     assert stats['num_detections'] == 3 and stats['gt_per_bucket'] == [1, 1, 0]
-    assert stats['version'] == 2 and stats['size_buckets']['names'] == ['small', 'medium', 'large']
+    assert stats['version'] == 3 and stats['size_buckets']['names'] == ['small', 'medium', 'large']
     # per level: the small det (P3) and the large and medium dets (P4), by hand
     levels = np.zeros((2, 3, 2))
     levels[:, 0, 0] = [1, 0]                   # small, level 0, row [1, 0]
@@ -242,3 +242,75 @@ def test_a_test_run_does_not_build_the_training_loop(tmp_path):
     assert (stats['mode'], stats['epoch'], stats['iter'], stats['num_images']) == \
         ('test', 0, 0, 2)
     assert not isinstance(runner._train_loop, BaseLoop)  # still its config
+
+
+def test_the_json_carries_the_within_level_scale_measure(tmp_path):
+    """Per-location tags on the head, per-image rows on the neck, s_l = 8 and 16
+    input pixels: relative scales, per-level quantile edges, the (N, bins, L) table and its NMI,
+    by hand; the per-image neck equals its within-(image, level) baseline; the
+    measure is logged as ``<layer>.nmi_rel_scale_given_level``."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub, MMLogger
+
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    hook = make_hook(score_thr=0.5, shuffle_permutations=5, bootstrap_resamples=50,
+                     relative_scale_bins=2)
+    hook._reference_sizes = [8.0, 16.0]
+    recorder, samples = batch()
+    own = {1: [[.2, .8], [.6, .4], [.5, .5]], 2: [[.9, .1]]}
+    for s in samples:
+        s.pred_instances.expert_weights = torch.tensor(own[s.metainfo['img_id']])[:, None]
+        s.pred_instances.set_metainfo(dict(expert_layers=['head']))
+    hook._images = [hook._image_record(b, s, rows_by_layer(recorder))
+                    for b, s in enumerate(samples)]
+    hook._dataset = samples
+    hub = MessageHub.get_instance('test_relative_scale_in_the_json')
+    runner = SimpleNamespace(work_dir=str(tmp_path), epoch=1, iter=10, message_hub=hub,
+                             logger=MMLogger.get_current_instance())
+    hook._finish(runner, 'val_epoch_1', 'val', None)
+    stats = json.loads((tmp_path / 'expert_size_stats.json').read_text())
+    head, neck = (stats['layers'][n]['relative_scale'] for n in ('head', 'neck'))
+    # kept: image 1 10×10 at P3 and 100×100 at P4, image 2 40×40 at P4, in original
+    # pixels; the images were resized by 2 (s_l is in input pixels)
+    p3, p4_large, p4_medium = np.log2(20 / 8), np.log2(200 / 16), np.log2(80 / 16)
+    assert head['reference_sizes'] == [8.0, 16.0] and head['bins'] == 2
+    np.testing.assert_allclose(head['edges'], [[p3] * 3,
+                                               [p4_medium, (p4_medium + p4_large) / 2,
+                                                p4_large]])
+    # P3: its one detection (on the edges: the upper bin); P4: medium low, large high
+    mass = np.zeros((2, 2, 2))
+    mass[:, 1, 0] = [.2, .8]
+    mass[:, 1, 1] = [.6, .4]
+    mass[:, 0, 1] = [.9, .1]
+    np.testing.assert_allclose(head['mass'], mass, rtol=1e-6)
+    # only P4 has scale entropy: I(E; Q | P4) / H(Q | P4) of [[.9, .6], [.1, .4]]
+    joint = mass[:, :, 1] / mass[:, :, 1].sum()
+    pe, pq = joint.sum(1), joint.sum(0)
+    expected = (joint * np.log(joint / np.outer(pe, pq))).sum() / -(pq * np.log(pq)).sum()
+    assert head['nmi_given_level'] == pytest.approx(expected, rel=1e-6)
+    # the neck's rows are per image: shuffling within (image, level) changes nothing
+    assert neck['shuffled_within_image_level']['mean'] == \
+        pytest.approx(neck['nmi_given_level'], abs=1e-12)
+    assert hub.get_scalar('val/moe_val/head.nmi_rel_scale_given_level').current() == \
+        pytest.approx(expected, rel=1e-6)
+
+
+def test_the_measure_is_absent_with_its_reason():
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    recorder, samples = batch()
+
+    def measure(hook):
+        images = [hook._image_record(b, s, rows_by_layer(recorder))
+                  for b, s in enumerate(samples)]
+        return hook.summarise(images, 'test', 0, 0)['layers']['head']['relative_scale']
+    assert 'before_run' in measure(make_hook(score_thr=0.5))['absent']
+    assert 'relative_scale_bins=None' in \
+        measure(make_hook(score_thr=0.5, relative_scale_bins=None))['absent']
+    hook = make_hook(score_thr=0.5)
+    hook._reference_sizes = [8.0, 16.0]
+    for s in samples:
+        del s.pred_instances.levels
+    assert 'does not tag its detections with their FPN level' in measure(hook)['absent']
+    with pytest.raises(ValueError, match='relative_scale_bins must be an int >= 2'):
+        ExpertSizeStatsHook(relative_scale_bins=1)

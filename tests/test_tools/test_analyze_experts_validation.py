@@ -25,7 +25,7 @@ def tool():
 
 
 def hook_stats(score_thr: float = 0.5) -> dict:
-    """Statistics as ExpertSizeStatsHook writes them (schema version 2), summed from
+    """Statistics as ExpertSizeStatsHook writes them (schema version 3), summed from
     two hand-made images: a head gated per (image, FPN level), a neck per image."""
     from mmdet_moe.engine.hooks import ExpertSizeStatsHook
     from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
@@ -39,6 +39,7 @@ def hook_stats(score_thr: float = 0.5) -> dict:
                                bootstrap_resamples=20)
     hook.layer_names, hook._classes = [HEAD, NECK], ['a', 'b']
     hook._gt = GroundTruth(Dataset())
+    hook._reference_sizes = [32.0, 64.0]  # what before_run reads from a 2-level head
     recorder = GateRecorder()
     recorder.add(HEAD, torch.tensor([[1., 0.], [0., 1.]]), level=0)
     recorder.add(HEAD, torch.tensor([[.5, .5], [.25, .75]]), level=1)
@@ -92,7 +93,7 @@ L = ('layers', HEAD)
 # (what changes, the value there, words the error must hold)
 CORRUPTIONS = [
     (('schema',), 'other/stats', "schema 'other/stats', expected 'mmdet_moe/expert_size_stats'"),
-    (('version',), 3, 'version 3 is not supported; this mmdet_moe reads versions 1 and 2'),
+    (('version',), 4, 'version 4 is not supported; this mmdet_moe reads versions 1, 2 and 3'),
     (('version',), '2', 'version \'2\' is not supported'),
     (('version',), True, 'version True is not supported'),
     (('num_images',), DELETE, "the file has no 'num_images' (required: the number of "
@@ -155,6 +156,31 @@ CORRUPTIONS = [
     (L + ('intervals', 'nmi', 0), math.nan, f'{AT}.intervals.nmi[0] = NaN'),
     (L + ('intervals', 'p_size_given_expert', 1, 2), [0.5],
      f'{AT}.intervals.p_size_given_expert[1][2] has 1 bounds, expected 2'),
+    (L + ('relative_scale',), [], f'{AT}.relative_scale = []: expected an object'),
+    (L + ('relative_scale', 'absent'), 3, f'{AT}.relative_scale.absent = 3: expected a '
+                                          'string saying why'),
+    (L + ('relative_scale', 'bins'), 1, f'{AT}.relative_scale.bins = 1: expected an '
+                                        'integer >= 2'),
+    (L + ('relative_scale', 'reference_sizes', 1), 0.0,
+     f'{AT}.relative_scale.reference_sizes[1] = 0.0: expected a reference size > 0'),
+    (L + ('relative_scale', 'edges'), [None],
+     f'{AT}.relative_scale.edges = [null]: expected a list of 2 levels\' edges'),
+    (L + ('relative_scale', 'edges', 1), [0.0, 1.0],
+     f'{AT}.relative_scale.edges[1] = [0.0, 1.0]: expected 5 quantile edges (bins + 1)'),
+    (L + ('relative_scale', 'edges', 1, 2), -9.0,
+     f'{AT}.relative_scale.edges[1]'),
+    (L + ('relative_scale', 'edges', 0, 0), math.nan,
+     f'{AT}.relative_scale.edges[0][0] = NaN: expected a finite number'),
+    (L + ('relative_scale', 'mass', 0), [[0.0, 0.0]] * 5,
+     f'{AT}.relative_scale.mass[0] has 5 bins, expected 4'),
+    (L + ('relative_scale', 'nmi_given_level'), 1.5,
+     f'{AT}.relative_scale.nmi_given_level = 1.5: expected an NMI in [0, 1]'),
+    (L + ('relative_scale', 'interval'), [0.5, 0.1],
+     f'{AT}.relative_scale.interval = [0.5, 0.1]: expected lower <= upper'),
+    (L + ('relative_scale', 'shuffled_within_image_level'), DELETE,
+     f"{AT}.relative_scale has no 'shuffled_within_image_level'"),
+    (L + ('relative_scale', 'shuffled_within_level', 'std'), -1.0,
+     f'{AT}.relative_scale.shuffled_within_level.std = -1.0'),
 ]
 
 
@@ -215,7 +241,13 @@ def test_valid_statistics_still_give_the_report(tool, valid, tmp_path, capsys):
     path = write(tmp_path, valid)
     assert tool.main([path, '--out-dir', str(tmp_path / 'r')]) == 0
     assert (tmp_path / 'r' / 'report.md').is_file()
-    assert capsys.readouterr().err == ''
+    captured = capsys.readouterr()
+    assert captured.err == ''
+    # the within-level scale measure beside the S/M/L figures, printed and reported
+    assert captured.out.count('NMI expert↔relative scale | FPN level') == 2
+    report = (tmp_path / 'r' / 'report.md').read_text()
+    assert 'Within-level scale (4 quantile bins' in report
+    assert (tmp_path / 'r' / f'{HEAD}_relative_scale.csv').is_file()
 
 
 def version_1(stats: dict) -> dict:
@@ -226,7 +258,7 @@ def version_1(stats: dict) -> dict:
     del stats['metrics']
     for layer in stats['layers'].values():
         for key in ('detection_levels', 'nmi_given_level', 'nmi_given_level_shuffled',
-                    'intervals'):
+                    'intervals', 'relative_scale'):
             del layer[key]
         del layer['nmi_shuffled']['interval']
     return stats
@@ -237,6 +269,16 @@ def test_files_written_before_schema_version_2_are_still_read(tool, valid, tmp_p
     path = write(tmp_path, version_1(valid))
     assert tool.main([path, '--out-dir', str(tmp_path / 'r')]) == 0
     assert 'written before schema version 2' in (tmp_path / 'r' / 'report.md').read_text()
+
+
+def test_files_written_before_schema_version_3_are_read_without_the_measure(
+        tool, valid, tmp_path, capsys):
+    stats = copy.deepcopy(valid)
+    stats['version'] = 2
+    for layer in stats['layers'].values():
+        del layer['relative_scale']
+    assert tool.main([write(tmp_path, stats), '--out-dir', str(tmp_path / 'r')]) == 0
+    assert 'written before schema version 3' in capsys.readouterr().out
 
 
 def test_optional_views_may_be_absent(tool, valid, tmp_path):
@@ -305,9 +347,12 @@ def test_a_seed_run_without_detections_leaves_its_nmis_out(tool, valid, tmp_path
     paths.append(write(tmp_path, hook_stats(score_thr=0.99), 'seed2'))
     assert tool.main([*paths, '--out-dir', str(tmp_path / 'stab')]) == 0
     printed = capsys.readouterr().out
-    assert (f'note: {paths[2]}: {HEAD} nmi, {HEAD} nmi_given_level, {NECK} nmi, '
-            f'{NECK} nmi_given_level unavailable (no detection above score_thr') in printed
+    assert (f'note: {paths[2]}: {HEAD} nmi, {HEAD} nmi_given_level, '
+            f'{HEAD} nmi_rel_scale_given_level, {NECK} nmi, {NECK} nmi_given_level, '
+            f'{NECK} nmi_rel_scale_given_level unavailable (no detection above score_thr'
+            ) in printed
     with open(tmp_path / 'stab' / 'seed_stability.csv') as f:
         rows = {(r[0], r[1]): r[2:] for r in csv.reader(f)}
     assert rows[(HEAD, 'nmi')][2] == '' and rows[(HEAD, 'nmi')][-1] == '2'
     assert rows[(HEAD, 'living_experts')][-1] == '3'
+    assert rows[(HEAD, 'nmi_rel_scale_given_level')][-1] == '2'

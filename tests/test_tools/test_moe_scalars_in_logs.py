@@ -44,7 +44,8 @@ def test_train_and_val_scalars_have_distinct_names(json_log):
     val_moe = {k for line in val for k in line if 'moe_val' in k}
     assert {f'moe_train.{LAYER}.share_e{i}' for i in range(4)} <= train_moe
     assert f'moe_train.{LAYER}.living_experts' in train_moe
-    assert {f'moe_val/{LAYER}.{key}' for key in ('nmi', 'nmi_given_level', 'living_experts',
+    assert {f'moe_val/{LAYER}.{key}' for key in ('nmi', 'nmi_given_level',
+                                                 'nmi_rel_scale_given_level', 'living_experts',
                                                  'importance_cv')} <= val_moe
     # TensorBoard groups tags by their first '/' component: train MoE tags have none,
     # val MoE tags fall in 'moe_val'; no tag is shared by train and val

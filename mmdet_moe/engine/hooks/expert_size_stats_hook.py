@@ -15,8 +15,10 @@ from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
                          bucket_membership, conditional_nmi, layer_summary,
                          level_shuffled_nmi,
                          shuffled_nmi, specialisation_intervals)
+from ...analysis.relative_scale import (absent, check_bins, relative_scale_stats,
+                                        relative_scales)
 from ...layers import assign_moe_names
-from ...models import MoEDetTTAModel
+from ...models import MoEDetTTAModel, NoReferenceSizes, detector_reference_sizes
 from .gate_recording import GateRecordingMixin, tta_model, unwrap
 from .gate_rows import rows_by_layer
 from .scalar_names import moe_scalar_name
@@ -59,13 +61,23 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
       GT size histogram; level view: gate rows per FPN level (shared heads);
     - importance (Σ gate rows) for the importance CV and the living experts;
     - the normalised mutual information expert ↔ size and its chance level with
-      the gate weights shuffled across detections.
+      the gate weights shuffled across detections;
+    - the within-level scale measure (``relative_scale_bins`` quantile bins per FPN
+      level, None: left out): NMI(expert; relative scale | level) of each
+      detection's ``log2(√(w·h) / s_l)`` (the area the size buckets use, with
+      ``match_gt`` its GT box's, times the image's ``scale_factor``: s_l, from
+      :func:`~mmdet_moe.models.detector_reference_sizes`, is in network-input
+      pixels), its bootstrap
+      interval and baselines shuffled within each (image, level) and each level
+      (:mod:`mmdet_moe.analysis.relative_scale`); detectors whose detections carry
+      no FPN level (two-stage) get the reason instead.
 
     Sums are gathered over ranks with images padded in by the sampler dropped, and
     written to ``<work_dir>/expert_size_stats/{val_epoch_<e>,test}.json`` and
     ``<work_dir>/expert_size_stats.json`` (latest); headline scalars go to the
     message hub, logged as ``moe_val/<layer>.nmi`` (``image_nmi`` when no detection
-    counted), ``.nmi_given_level``, ``.living_experts`` and ``.importance_cv``
+    counted), ``.nmi_given_level``, ``.nmi_rel_scale_given_level``,
+    ``.living_experts`` and ``.importance_cv``
     (``moe_test/...`` in the test loop; see :mod:`.scalar_names`) for LoggerHook and
     the visualizer backends.
     """
@@ -73,7 +85,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
 
     def __init__(self, score_thr: float = 0.3, match_gt: bool = False,
                  iou_thr: float = 0.5, shuffle_permutations: int = 20, seed: int = 0,
-                 bootstrap_resamples: int = 1000):
+                 bootstrap_resamples: int = 1000, relative_scale_bins: Optional[int] = 4):
         if not 0 <= score_thr <= 1:
             raise ValueError(f'score_thr must be in [0, 1], got {score_thr!r}')
         if not 0 < iou_thr <= 1:
@@ -83,7 +95,12 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                              f'got {bootstrap_resamples!r}')
         self.score_thr, self.match_gt, self.iou_thr = score_thr, match_gt, iou_thr
         self.shuffle_permutations, self.seed = shuffle_permutations, seed
+        check_bins(relative_scale_bins)
         self.bootstrap_resamples = bootstrap_resamples
+        self.relative_scale_bins = relative_scale_bins
+        # s_l per FPN level, or why the detections have none (set in before_run)
+        self._reference_sizes: Optional[List[float]] = None
+        self._no_reference = 'the reference sizes are read in before_run, which did not run'
         self._images: List[dict] = []
         self._tta = False
         self._gate_of: dict = {}
@@ -99,6 +116,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self._tta = tta is not None
         model = unwrap(runner.model)
         self.layer_names = assign_moe_names(model)
+        try:
+            self._reference_sizes = detector_reference_sizes(model)
+        except NoReferenceSizes as err:
+            self._reference_sizes, self._no_reference = None, str(err)
         # a layer reusing another's routing decision (a head's reg MoE with
         # moe_branches='shared') records nothing: it is reported under that layer
         gates = {name: getattr(model.get_submodule(name), 'gate', None)
@@ -170,10 +191,14 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             tags = None if tags is None else tags[hit]
         else:
             hit = np.ones(len(boxes), bool)
+        # s_l is in network-input pixels: the same area, resized as the image was
+        sx, sy = sample.metainfo.get('scale_factor', (1.0, 1.0))
+        scales = (relative_scales(areas * sx * sy, levels, self._reference_sizes)
+                  if levels is not None and self._reference_sizes is not None else None)
         record = dict(img_id=sample.metainfo['img_id'], num_detections=int(hit.sum()),
                       gt_buckets=bucket_membership(gt_areas).sum(0),
                       det_buckets=bucket_membership(areas), det_labels=labels,
-                      det_levels=levels, layers={})
+                      det_levels=levels, det_relative_scales=scales, layers={})
         for name, layer in layers.items():
             image_row = layer.image_row(b)
             # tags are as wide as the head's largest layer: this layer's N columns
@@ -207,8 +232,9 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         write_stats(stats, runner.work_dir, tag)
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
-            scalars = {key: summary[key] for key in ('nmi_given_level', 'living_experts',
-                                                     'importance_cv')}
+            scalars = {key: summary[key] for key in (
+                'nmi_given_level', 'nmi_rel_scale_given_level', 'living_experts',
+                'importance_cv')}
             # without detections the NMI is the image view's, another quantity
             scalars['nmi' if summary['view'] == 'detection' else 'image_nmi'] = summary['nmi']
             for key, value in scalars.items():
@@ -281,7 +307,27 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             layers[name].update(self._level_controlled(weights, buckets, det_levels,
                                                        num_levels, image_of, groups,
                                                        len(images), with_levels))
+            layers[name]['relative_scale'] = self._relative_scale(
+                images, weights, det_levels, num_levels, image_of, groups)
         return layers, shared
+
+    def _relative_scale(self, images, weights, levels, num_levels, image_of,
+                        groups) -> dict:
+        """The layer's ``relative_scale`` object, or the reason it is absent."""
+        if self.relative_scale_bins is None:
+            return absent('left out (relative_scale_bins=None)')
+        if any(img['det_levels'] is None for img in images):
+            return absent('the head does not tag its detections with their FPN level')
+        if self._reference_sizes is None:
+            return absent(self._no_reference)
+        if weights.sum() <= 0:
+            return absent(f'no detection counted (score >= {self.score_thr}'
+                          + (', matching a GT box)' if self.match_gt else ')'))
+        scales = np.concatenate([img['det_relative_scales'] for img in images])
+        return relative_scale_stats(
+            weights, scales, levels, num_levels, image_of, groups, len(images),
+            self.relative_scale_bins, self._reference_sizes, self.shuffle_permutations,
+            self.seed, self.bootstrap_resamples)
 
     def _level_controlled(self, weights, buckets, levels, num_levels, image_of, groups,
                           num_images, with_levels) -> dict:

@@ -1,0 +1,66 @@
+"""The reference size s_l of each FPN level of a detector's dense head, for the
+within-level relative scale ``log2(√(w·h) / s_l)`` of its detections."""
+import math
+from typing import List
+
+import torch
+from mmdet.models.task_modules.prior_generators import MlvlPointGenerator
+
+# anchor-free heads: s_l = POINT_REFERENCE × stride_l, RetinaNet's anchor base size
+# (octave_base_scale 4), so that relative scales of anchor and anchor-free heads read
+# alike; per-level quantile bins make the NMI independent of this constant
+POINT_REFERENCE = 4.0
+
+
+class NoReferenceSizes(ValueError):
+    """The detector's detections have no per-level reference size (the message says
+    why)."""
+
+
+def level_reference_sizes(head) -> List[float]:
+    """s_l in input pixels for each level of ``head.prior_generator``.
+
+    - anchors with ``octave_base_scale`` (RetinaNet, ATSS): ``octave_base_scale ×
+      base_sizes[l]``, the smallest anchor of the level's octave;
+    - other anchors (SSD, YOLO, explicit ``scales``): the geometric mean of √(w·h)
+      over the level's base anchors;
+    - points (``MlvlPointGenerator``: FCOS, ...): ``POINT_REFERENCE × stride_l``
+      (√(stride_w · stride_h) for non-square strides).
+
+    Raises:
+        NoReferenceSizes: the head has no prior generator of these kinds.
+    """
+    prior_generator = getattr(head, 'prior_generator', None)
+    if getattr(prior_generator, 'octave_base_scale', None) is not None:
+        return [float(prior_generator.octave_base_scale * size)
+                for size in prior_generator.base_sizes]
+    if isinstance(getattr(prior_generator, 'base_anchors', None), list):
+        # (A, 4) x1 y1 x2 y2 per level: exp(mean(½ log(w·h)))
+        return [float(torch.exp(0.5 * torch.log(
+                    (anchors[:, 2:] - anchors[:, :2]).double().prod(1)).mean()))
+                for anchors in prior_generator.base_anchors]
+    if isinstance(prior_generator, MlvlPointGenerator):
+        return [POINT_REFERENCE * math.sqrt(w * h) for w, h in prior_generator.strides]
+    raise NoReferenceSizes(
+        f'the head ({type(head).__name__}) has no anchor or point prior generator '
+        f'(prior_generator: {type(prior_generator).__name__}), so its FPN levels have '
+        'no reference size')
+
+
+def detector_reference_sizes(detector) -> List[float]:
+    """:func:`level_reference_sizes` of the head whose detections a single-stage
+    ``detector`` returns.
+
+    Raises:
+        NoReferenceSizes: a two-stage detector (its RoI head's detections carry no
+            FPN level) or a detector without a dense ``bbox_head``.
+    """
+    if getattr(detector, 'roi_head', None) is not None:
+        raise NoReferenceSizes(
+            f'{type(detector).__name__} is two-stage: its RoI head\'s detections carry no '
+            'FPN level of a dense head')
+    head = getattr(detector, 'bbox_head', None)
+    if head is None:
+        raise NoReferenceSizes(f'{type(detector).__name__} has no dense bbox_head whose '
+                               'detections carry FPN levels')
+    return level_reference_sizes(head)

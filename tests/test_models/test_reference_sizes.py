@@ -1,0 +1,62 @@
+"""Per-level reference sizes s_l of dense heads built from mmdet's own configs."""
+import math
+import os.path as osp
+
+import mmdet
+import pytest
+from mmengine.config import Config
+
+from mmdet_moe.models import (NoReferenceSizes, detector_reference_sizes,
+                              level_reference_sizes)
+
+
+def head(path):
+    """The bbox_head of mmdet's config ``path``, built alone (no backbone)."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', path))
+    return MODELS.build(cfg.model.bbox_head)
+
+
+def test_retinanet_levels_are_four_strides():
+    # octave_base_scale 4 on strides 8..128: the smallest anchor of each octave
+    assert level_reference_sizes(head('retinanet/retinanet_r50_fpn_1x_coco.py')) == \
+        [32.0, 64.0, 128.0, 256.0, 512.0]
+
+
+def test_atss_levels_are_eight_strides():
+    assert level_reference_sizes(head('atss/atss_r50_fpn_1x_coco.py')) == \
+        [64.0, 128.0, 256.0, 512.0, 1024.0]
+
+
+def test_fcos_points_get_four_strides():
+    assert level_reference_sizes(head('fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py')) == \
+        [32.0, 64.0, 128.0, 256.0, 512.0]
+
+
+def test_anchors_without_octave_are_the_geometric_mean_of_their_sizes():
+    from mmdet.models.task_modules.prior_generators import AnchorGenerator
+
+    class Head:  # anchors with explicit scales: √(w·h) = base_size × scale
+        prior_generator = AnchorGenerator(strides=[8, 16], ratios=[0.5, 1.0, 2.0],
+                                          scales=[2.0, 8.0])
+    sizes = level_reference_sizes(Head())
+    assert sizes == pytest.approx([8 * math.sqrt(2 * 8), 16 * math.sqrt(2 * 8)])
+
+
+def test_heads_and_detectors_without_levels_say_why():
+    class Head:
+        prior_generator = None
+    with pytest.raises(NoReferenceSizes, match='no anchor or point prior generator'):
+        level_reference_sizes(Head())
+
+    class TwoStage:
+        roi_head = object()
+    with pytest.raises(NoReferenceSizes, match='two-stage'):
+        detector_reference_sizes(TwoStage())
+
+    class NoHead:
+        pass
+    with pytest.raises(NoReferenceSizes, match='no dense bbox_head'):
+        detector_reference_sizes(NoHead())
