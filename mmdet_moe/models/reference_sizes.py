@@ -48,17 +48,30 @@ def level_reference_sizes(head) -> List[float]:
 
 
 def detector_reference_sizes(detector) -> List[float]:
-    """:func:`level_reference_sizes` of the head whose detections a single-stage
-    ``detector`` returns.
+    """s_l of the levels a ``detector``'s detections are tagged with: the dense head's
+    (:func:`level_reference_sizes`); for a two-stage detector whose RoI bbox head holds
+    MoE layers, the scale its RoI extractor maps level l from (``finest_scale × 2^l``:
+    RoIs of about that size are pooled from level l), else the RPN's (its
+    detections then carry their proposal's level).
 
     Raises:
-        NoReferenceSizes: a two-stage detector (its RoI head's detections carry no
-            FPN level) or a detector without a dense ``bbox_head``.
+        NoReferenceSizes: a detector without a dense ``bbox_head`` or RoI head whose
+            levels have a reference size.
     """
-    if getattr(detector, 'roi_head', None) is not None:
-        raise NoReferenceSizes(
-            f'{type(detector).__name__} is two-stage: its RoI head\'s detections carry no '
-            'FPN level of a dense head')
+    roi_head = getattr(detector, 'roi_head', None)
+    if roi_head is not None:
+        extractor = getattr(roi_head, 'bbox_roi_extractor', None)
+        bbox_head = getattr(roi_head, 'bbox_head', None)
+        if bbox_head is not None and any(getattr(m, 'is_moe_module', False)
+                                         for m in bbox_head.modules()):
+            if getattr(extractor, 'finest_scale', None) is None:
+                raise NoReferenceSizes(
+                    f'the RoI extractor of {type(detector).__name__} '
+                    f'({type(extractor).__name__}) maps RoIs to levels without a '
+                    'finest_scale, so its levels have no reference size')
+            return [float(extractor.finest_scale * 2 ** level)
+                    for level in range(extractor.num_inputs)]
+        return level_reference_sizes(getattr(detector, 'rpn_head', None))
     head = getattr(detector, 'bbox_head', None)
     if head is None:
         raise NoReferenceSizes(f'{type(detector).__name__} has no dense bbox_head whose '

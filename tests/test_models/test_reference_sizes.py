@@ -6,6 +6,7 @@ import mmdet
 import pytest
 from mmengine.config import Config
 
+from helpers import ROOT, build_model
 from mmdet_moe.models import (NoReferenceSizes, detector_reference_sizes,
                               level_reference_sizes)
 
@@ -51,12 +52,27 @@ def test_heads_and_detectors_without_levels_say_why():
     with pytest.raises(NoReferenceSizes, match='no anchor or point prior generator'):
         level_reference_sizes(Head())
 
-    class TwoStage:
+    class TwoStage:  # no MoE in the RoI head, an RPN without a prior generator
         roi_head = object()
-    with pytest.raises(NoReferenceSizes, match='two-stage'):
+        rpn_head = Head()
+    with pytest.raises(NoReferenceSizes, match='no anchor or point prior generator'):
         detector_reference_sizes(TwoStage())
 
     class NoHead:
         pass
     with pytest.raises(NoReferenceSizes, match='no dense bbox_head'):
         detector_reference_sizes(NoHead())
+
+
+def test_two_stage_levels_are_the_rpns_or_the_roi_extractors():
+    """The toy Faster R-CNN with MoE RoI-head convs: its detections carry the level their
+    RoI was pooled from, which the extractor picks by size against finest_scale × 2^l;
+    without MoE in the RoI head they carry their proposal's RPN level."""
+    cfg = Config.fromfile(osp.join(ROOT, 'configs', 'toy',
+                                   'faster-rcnn_r18_fpn_moe-roi-head_3e_toy-coco.py'))
+    model = build_model(cfg.model)
+    finest = model.roi_head.bbox_roi_extractor.finest_scale
+    assert detector_reference_sizes(model) == [finest * 2 ** level for level in range(4)]
+    dense = build_model(Config.fromfile(osp.join(
+        ROOT, 'configs', 'toy', '_base_', 'faster-rcnn_r18_fpn_toy.py')).model)
+    assert detector_reference_sizes(dense) == level_reference_sizes(dense.rpn_head)

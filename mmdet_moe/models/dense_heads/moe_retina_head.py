@@ -11,6 +11,7 @@ from mmdet.registry import MODELS
 from ...layers import MoEConv2d
 from ...layers._checks import check_choice, check_num_experts
 from ..moe_losses import LOSS_PREFIX, collect_moe_losses, merge_losses
+from ..reference_sizes import level_reference_sizes
 from ..tower_moe import TowerMoE, UpcycleDenseKeys
 from .expert_tagging import moe_modules
 from .scale_routing import check_routing_supervision, scale_routing_loss
@@ -203,8 +204,7 @@ class MoERetinaHead(RetinaHead):
         positives, boxes = self._scale_targets
         self._scale_targets = None
         shapes = [(s.shape[0], *s.shape[-2:]) for s in cls_scores]
-        strides = [s[0] for s in self.prior_generator.strides]
-        references = [self.prior_generator.octave_base_scale * s for s in strides]
+        references = level_reference_sizes(self)
         losses = [scale_routing_loss(m.gate_outputs().logits, shapes, positives, boxes,
                                      references, self.routing_supervision['edges'])
                   for m in moe_modules(self) if m.gate_outputs() is not None]
