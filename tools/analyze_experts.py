@@ -180,13 +180,19 @@ def active_compute(runner, shape: Optional[List[int]]) -> dict:
     import torch
     from mmdet_moe.engine.hooks.gate_recording import unwrap
     from mmdet_moe.layers import count_active_compute
+    from mmdet.structures import DetDataSample
     model = unwrap(runner.model)
     if shape is None:
         batch = model.data_preprocessor(next(iter(runner.test_loop.dataloader)), False)
-        inputs = batch['inputs'][:1]
+        inputs, samples = batch['inputs'][:1], batch['data_samples'][:1]
     else:
         inputs = torch.zeros(1, 3, *shape, device=next(model.parameters()).device)
-    rows = count_active_compute(model, inputs).rows()
+        size = tuple(shape)
+        samples = [DetDataSample(metainfo=dict(img_shape=size, ori_shape=size, pad_shape=size,
+                                               batch_input_shape=size, scale_factor=(1., 1.)))]
+    # with data samples: a two-stage detector's tensor forward runs the RPN's predict,
+    # which reads each image's metainfo
+    rows = count_active_compute(model, inputs, samples).rows()
     return dict(input_shape=tuple(inputs.shape[-2:]), rows=rows)
 
 
