@@ -72,3 +72,18 @@ def test_draw_colours_a_neck_convs_detections(run, tmp_path):
                     *as_cli_options(toy_overrides(run['data'])))
     assert proc.returncode == 0, proc.output[-3000:]
     assert len(list((tmp_path / 'vis').glob('*.png'))) == 2
+
+
+def test_tta_keeps_each_detections_neck_tags(run, tmp_path):
+    """tools/test.py --tta (MoEDetTTAModel): each view is tagged by its own forward,
+    and the merged detections keep their view's neck columns."""
+    options = dict(toy_overrides(run['data']), **{'model.test_cfg.score_thr': 0.0,
+                                                  'custom_hooks.0.score_thr': 0.0})
+    proc = run_tool('test.py', CONFIG, run['work_dir'] / 'epoch_1.pth', '--tta',
+                    '--work-dir', tmp_path, *as_cli_options(options))
+    assert proc.returncode == 0, proc.output[-3000:]
+    stats = json.loads((tmp_path / 'expert_size_stats.json').read_text())
+    assert stats['num_detections'] > 0
+    assert all(layer['detection_gates'] == 'tagged' for layer in stats['layers'].values())
+    assert sum(layer['num_detections'] for name, layer in stats['layers'].items()
+               if 'fpn_convs' in name) == stats['num_detections']
