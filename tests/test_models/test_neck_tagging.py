@@ -181,3 +181,17 @@ def test_two_stage_detections_carry_their_proposals_neck_tags():
         assert names == list(levels)
         torch.testing.assert_close(got.expert_weights,
                                    expected_tags(rows, names, levels, got.levels, b))
+
+
+def test_per_pixel_neck_gates_under_an_rpn_are_refused_by_name():
+    """The RPN keeps its own top-k, no prior index: a per-pixel neck gate cannot be
+    read at a proposal's location, and predict says which layer and what would do."""
+    cfg = stock_model_cfg('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', WIDTH)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths='neck.fpn_convs.0.conv', type='CPMuMoEConv2d', num_experts=4,
+             gate_mode='pixel', norm=None)])).eval()
+    inputs, samples = batch(model)
+    with pytest.raises(RuntimeError, match=r"RPNHead keeps no prior indices: the per-pixel "
+                       r"gates of \['neck.fpn_convs.0.conv'\].*gate_mode='image'"):
+        with torch.no_grad():
+            model(inputs, samples, mode='predict')

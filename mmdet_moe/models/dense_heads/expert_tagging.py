@@ -115,10 +115,12 @@ class GateMaps:
 
     def level_weights(self, b: int, levels: Tensor) -> Tensor:
         """(len(levels), M, N): the (image, level) gate rows of image ``b``."""
-        if any(r is not None and r.pixel_weights is not None
-               for records in self.modules for r in records):
-            raise RuntimeError(f'{self.head_name} keeps no prior indices: per-pixel gates '
-                               'cannot be tagged in it; use a per-image gate')
+        pixel = [self._any(records).name for records in self.modules
+                 if any(r is not None and r.pixel_weights is not None for r in records)]
+        if pixel:
+            raise RuntimeError(f'{self.head_name} keeps no prior indices: the per-pixel '
+                               f'gates of {pixel} cannot be tagged in its detections; use '
+                               "a per-image gate there (gate_mode='image')")
         per_module = []
         for records in self.modules:
             zeros = torch.zeros_like(self._any(records).weights[b])
