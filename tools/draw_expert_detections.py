@@ -4,8 +4,11 @@
         [IMAGE ...] [--num-images 8] [--score-thr 0.3] [--moe-index 0]
 
 Without IMAGE arguments the first ``--num-images`` images of the config's test set
-are drawn. Needs a head that tags detections with ``expert_weights`` (e.g.
-MoERetinaHead); ``--moe-index`` picks which of its MoE modules colours the boxes.
+are drawn. Needs detections tagged with ``expert_weights`` (a dense head with MoE
+layers, e.g. MoERetinaHead, or a MoE FPN neck); ``--moe-index`` picks which of the
+tagged MoE modules (the head's first, then the neck's) colours the boxes. A neck
+module colours only the detections of the level it feeds (the others' rows are
+zeros).
 """
 import argparse
 import os
@@ -31,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--num-images', type=int, default=8)
     parser.add_argument('--score-thr', type=float, default=0.3)
     parser.add_argument('--moe-index', type=int, default=0,
-                        help='which MoE module of the head colours the boxes')
+                        help='which tagged MoE module colours the boxes')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args(argv)
 
@@ -53,14 +56,16 @@ def draw(image_path: str, pred, moe_index: int, score_thr: float, out_path: str)
     if 'expert_weights' not in pred:
         raise ValueError('the detections carry no expert_weights: the MoE layers must be '
                          'in a dense head that decodes per FPN level (RetinaNet, FCOS, '
-                         'ATSS, GFL, ...), which tags them')
+                         'ATSS, GFL, ...) or in an FPN neck above one, which tag them')
     num_moes = pred.expert_weights.shape[1]
     if not 0 <= moe_index < num_moes:
-        raise ValueError(f'--moe-index {moe_index} is out of range: the head has '
-                         f'{num_moes} MoE module(s)')
-    keep = pred.scores >= score_thr
+        raise ValueError(f'--moe-index {moe_index} is out of range: the detections are '
+                         f'tagged by {num_moes} MoE module(s)')
+    weights = pred.expert_weights[:, moe_index]
+    # a neck module's row is zeros for the detections of levels it does not feed
+    keep = (pred.scores >= score_thr) & (weights.sum(-1) > 0)
     boxes = pred.bboxes[keep].cpu().numpy()
-    experts = pred.expert_weights[keep][:, moe_index].argmax(-1).cpu().numpy()
+    experts = weights[keep].argmax(-1).cpu().numpy()
     num_experts = pred.expert_weights.shape[-1]
     image = mmcv.imread(image_path, channel_order='rgb')
     visualizer = Visualizer(image=image)

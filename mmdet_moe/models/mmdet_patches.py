@@ -15,9 +15,11 @@ functions of mmdet's base classes are therefore wrapped, once, at import
   ``mode='loss'`` adds the ``loss_moe_*`` of every MoE module and ends the gates'
   training iteration (:func:`~.moe_losses.add_moe_losses`), so that balancing works
   in any detector, single- or two-stage, and the per-level joint losses are summed
-  once per step.
-- ``BaseDenseHead.predict``: a head with MoE modules that decodes per level tags its
-  detections with their level and gate weights
+  once per step; ``mode='predict'`` records the gates of a MoE FPN neck for the
+  heads' tagging (:func:`~.necks.neck_tagging.recording_neck_gates`; predict only,
+  so training pays nothing).
+- ``BaseDenseHead.predict``: a head that decodes per level, with MoE modules or under
+  a MoE FPN neck, tags its detections with their level and gate weights
   (:func:`~.dense_heads.expert_tagging.tagged_predict`).
 - ``StandardRoIHead.predict_bbox``: a two-stage detector's detections get the gates
   of their proposal and RoI (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
@@ -28,9 +30,10 @@ such models give exactly mmdet's losses and predictions. Nothing else of mmdet i
 assigned: no ``__init_subclass__``, no subclass methods, no module globals (the
 decode-time recording is bound to the decoding head only, see :mod:`.rebinding`).
 A direct ``detector.loss(...)`` or ``detector.predict(...)`` call is mmdet's own (the
-heads still tag): add :func:`~.moe_losses.add_moe_losses` after ``loss``, and call
+heads still tag their own modules, not the neck's): add
+:func:`~.moe_losses.add_moe_losses` after ``loss``, and call
 ``assign_moe_names(detector)`` once before ``predict`` for path names in
-``expert_layers``.
+``expert_layers``, inside ``recording_neck_gates(detector)`` for the neck's tags.
 
 The other process-wide changes of the import are registrations (mmdet's and mmcv's
 registries, mmengine's ``MODULE2PACKAGE``, see :mod:`mmdet_moe.registry`) and torch's
@@ -49,6 +52,7 @@ from mmdet.models.roi_heads import StandardRoIHead
 from ..layers import assign_moe_names
 from .dense_heads.expert_tagging import tagged_predict, tags_detections
 from .moe_losses import add_moe_losses
+from .necks.neck_tagging import recording_neck_gates
 from .roi_heads.expert_tagging import tagged_predict_bbox
 
 #: marks a function as one of these wrappers (installing twice wraps once)
@@ -63,7 +67,8 @@ def has_moe_modules(model: nn.Module) -> bool:
 
 def moe_forward(stock: Callable) -> Callable:
     """``forward`` of a detector or tracker that, when the model has MoE modules,
-    names them after their paths and, for ``mode='loss'``, adds their losses."""
+    names them after their paths and, for ``mode='loss'``, adds their losses; for
+    ``mode='predict'``, records the gates of its MoE FPN neck for the heads."""
     signature = inspect.signature(stock)
 
     @functools.wraps(stock)
@@ -73,8 +78,12 @@ def moe_forward(stock: Callable) -> Callable:
         call = signature.bind(self, *args, **kwargs)
         call.apply_defaults()
         assign_moe_names(self)  # what gate records and expert_layers call the layers
+        mode = call.arguments['mode']
+        if mode == 'predict':
+            with recording_neck_gates(self):
+                return stock(self, *args, **kwargs)
         outputs = stock(self, *args, **kwargs)
-        return add_moe_losses(self, outputs) if call.arguments['mode'] == 'loss' else outputs
+        return add_moe_losses(self, outputs) if mode == 'loss' else outputs
 
     return forward
 

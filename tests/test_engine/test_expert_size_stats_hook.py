@@ -314,3 +314,97 @@ def test_the_measure_is_absent_with_its_reason():
     assert 'does not tag its detections with their FPN level' in measure(hook)['absent']
     with pytest.raises(ValueError, match='relative_scale_bins must be an int >= 2'):
         ExpertSizeStatsHook(relative_scale_bins=1)
+
+
+def neck_tagged_samples(only_level=None, seed=0):
+    """Six images with detections on 3 levels, tagged by a head (every detection) and
+    a neck conv that feeds level 2 only (zeros for the others' detections, as the
+    dense-head tagging writes them); ``only_level``: keep that level's detections."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for img_id in range(6):
+        levels = np.r_[2, rng.integers(0, 3, 7)]
+        sides, labels = rng.uniform(8, 150, len(levels)), rng.integers(0, 2, len(levels))
+        keep = levels == only_level if only_level is not None else np.ones(len(levels), bool)
+        head = rng.dirichlet(np.ones(3), len(levels))
+        neck = np.where((levels == 2)[:, None], rng.dirichlet(np.ones(3), len(levels)), 0)
+        s = sample(img_id, [[0, 0, side, side] for side in sides[keep]], [.9] * keep.sum(),
+                   labels[keep].tolist(), levels[keep].tolist(),
+                   gt_boxes=[[0, 0, 20, 20], [0, 0, 120, 120]], gt_labels=[0, 1])
+        s.pred_instances.expert_weights = torch.tensor(
+            np.stack([head, neck], axis=1)[keep], dtype=torch.float)
+        s.pred_instances.set_metainfo(dict(expert_layers=['head', 'neck']))
+        samples.append(s)
+    recorder = GateRecorder()
+    for level in range(3):
+        recorder.add('head', torch.full((6, 3), 1 / 3), level=level)
+    recorder.add('neck', torch.full((6, 3), 1 / 3))
+    return recorder, samples
+
+
+def test_a_neck_layer_counts_only_the_detections_of_the_level_it_feeds():
+    """Its tables, NMIs, shuffled baselines and intervals are those of the run in
+    which only its level's detections exist; the head counts every detection."""
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+
+    def stats(only_level):
+        hook = make_hook(score_thr=0.5, shuffle_permutations=5, bootstrap_resamples=50)
+        recorder, samples = neck_tagged_samples(only_level)
+        layers = rows_by_layer(recorder)
+        images = [hook._image_record(b, s, layers) for b, s in enumerate(samples)]
+        return hook.summarise(images, 'val', 1, 10)
+
+    full, level_2 = stats(None), stats(2)
+    neck, alone = full['layers']['neck'], level_2['layers']['neck']
+    assert neck['detection_gates'] == 'tagged'
+    assert neck['num_detections'] == level_2['num_detections'] < full['num_detections']
+    assert full['layers']['head']['num_detections'] == full['num_detections']
+    for key in ('detection', 'classes', 'detection_levels', 'nmi_given_level',
+                'nmi_shuffled', 'nmi_given_level_shuffled', 'intervals'):
+        assert neck[key] == alone[key], key  # the same rows, summed alike
+    assert np.array(neck['detection_levels']['mass'])[..., :2].sum() == 0
+
+
+def test_moe_fpn_under_a_stock_head_gets_detection_and_level_tables():
+    """The toy RetinaNet with a MoEFPN and the stock RetinaHead: every neck conv has
+    per-detection tables over the detections of its level (each fed row sums to 1,
+    so its mass is their number) and the level-controlled view."""
+    from types import SimpleNamespace
+
+    from helpers import build_model, toy_retinanet
+    from mmdet_moe.analysis import layer_summary, validate_stats
+    from mmdet_moe.layers import record_gates
+    cfg = toy_retinanet()
+    cfg.neck.update(type='MoEFPN', moe_parts=['lateral', 'output', 'extra'], num_experts=3)
+    model = build_model(cfg).eval()
+    hook = ExpertSizeStatsHook(score_thr=0.0, shuffle_permutations=3, bootstrap_resamples=20)
+    hook.before_run(SimpleNamespace(model=model))
+    hook._classes, hook._gt = list('abcde'), GroundTruth(FakeDataset())
+    inputs = torch.randn(2, 3, 96, 96)
+    samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=(96, 96), ori_shape=(96, 96),
+                                           scale_factor=(1.0, 1.0), pad_shape=(96, 96),
+                                           batch_input_shape=(96, 96))) for i in range(2)]
+    for s in samples:
+        s.gt_instances = InstanceData(bboxes=torch.tensor([[0., 0., 40., 40.]]),
+                                      labels=torch.tensor([0]))
+    with record_gates(model) as recorder, torch.no_grad():
+        outputs = model(inputs, samples, mode='predict')
+    hook.recorder = recorder
+    hook._collect(outputs)
+    stats = hook.summarise(hook._images, 'test', 0, 0)
+    validate_stats(stats)
+    levels = torch.cat([s.pred_instances.levels for s in outputs])
+    feeds = {**{f'neck.lateral_convs.{i}.conv': i for i in range(3)},
+             **{f'neck.fpn_convs.{i}.conv': i for i in range(5)}}
+    assert sorted(stats['layers']) == sorted(feeds)
+    for name, layer in stats['layers'].items():
+        count = int((levels == feeds[name]).sum())
+        assert layer['detection_gates'] == 'tagged' and layer['num_detections'] == count
+        assert np.sum(layer['detection']['mass']) == pytest.approx(count, rel=1e-5)
+        # (levels up to the highest one with a detection)
+        per_level = np.array(layer['detection_levels']['mass']).sum((0, 1))
+        np.testing.assert_allclose(np.pad(per_level, (0, 5 - len(per_level))),
+                                   np.eye(5)[feeds[name]] * count, rtol=1e-5, atol=1e-6)
+        assert layer['nmi_given_level'] is not None
+        if count:
+            assert layer_summary(layer, ['small', 'medium', 'large'])['view'] == 'detection'

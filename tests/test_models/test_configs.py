@@ -55,7 +55,7 @@ def test_toy_config_builds_and_trains_one_step(path):
     cfg = load_config(path)
     name = osp.basename(path)
     assert name.split('_')[0] in ('retinanet', 'fcos', 'faster-rcnn') and 'toy-coco' in path
-    assert '_r18_fpn_' in name
+    assert '_r18_fpn_' in name or '_r18_moe-fpn_' in name
     model = build_model(cfg.model)
     losses, _ = one_training_step(model, num_classes=5)
     assert all_finite(losses)
@@ -70,6 +70,11 @@ def test_toy_config_builds_and_trains_one_step(path):
         assert layers == set(paths)
         if layer_type == 'MoEConv2d':
             assert 'loss_moe_importance' in losses
+    elif cfg.model.neck.type == 'MoEFPN':  # every lateral, output and extra conv
+        layers = {n for n, m in model.named_modules() if type(m).__name__ == 'MoEConv2d'}
+        assert layers == {f'neck.{part}.{i}.conv' for part, count in
+                          (('lateral_convs', 3), ('fpn_convs', 5)) for i in range(count)}
+        assert 'loss_moe_importance' in losses
     elif 'moe' in path:  # MoERetinaNet
         head = model.bbox_head
         gate = (head.cls_moe if head.expert_type == 'subnet' else

@@ -56,7 +56,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
       (``score ≥ score_thr``), by the detection's size bucket (or, with
       ``match_gt``, only detections matching a GT box with IoU ≥ ``iou_thr``, by
       that box's bucket and class); mass (Σ weights) and counts (experts in the
-      top-k);
+      top-k). A MoE FPN neck conv counts the detections of the level it feeds
+      (``num_detections`` per layer); ``detection_gates`` says whether the
+      detections carried the layer's gates (``'tagged'``) or got their image's
+      row (``'image'``: a layer no head tags, e.g. in a neck that is no FPN);
     - class view: the same by class; image view: per-image gates × the image's
       GT size histogram; level view: gate rows per FPN level (shared heads);
     - importance (Σ gate rows) for the importance CV and the living experts;
@@ -205,7 +208,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             det_weights = (tags[:, tagged.index(name), :len(image_row)] if name in tagged
                            else layer.detection_rows(b, levels, views, len(areas)))
             record['layers'][name] = dict(
-                det_weights=det_weights.astype(np.float32),
+                det_weights=det_weights.astype(np.float32), tagged=name in tagged,
                 image_row=image_row, level_rows=layer.call_rows(b))
         return record
 
@@ -289,31 +292,43 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         for name in routing:
             per_image = [img['layers'][name] for img in images]
             weights = np.concatenate([p['det_weights'] for p in per_image]).astype(np.float64)
+            # a MoE neck conv tags only the detections of the level it feeds, the
+            # others get a zero row (a gate row sums to 1): count it over those it
+            # fed, so that its baselines shuffle rows among them alone
+            fed = weights.sum(axis=1) > 0
+            weights = weights[fed]
             level_rows = np.stack([p['level_rows'] for p in per_image])  # (images, calls, N)
             image_rows = np.stack([p['image_row'] for p in per_image])
             layers[name] = dict(
                 num_experts=int(image_rows.shape[1]),
-                detection=dict(mass=(weights.T @ buckets).tolist(),
-                               count=((weights > 0).T.astype(np.float64) @ buckets).tolist()),
-                classes=dict(mass=(weights.T @ one_hot).tolist(),
-                             count=((weights > 0).T.astype(np.float64) @ one_hot).tolist()),
+                # 'tagged': each detection carried this layer's gates; 'image': it got
+                # its image's row (a layer the heads cannot tag, e.g. a non-FPN neck)
+                detection_gates='tagged' if all(p['tagged'] for p in per_image) else 'image',
+                num_detections=int(fed.sum()),
+                detection=dict(mass=(weights.T @ buckets[fed]).tolist(),
+                               count=((weights > 0).T.astype(np.float64) @ buckets[fed])
+                               .tolist()),
+                classes=dict(mass=(weights.T @ one_hot[fed]).tolist(),
+                             count=((weights > 0).T.astype(np.float64) @ one_hot[fed])
+                             .tolist()),
                 image=dict(mass=(image_rows.T @ gt_hist).tolist()),
                 levels=(dict(mass=level_rows.sum(0).T.tolist(), rows=int(len(level_rows)))
                         if level_rows.shape[1] > 1 else None),
                 importance=level_rows.sum((0, 1)).tolist(),
                 rows=int(level_rows.shape[0] * level_rows.shape[1]),
-                nmi_shuffled=shuffled_nmi(weights, buckets, len(BUCKET_NAMES),
-                                          self.shuffle_permutations, self.seed, groups))
-            layers[name].update(self._level_controlled(weights, buckets, det_levels,
-                                                       num_levels, image_of, groups,
-                                                       len(images), with_levels))
+                nmi_shuffled=shuffled_nmi(weights, buckets[fed], len(BUCKET_NAMES),
+                                          self.shuffle_permutations, self.seed, groups[fed]))
+            layers[name].update(self._level_controlled(
+                weights, buckets[fed], det_levels[fed], num_levels, image_of[fed],
+                groups[fed], len(images), with_levels))
             layers[name]['relative_scale'] = self._relative_scale(
-                images, weights, det_levels, num_levels, image_of, groups)
+                images, fed, weights, det_levels[fed], num_levels, image_of[fed], groups[fed])
         return layers, shared
 
-    def _relative_scale(self, images, weights, levels, num_levels, image_of,
+    def _relative_scale(self, images, fed, weights, levels, num_levels, image_of,
                         groups) -> dict:
-        """The layer's ``relative_scale`` object, or the reason it is absent."""
+        """The layer's ``relative_scale`` object over the detections it ``fed`` (a
+        mask over all counted detections), or the reason it is absent."""
         if self.relative_scale_bins is None:
             return absent('left out (relative_scale_bins=None)')
         if any(img['det_levels'] is None for img in images):
@@ -323,9 +338,10 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         if weights.sum() <= 0:
             return absent(f'no detection counted (score >= {self.score_thr}'
                           + (', matching a GT box)' if self.match_gt else ')'))
-        scales = np.concatenate([img['det_relative_scales'] for img in images])
+        scales = np.concatenate([img['det_relative_scales'] for img in images])[fed]
+        # one entry per level of the head, also for the top levels no detection reached
         return relative_scale_stats(
-            weights, scales, levels, num_levels, image_of, groups, len(images),
+            weights, scales, levels, max(num_levels, len(self._reference_sizes)), image_of, groups, len(images),
             self.relative_scale_bins, self._reference_sizes, self.shuffle_permutations,
             self.seed, self.bootstrap_resamples)
 

@@ -20,11 +20,18 @@ more fields, which its indexing carries through NMS:
   number of experts, a module with fewer (e.g. a pruned one) has zeros past its own;
 - metainfo ``expert_layers``: the names of those M modules.
 
+Under a MoE FPN neck (predicting through ``forward(mode='predict')``), the head tags
+its detections even without MoE modules of its own, and the M columns go on with
+the neck's modules (:mod:`..necks.neck_tagging` says which convs feed a level): a
+neck module's column holds the gate row (or the vector at the prior's location) of
+the level it feeds for that level's detections, and zeros for the others' (a gate
+row sums to 1, so a zero row means "did not feed this detection").
+
 Boxes, scores and labels are exactly those of the stock decode. Heads that decode
 otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
 """
 from contextlib import contextmanager
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +41,8 @@ from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
 
-from ...layers import GateRecorder, is_moe_module, record_gates
+from ...layers import GateRecord, GateRecorder, is_moe_module, record_gates
+from ..necks.neck_tagging import NeckGates, current_neck_gates
 from ..rebinding import method_global, method_seeing
 
 
@@ -67,12 +75,17 @@ def decodes_per_level(head) -> bool:
 
 class GateMaps:
     """The gates of one forward of a head, per MoE module that routed, indexable per
-    (image, level, prior): ``rows`` (L, B, N) per-(image, level) gates, or
-    ``maps`` [L × (B, N, H, W)] per-pixel gates."""
+    (image, level, prior): per level a record with ``weights`` (B, N), per-(image,
+    level) gates, or ``pixel_weights`` (B, N, H, W), per-pixel gates. The head's
+    modules come first, then those of its MoE FPN neck (``neck``, see
+    :mod:`..necks.neck_tagging`), whose record is None at the levels a module does
+    not feed: their detections get a row of zeros there (a gate row sums to 1)."""
 
-    def __init__(self, head, recorder: GateRecorder, num_levels: int):
+    def __init__(self, head, recorder: GateRecorder, sizes: Sequence[torch.Size],
+                 neck: Optional[NeckGates] = None):
         self.head_name = type(head).__name__
-        self.modules = []
+        num_levels = len(sizes)
+        self.modules: List[List[Optional[GateRecord]]] = []
         for module in moe_modules(head):
             records = sorted((r for r in recorder.records if r.module is module),
                              key=lambda r: r.call if r.level is None else r.level)
@@ -85,22 +98,35 @@ class GateMaps:
                     'detections can be tagged only when each MoE module of the head runs '
                     'once per level')
             self.modules.append(records)
+        if neck is not None:
+            self.modules += neck.level_records(sizes)
+
+    @staticmethod
+    def _any(records: List[Optional[GateRecord]]) -> GateRecord:
+        return next(r for r in records if r is not None)
 
     @property
     def names(self) -> List[str]:
         """The layer of each of the M columns of ``expert_weights``."""
-        return [records[0].name for records in self.modules]
+        return [self._any(records).name for records in self.modules]
 
     def __bool__(self) -> bool:
         return bool(self.modules)
 
     def level_weights(self, b: int, levels: Tensor) -> Tensor:
         """(len(levels), M, N): the (image, level) gate rows of image ``b``."""
-        if any(records[0].pixel_weights is not None for records in self.modules):
-            raise RuntimeError(f'{self.head_name} keeps no prior indices: per-pixel gates '
-                               'cannot be tagged in it; use a per-image gate')
-        return cat_expert_tags([torch.stack([r.weights[b] for r in records])[levels, None]
-                                for records in self.modules])
+        pixel = [self._any(records).name for records in self.modules
+                 if any(r is not None and r.pixel_weights is not None for r in records)]
+        if pixel:
+            raise RuntimeError(f'{self.head_name} keeps no prior indices: the per-pixel '
+                               f'gates of {pixel} cannot be tagged in its detections; use '
+                               "a per-image gate there (gate_mode='image')")
+        per_module = []
+        for records in self.modules:
+            zeros = torch.zeros_like(self._any(records).weights[b])
+            rows = [zeros if r is None else r.weights[b] for r in records]
+            per_module.append(torch.stack(rows)[levels, None])
+        return cat_expert_tags(per_module)
 
     def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
         """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
@@ -108,16 +134,20 @@ class GateMaps:
         per_module = []
         for records in self.modules:
             record = records[level]
-            if record.pixel_weights is None:
+            if record is None:  # a neck module that does not feed this level
+                row = self._any(records).weights[b]
+                per_module.append(row.new_zeros(len(priors), len(row)))
+            elif record.pixel_weights is None:
                 per_module.append(record.weights[b].expand(len(priors), -1))
-                continue
-            gates = record.pixel_weights[b]  # (N, H, W)
-            pixels = gates.shape[1] * gates.shape[2]
-            if num_priors % pixels:
-                raise RuntimeError(
-                    f'{self.head_name}: a per-pixel gate map of {tuple(gates.shape[1:])} '
-                    f'does not match the {num_priors} priors of level {level}')
-            per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
+            else:
+                gates = record.pixel_weights[b]  # (N, H, W)
+                pixels = gates.shape[1] * gates.shape[2]
+                if num_priors % pixels:
+                    raise RuntimeError(
+                        f'{self.head_name}: a per-pixel gate map of '
+                        f'{tuple(gates.shape[1:])} does not match the {num_priors} priors '
+                        f'of level {level}')
+                per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
         return cat_expert_tags([weights[:, None] for weights in per_module])
 
 
@@ -145,7 +175,8 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     batch_img_metas = [s.metainfo for s in batch_data_samples]
     with record_gates() as recorder:
         outs = head(x)
-    gates = GateMaps(head, recorder, len(x))
+    gates = GateMaps(head, recorder, [level.shape[-2:] for level in x],
+                     current_neck_gates())
     if not gates:
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas, rescale=rescale)
     post_process = type(head)._bbox_post_process
@@ -181,6 +212,8 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
 
 def tags_detections(head) -> bool:
-    """Whether ``head.predict`` tags its detections (MoE modules, per-level decode)."""
-    return bool(moe_modules(head)) and decodes_per_level(head)
+    """Whether ``head.predict`` tags its detections: MoE modules in it or in the MoE
+    FPN neck of the detector predicting, and a per-level decode."""
+    return ((bool(moe_modules(head)) or current_neck_gates() is not None) and
+            decodes_per_level(head))
 
