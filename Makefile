@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast gpu-check demo demo-compare demo-check demo-paper docs
+.PHONY: env test test-fast gpu-check demo demo-compare demo-check demo-paper demo-routing docs
 
 env:
 	bash tools/setup_env.sh
@@ -39,6 +39,12 @@ demo-check: env
 # and the dense branch (control), 3 seeds; work_dirs/demo_paper/paper_protocol.md
 demo-paper: env
 	$(PYTHON_VENV) tools/demo.py --paper
+
+# routing granularity: per image, per location (subnet, single conv, μMoE, supervised by
+# relative scale), per object (Faster R-CNN RoI head) and a MoE FPN, trained alike on the
+# toy (seed 0; about 7× the demo's time)
+demo-routing: env
+	$(PYTHON_VENV) tools/demo.py --routing
 
 # the documentation site from docs/ into build/docs/ (open build/docs/index.html);
 # --strict: any warning, a broken link or anchor between the pages included, fails

@@ -69,6 +69,16 @@ def load_tool(script):
     return module
 
 
+def import_tool(name):
+    """``import <name>`` from tools/ (the demo scripts import each other by name)."""
+    import importlib
+    sys.path.insert(0, TOOLS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(TOOLS)
+
+
 def load_config(path, **overrides):
     cfg = Config.fromfile(path)
     cfg.merge_from_dict(overrides)

@@ -6,6 +6,8 @@
     python tools/demo.py --seeds 3 --check   # `make demo-check`: within the README's spread?
     python tools/demo.py --paper        # `make demo-paper`: the paper's protocol
                                         # (tools/demo_paper.py, its own options)
+    python tools/demo.py --routing      # `make demo-routing`: routing granularities
+                                        # (tools/demo_routing.py, its own options)
 
 1. generates the toy COCO dataset (tools/make_toy_coco.py) unless it exists;
 2. trains each detector with the stock-style tools/train.py, seeded (``--seed``);
@@ -86,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument('--paper', action='store_true',
                         help="the paper's protocol: dense model, then MoE head fine-tuned "
                              '(tools/demo_paper.py; see its --help for its options)')
+    parser.add_argument('--routing', action='store_true',
+                        help='routing per image, per location, per object and in the neck, '
+                             'trained alike (tools/demo_routing.py; see its --help)')
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f'--seeds must be >= 1, got {args.seeds}')
@@ -214,6 +219,16 @@ class Run:
     def stats(self) -> dict:
         with open(self.stats_path) as f:
             return json.load(f)
+
+
+def publish(text: str, path: str, start: float) -> None:
+    """Write a pipeline's report ``text`` to ``path`` (atomically), print it framed,
+    and the time since ``start``."""
+    from mmdet_moe.atomic_output import atomic_file
+    with atomic_file(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+    print('\n' + '=' * 72 + f'\n{text}\n(written to {path})\n' + '=' * 72)
+    print(f'total time: {(time.time() - start) / 60:.1f} min')
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -357,6 +372,9 @@ def main(argv=None) -> None:
     if '--paper' in argv:
         from demo_paper import main as paper_main  # tools/ is this script's sys.path[0]
         sys.exit(paper_main([a for a in argv if a != '--paper']))
+    if '--routing' in argv:
+        from demo_routing import main as routing_main
+        sys.exit(routing_main([a for a in argv if a != '--routing']))
     args = parse_args(argv)
     start = time.time()
     data_line = prepare_dataset(args)

@@ -28,7 +28,7 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 from analyze_experts import mean_sd as seed_mean_sd  # tools/ is sys.path[0]
-from demo import DEFAULT_DATA, ROOT, TOY, VARIANTS, Run, mean_sd, prepare_dataset
+from demo import DEFAULT_DATA, ROOT, TOY, VARIANTS, Run, mean_sd, prepare_dataset, publish
 
 DENSE_CONFIG = VARIANTS['dense'][0]
 # the dense branch the MoE arms replace: what the control trains, and what fresh
@@ -374,14 +374,9 @@ def main(argv=None) -> int:
     for r in runs:
         r.train_and_evaluate(args)
     import mmdet_moe  # noqa: F401  (registers the modules the summaries name)
-    from mmdet_moe.atomic_output import atomic_file
     figures = {arm.name: [r.figures() for r in runs if r.arm == arm] for arm in ARMS}
     text = report_text(figures, {arm.name: arm.label for arm in ARMS}, seeds, dense)
-    path = osp.join(args.work_dir, REPORT)
-    with atomic_file(path) as tmp, open(tmp, 'w') as f:
-        f.write(text)
-    print('\n' + '=' * 72 + f'\n{text}\n(written to {path})\n' + '=' * 72)
-    print(f'total time: {(time.time() - start) / 60:.1f} min')
+    publish(text, osp.join(args.work_dir, REPORT), start)
     return 0
 
 

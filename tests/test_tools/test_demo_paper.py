@@ -1,24 +1,18 @@
 """`make demo-paper`: the paper's protocol (dense model, then the MoE head fine-tuned)."""
 import re
 import statistics
-import sys
 
 import pytest
 import torch
 
-from helpers import (TOOLS, TOY_BASE_CONFIG, build_model, load_config, make_tiny_coco,
-                     one_training_step, run_tool)
+from helpers import (TOY_BASE_CONFIG, build_model, import_tool, load_config,
+                     make_tiny_coco, one_training_step, run_tool)
 from mmdet_moe.engine.evaluation import key_mismatch
 
 
 @pytest.fixture(scope='module')
 def paper():
-    sys.path.insert(0, TOOLS)
-    try:
-        import demo_paper
-    finally:
-        sys.path.remove(TOOLS)
-    return demo_paper
+    return import_tool('demo_paper')
 
 
 def test_arms_cover_each_constraint_and_init_once(paper):
@@ -52,11 +46,7 @@ def test_no_train_dense_without_a_checkpoint_writes_nothing(paper, tmp_path, cap
 
 
 def test_demo_paper_flag_dispatches_with_its_options(paper, tmp_path, capsys):
-    sys.path.insert(0, TOOLS)
-    try:
-        import demo
-    finally:
-        sys.path.remove(TOOLS)
+    demo = import_tool('demo')
     with pytest.raises(SystemExit) as exit_info:
         demo.main(['--paper', '--no-train-dense', '--work-dir', str(tmp_path / 'work'),
                    '--compare-work-dir', str(tmp_path / 'demo')])
