@@ -15,9 +15,6 @@ from .gates import build_gate, pixel_map, routes_pixels
 from .pixel_routing import dense_pixel_conv2d, gate_input, routed_pixel_conv2d, same_padding
 
 IMPLS = {'auto', 'fused', 'dispatch', 'dense'}
-# per-location gates: running all N experts as one conv beats gathering each location's
-# k experts up to N = this × k (measured on CPU, tools/benchmark.py layers)
-PIXEL_DENSE_MAX_RATIO = 2
 
 
 def copy_with_noise(dense: Tensor, copies: int, noise_std: float) -> Tensor:
@@ -62,9 +59,9 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
             exact for linear experts and the fastest). Per-location gates:
             ``'dispatch'`` runs each location through its k experts only (gathered
             patches, one host read per call, ``groups=1``), ``'dense'`` all N experts
-            everywhere (one conv with N·C_out channels), ``'auto'`` picks dense for
-            N <= :data:`PIXEL_DENSE_MAX_RATIO`·k (faster measured there, see
-            ``docs/benchmarks.md``), while tracing or with groups > 1, else dispatch;
+            everywhere (one conv with N·C_out channels), ``'auto'`` picks dispatch
+            (measured faster from N = 2k on, see ``docs/benchmarks.md``), dense where
+            every expert runs anyway (k = N), while tracing or with groups > 1;
             ``'fused'`` is refused (a kernel per location is not one conv).
         capacity_factor: with ``impl='dispatch'``, fixed rows per expert in training
             (no host read; overflow dropped and counted), see
@@ -223,8 +220,7 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
         """``'dense'`` or ``'dispatch'``: how :meth:`forward` runs a per-location gate."""
         if self.impl != 'auto':
             return self.impl
-        if torch.jit.is_tracing() or self.groups > 1 or \
-                self.num_experts <= PIXEL_DENSE_MAX_RATIO * self.top_k:
+        if torch.jit.is_tracing() or self.groups > 1 or self.top_k >= self.num_experts:
             return 'dense'
         return 'dispatch'
 

@@ -112,7 +112,11 @@ def routed_pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, weight: Ten
               + torch.arange(out_w, device=x.device).view(1, 1, -1) * sw).reshape(-1)
     taps = (torch.arange(kh, device=x.device).view(-1, 1) * dh * wp
             + torch.arange(kw, device=x.device).view(1, -1) * dw).reshape(-1)
-    kernels = weight.permute(0, 3, 4, 2, 1).reshape(num_experts, -1, out_channels)
+    # (C_out, C_in·kh·kw) views of the experts, no copy of the (N, ...) tensor; one
+    # unbind, not kernels[n] per expert: indexing would give every expert a gradient
+    # of the whole (N, ...) tensor in backward (cost ∝ N)
+    kernels = weight.flatten(2).unbind(0)
+    biases = [None] * num_experts if bias is None else bias.unbind(0)
     top_k = indices.shape[1]
     experts = indices.reshape(-1)
     order = torch.argsort(experts, stable=True)  # (location, slot) pairs by expert
@@ -121,9 +125,12 @@ def routed_pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, weight: Ten
     gate_values = weights.gather(1, indices).reshape(-1)[order]
     parts = []
     for n, rows in enumerate(locations.split(counts)):
-        patches = pixels[(corner[rows, None] + taps).reshape(-1)].view(len(rows), len(kernels[n]))
-        parts.append(patches @ kernels[n] if bias is None
-                     else torch.addmm(bias[n], patches, kernels[n]))
+        # (locations, taps, C_in) → (locations, C_in·taps), the kernels' layout
+        patches = pixels[(corner[rows, None] + taps).reshape(-1)].view(
+            len(rows), len(taps), channels)
+        patches = patches.transpose(1, 2).reshape(len(rows), len(taps) * channels)
+        parts.append(patches @ kernels[n].t() if biases[n] is None
+                     else torch.addmm(biases[n], patches, kernels[n].t()))
     mixed = torch.cat(parts) * gate_values[:, None].to(x.dtype)
     out = mixed.new_zeros(batch * out_h * out_w, out_channels).index_add(0, locations, mixed)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)

@@ -225,3 +225,18 @@ def test_subnet_experts_that_change_the_map_size_are_named():
               top_k=1, gate_cfg=dict(renormalize=False, **PIXEL))
     with pytest.raises(ValueError, match='keep the size'):
         moe(torch.randn(1, 4, 6, 6))
+
+
+def test_routed_conv_with_more_kernel_than_patch_data_equals_the_location_mix():
+    """Few locations, many wide experts (more kernel than patch data)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 5, 2, 3, generator=gen, dtype=torch.float64)
+    weight = torch.randn(6, 16, 5, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    weights, indices = random_routing(6, 6, 2, gen)
+    weights = weights.double()
+    expected = location_by_location(x, pixel_map(weights, (1, 0, 2, 3)), weight, bias,
+                                    (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(
+        routed_pixel_conv2d(x, weights, indices, weight, bias, (1, 1), (1, 1), (1, 1)),
+        expected)

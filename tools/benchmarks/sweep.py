@@ -93,6 +93,8 @@ def bench_sweep(args: argparse.Namespace) -> None:
           + ('CUDA allocator peak' if device.type == 'cuda' else
              'peak RSS of a process running the variant alone (torch included)'))
     for table, (title, (_, experts, rows)) in enumerate(sweep_tables(args).items()):
+        if TABLE_NAMES[table] not in args.tables:
+            continue
         keys = [(-1, experts[0])] + [(row, n) for row in range(len(rows)) for n in experts]
         modules = {key: sweep_module(args, table, *key) for key in keys}
         seconds = time_fwd_bwd(modules, make_input, args.repeats, device=device)
@@ -119,6 +121,10 @@ def bench_sweep(args: argparse.Namespace) -> None:
             print(f'| {name:26s} | ' + ' | '.join(f'{t / reference:6.2f}×' for t in times)
                   + f' | {times[-1] / times[0]:.2f} |' + (f' {memory}' if peak else ''),
                   flush=True)
+
+
+# --tables names, in sweep_tables' order
+TABLE_NAMES = ('conv', 'subnet', 'mumoe')
 
 
 def check_sweep_args(args: argparse.Namespace) -> None:
@@ -148,6 +154,8 @@ def add_commands(sub) -> None:
                        help='numbers of experts of the CP μMoE conv')
     sweep.add_argument('--capacity-factor', type=float, default=1.25,
                        help='of the capacity-dispatch rows: ceil(f · B · k / N) rows per expert')
+    sweep.add_argument('--tables', nargs='+', choices=TABLE_NAMES, default=list(TABLE_NAMES),
+                       help='which tables: MoEConv2d, subnet experts, CP μMoE (default all)')
     sweep.add_argument('--repeats', type=int, default=5)
     sweep.add_argument('--no-memory', dest='memory', action='store_false',
                        help='skip peak memory (on a CPU: a process per variant, slow)')
