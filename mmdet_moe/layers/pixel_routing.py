@@ -131,6 +131,7 @@ def routed_pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, weight: Ten
         patches = patches.transpose(1, 2).reshape(len(rows), len(taps) * channels)
         parts.append(patches @ kernels[n].t() if biases[n] is None
                      else torch.addmm(biases[n], patches, kernels[n].t()))
-    mixed = torch.cat(parts) * gate_values[:, None].to(x.dtype)
+    mixed = torch.cat(parts)  # the matmuls' dtype (autocast's, under mixed precision)
+    mixed = mixed * gate_values[:, None].to(mixed.dtype)
     out = mixed.new_zeros(batch * out_h * out_w, out_channels).index_add(0, locations, mixed)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)

@@ -243,6 +243,10 @@ LAYERS = {
         expert_factory=lambda: nn.Conv2d(8, 8, 3, padding=1), num_experts=3, in_channels=8,
         top_k=3, impl='dispatch', gate_cfg=dict(type='EqualWeightGate')),
     'cp-mumoe-pixel': lambda: CPMuMoEConv2d(8, 8, 3, num_experts=16, gate_mode='pixel'),
+    **{f'conv-per-location-{impl}': (lambda i=impl: conv_moe(i, dict(NOISELESS,
+                                                                   gate_mode='pixel')))
+       for impl in ('dispatch', 'dense')},
+    'subnet-per-location': lambda: subnet_moe('dispatch', dict(NOISELESS, gate_mode='pixel')),
     'tr-mumoe-image': lambda: TRMuMoEConv2d(8, 8, 3, num_experts=16, gate_mode='image',
                                             gate_act='softmax', norm='ln'),
 }
