@@ -77,19 +77,19 @@ def test_demo_routing_flag_dispatches_with_its_options(routing, tmp_path, capsys
 
 @pytest.mark.slow
 def test_demo_routing_end_to_end(tmp_path):
-    """Three arms on a tiny dataset: a per-location conv MoE, the scale-supervised
-    control and the per-RoI Faster R-CNN, each with a row of figures."""
+    """Two arms on a tiny dataset: the scale-supervised per-location conv MoE and the
+    per-RoI Faster R-CNN, a row of figures per MoE layer."""
     data = make_tiny_coco(tmp_path / 'data', train=8, val=4, size=96)
     work = tmp_path / 'work'
     proc = run_tool('demo.py', '--routing', '--data-root', data, '--work-dir', work,
                     '--train-images', 8, '--val-images', 4, '--image-size', 96,
-                    '--epochs', 1, '--arms', 'location-conv', 'scale-supervised', 'roi',
+                    '--epochs', 1, '--arms', 'scale-supervised', 'roi',
                     '--tiny', timeout=1800)
     assert proc.returncode == 0, proc.output[-3000:]
     report = (work / 'routing.md').read_text()
     rows = [line for line in report.splitlines() if line.startswith('| ')][1:]
     layers = [row.split('|')[2].strip() for row in rows]
-    assert layers == ['`bbox_head.cls_convs.1.conv`', '`bbox_head.cls_convs.1.conv`',
+    assert layers == ['`bbox_head.cls_convs.1.conv`',
                       '`roi_head.bbox_head.shared_convs.2.conv`',
                       '`roi_head.bbox_head.shared_convs.3.conv`'], report
     assert sum(line.startswith('- ') for line in report.splitlines()) == len(rows)
