@@ -7,8 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from .flops import FlopCounter, count_flops
+from .gates import routes_pixels
 from .moe import MoE
 from .moe_conv import MoEConv2d
+from .pixel_routing import gate_input
 
 
 @dataclass(frozen=True)
@@ -149,8 +151,16 @@ def _layer_compute(name: str, layer: nn.Module, calls: List[list], flops: Dict,
     num_experts = layer.num_experts
     top_k = getattr(layer, 'top_k', num_experts)  # μMoE: soft routing over all
     impl = getattr(layer, 'impl', None)
-    impl = 'fused' if impl == 'auto' else impl  # MoEConv2d's auto is fused
-    rows = sum(n for call in calls for _, n in call)
+    pixels = routes_pixels(getattr(layer, 'gate', None))
+    if pixels:  # every location a row; conv experts run k per location or all N
+        impl = 'dispatch' if isinstance(layer, MoEConv2d) and layer.groups == 1 and \
+            layer.pixel_impl() == 'dispatch' else 'dense'
+        stride = getattr(layer, 'stride', (1, 1))
+        rows = sum(n * gate_input(row, stride)[0, 0].numel()
+                   for call in calls for row, n in call)
+    else:
+        impl = 'fused' if impl == 'auto' else impl  # MoEConv2d's auto is fused
+        rows = sum(n for call in calls for _, n in call)
     gate = flops.get((name, 'gate'), 0) / num_images
     measured = flops.get((name, 'layer'), 0) / num_images
     costs = [(_expert_row_flops(layer, row), n) for call in calls for row, n in call]
@@ -190,7 +200,10 @@ def count_active_compute(model: nn.Module, *inputs, num_images: Optional[int] = 
       (single-conv experts) ``gate + e + rows · k · |expert|``: k kernels and
       biases mixed per row (one multiply-add per weight each), then one conv;
       ``impl='dense'`` (the reference) runs all N; a μMoE layer (soft routing, no
-      expert of its own) costs its measured forward at k and at N alike.
+      expert of its own) costs its measured forward at k and at N alike. Per-location
+      gates (a row per location): conv experts dispatched per location ``gate + k ·
+      e``, all-N conv experts and whole-subnet experts (each on the whole map, mixed
+      per location) ``gate + N · e``.
 
     Parameters active are per gate row (:func:`count_parameters`): over the rows
     of one image (e.g. 5 FPN levels) a shared head may use more experts.

@@ -199,3 +199,17 @@ def test_rows_hold_each_layer_and_the_model(toy_detectors):
     assert rows[-1]['flops_k'] == compute.flops_k
     assert rows[-1]['params_active'] == count_parameters(moe).active
     assert rows[0]['kind'] == 'TowerMoE (dispatch)' and rows[0]['rows_per_image'] == 5
+
+
+@pytest.mark.parametrize('impl', ['dispatch', 'dense'])
+def test_per_location_routing_counts_locations_and_its_experts(impl):
+    """A row per output location; k expert convs per location when dispatched, all N
+    when dense (e = one expert conv over the image's map)."""
+    moe = MoEConv2d(8, 8, 3, stride=2, padding=1, num_experts=4, top_k=2, impl=impl,
+                    gate_cfg=dict(gate_mode='pixel'))
+    layer = count_active_compute(moe, torch.randn(2, 8, 16, 16)).layers[0]
+    assert layer.rows_per_image == 8 * 8
+    assert layer.expert_flops == 8 * 8 * 9 * 8 * 8
+    expected = layer.gate_flops + (2 if impl == 'dispatch' else 4) * layer.expert_flops
+    assert layer.flops_k == pytest.approx(expected)
+    assert layer.flops_n == pytest.approx(layer.gate_flops + 4 * layer.expert_flops)
