@@ -80,6 +80,8 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', type=int, default=None,
                         help="training epochs of every arm (default: the configs' 3)")
     parser.add_argument('--regenerate', action='store_true', help='remake the dataset')
+    parser.add_argument('--report-only', action='store_true',
+                        help='no training: the table from the runs already in --work-dir')
     parser.add_argument('--tiny', action='store_true',
                         help='test settings: batch 2, no data-loader workers, log every iter')
     parser.set_defaults(per_expert=False)  # tools/demo.py's evaluation, routing as learned
@@ -116,6 +118,9 @@ class RoutingRun(Run):
                 lower, upper = (summary.get(interval_key) if detections else None) or \
                     (None, None)
                 figures.update({f'{key}_lower': lower, f'{key}_upper': upper})
+            # in the words of the layer's report (tools/analyze_experts.py)
+            figures['verdict'] = summary['verdict']
+            figures['rel_scale_verdict'] = summary.get('rel_scale_verdict')
             layers[name] = figures
         return layers
 
@@ -141,35 +146,19 @@ def plain_cell(rows: Sequence[dict], key: str) -> str:
     return f'{found[0]:.3f}' if len(found) == 1 else mean_sd(found)
 
 
-def above_baseline(rows: Sequence[dict], key: str) -> Optional[bool]:
-    """Whether the mean interval of an NMI lies above its baseline's mean; None
-    where the layer has no such figure."""
-    lower, baseline = values(rows, f'{key}_lower'), values(rows, f'{key}_baseline')
-    if not lower or not baseline:
-        return None
-    return statistics.mean(lower) > statistics.mean(baseline)
-
-
 def row_sentence(label: str, layer: str, rows: Sequence[dict]) -> str:
-    """What a row shows, from its figures: where the experts' link to size lies."""
-    size, level, scale = (above_baseline(rows, key) for key in
-                          ('nmi', 'nmi_given_level', 'nmi_rel_scale'))
-    if size is None:
+    """What a row shows: the verdicts of the layer's report (on the level-controlled
+    size NMI and on relative scale), each seed's where the seeds differ."""
+    if all(row.get('nmi') is None for row in rows):
         return (f'{label}, {layer}: no detection reached the score threshold with tags of '
                 'this layer; nothing to say about sizes.')
-    if scale:
-        where = ('its experts tell relative scale apart within FPN levels, beyond what '
-                 'image composition gives (NMI(relative scale | level) above its '
-                 'within-(image, level) baseline)')
-    elif level:
-        where = ('its experts tell COCO sizes apart within levels, but not relative scale '
-                 'beyond image composition')
-    elif size:
-        where = ('its experts follow object size only through the FPN level (or the '
-                 'image): nothing within a level beyond the baselines')
-    else:
-        where = 'its experts carry no size information beyond the shuffled baselines'
-    return f'{label}, {layer}: {where}.'
+    verdicts = []
+    for key in ('verdict', 'rel_scale_verdict'):
+        said = list(dict.fromkeys(row[key] for row in rows if row.get(key)))
+        verdicts.append(said[0] if len(said) == 1 else
+                        ' / '.join(f'seed {i}: {v}' for i, v in enumerate(
+                            row.get(key) for row in rows)))
+    return f'{label}, {layer}: {verdicts[0]}; {verdicts[1]}.'
 
 
 HEADERS = ('arm', 'MoE layer', *AP_FIGURES, 'active params', 's/iter',
@@ -207,12 +196,20 @@ def report_text(figures: Dict[str, Dict[str, List[dict]]], labels: Dict[str, str
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.time()
-    prepare_dataset(args)
     arms = [arm for arm in ARMS if arm.name in args.arms]
     seeds = range(args.seeds)
     runs = [RoutingRun(args, arm, seed) for seed in seeds for arm in arms]
-    for r in runs:
-        r.train_and_evaluate(args)
+    if args.report_only:
+        missing = [r.stats_path for r in runs if not osp.isfile(r.stats_path)]
+        if missing:
+            print(f'demo_routing: error: --report-only, but no statistics at {missing[0]}'
+                  f' ({len(missing)} of {len(runs)} runs missing); train them first '
+                  '(leave out --report-only)', file=sys.stderr)
+            return 2
+    else:
+        prepare_dataset(args)
+        for r in runs:
+            r.train_and_evaluate(args)
     import mmdet_moe  # noqa: F401  (registers the modules the summaries name)
     figures = {}
     for arm in arms:

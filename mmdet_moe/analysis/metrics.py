@@ -280,7 +280,10 @@ def relative_scale_summary(layer: dict) -> dict:
                     rel_scale_verdict=f'within-level scale not measured: {reason}')
     value, bounds = measure['nmi_given_level'], measure['interval']
     baseline = measure['shuffled_within_image_level']
-    beats = significant(bounds, baseline)
+    # the plug-in value too must clear the baseline: with few detections the bootstrap
+    # NMIs sit above it (resampled images inflate an NMI), and per-(image, level) gates
+    # give a value equal to the baseline, which must never read as specialisation
+    beats = significant(bounds, baseline) and value > baseline['interval'][1]
     if bounds is None:
         words = ('not assessed (no bootstrap interval); compare it with its '
                  'within-(image, level) baseline by eye')

@@ -30,9 +30,11 @@ def test_bad_arguments_are_named(routing, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def seed(nmi, given_level, rel_scale, ap=0.3):
-    """One seed's figures of a layer: each NMI as (value, lower, upper, baseline)."""
-    figures = dict(AP=ap, AP_S=0.2, AP_M=0.3, AP_L=0.4, active=1000, seconds_per_iter=0.5)
+def seed(nmi, given_level, rel_scale, ap=0.3, verdict='by level', scale='not by scale'):
+    """One seed's figures of a layer: each NMI as (value, lower, upper, baseline), the
+    report's verdicts."""
+    figures = dict(AP=ap, AP_S=0.2, AP_M=0.3, AP_L=0.4, active=1000, seconds_per_iter=0.5,
+                   verdict=verdict, rel_scale_verdict=scale)
     for key, quad in (('nmi', nmi), ('nmi_given_level', given_level),
                       ('nmi_rel_scale', rel_scale)):
         value, lower, upper, baseline = quad
@@ -45,7 +47,8 @@ def test_the_table_and_sentences_from_given_numbers(routing):
     level_only = seed((0.4, 0.35, 0.45, 0.01), (0.001, 0.0, 0.003, 0.002),
                       (0.01, 0.005, 0.02, 0.01))
     by_scale = [seed((0.5, 0.45, 0.55, 0.01), (0.1, 0.08, 0.12, 0.002),
-                     (0.3, 0.25, 0.35, 0.01), ap=ap) for ap in (0.30, 0.32)]
+                     (0.3, 0.25, 0.35, 0.01), ap=ap, verdict='within levels', scale=scale)
+                for ap, scale in ((0.30, 'by scale'), (0.32, 'weakly'))]
     untagged = dict(level_only, nmi=None, nmi_lower=None, nmi_upper=None,
                     nmi_baseline=None)
     figures = {'image': {'bbox_head.cls_moe': [level_only]},
@@ -61,11 +64,19 @@ def test_the_table_and_sentences_from_given_numbers(routing):
     assert '0.300 ± 0.000 [0.250, 0.350] (baseline 0.010)' in supervised
     assert '| 1,000 |' in supervised  # active parameters, the same at every seed
     assert '| – |' in rows[3]
-    assert 'per image, bbox_head.cls_moe: its experts follow object size only through ' \
-           'the FPN level' in text
-    assert 'supervised, bbox_head.cls_convs.1.conv: its experts tell relative scale ' \
-           'apart within FPN levels' in text
+    # the layer reports' verdicts, each seed's where they differ
+    assert '- per image, bbox_head.cls_moe: by level; not by scale.' in text
+    assert '- supervised, bbox_head.cls_convs.1.conv: within levels; seed 0: by scale / ' \
+           'seed 1: weakly.' in text
     assert 'neck, neck.fpn_convs.0.conv: no detection reached' in text
+
+
+def test_report_only_without_runs_names_the_missing_statistics(routing, tmp_path, capsys):
+    code = routing.main(['--report-only', '--work-dir', str(tmp_path / 'w'),
+                         '--arms', 'roi'])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / 'w' / 'roi_seed0') in err and 'leave out' in err
+    assert not (tmp_path / 'w').exists()
 
 
 def test_demo_routing_flag_dispatches_with_its_options(routing, tmp_path, capsys):
