@@ -53,7 +53,8 @@ def pixel_mixture(x: Tensor, gate_map: Tensor,
     out = 0
     for n in range(gate_map.shape[1]):
         y = expert_forward(n, x)
-        if y.shape[-2:] != gate_map.shape[-2:]:
+        # (while tracing, sizes are graph values: a check on them would freeze into it)
+        if not torch.jit.is_tracing() and y.shape[-2:] != gate_map.shape[-2:]:
             raise ValueError(f'expert {n} returned a {tuple(y.shape[-2:])} map for a gate '
                              f'map of {tuple(gate_map.shape[-2:])}: per-location routing '
                              'needs experts that keep the size of the map they are gated on')
