@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
+from mmengine.logging import print_log
 
 from mmdet.registry import MODELS
 
@@ -47,9 +48,18 @@ def match_module_paths(model: nn.Module, pattern: str) -> List[str]:
             and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name.split('.'), parts, strict=True))]
 
 
+def uses_of(model: nn.Module, module: nn.Module) -> List[str]:
+    """Every path at which ``module`` sits in ``model`` (a module shared by several
+    owners, e.g. a head conv shared across FPN levels, has several)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False)
+            if m is module and name]
+
+
 def _replace_conv(model: nn.Module, path: str, layer_type: str, kwargs: dict,
                   where: str) -> nn.Module:
-    """Put a MoE layer with the geometry of the conv at ``path`` in its place."""
+    """Put a MoE layer with the geometry of the conv at ``path`` in its place, at every
+    path where that conv object is used: one MoE module then serves all its uses (a
+    head conv shared across levels is routed per level as the head calls it)."""
     conv = model.get_submodule(path)
     if type(conv) is not nn.Conv2d:
         raise ValueError(f'{where}: {path!r} is a {type(conv).__name__}, not an nn.Conv2d; '
@@ -57,17 +67,25 @@ def _replace_conv(model: nn.Module, path: str, layer_type: str, kwargs: dict,
     if not has_zero_padding(conv):
         raise ValueError(f'{where}: {path!r} has padding={conv.padding!r}, padding_mode='
                          f'{conv.padding_mode!r}; MoE convs support numeric zero padding')
-    parts = path.split('.')
-    for depth in range(len(parts)):  # every ancestor's forward must call the conv
-        check_servable(model.get_submodule('.'.join(parts[:depth])), parts[depth],
-                       f'{where} at {path!r}')
-    parent = model.get_submodule('.'.join(parts[:-1]))
+    uses = uses_of(model, conv)
+    for use in uses:
+        parts = use.split('.')
+        for depth in range(len(parts)):  # every ancestor's forward must call the conv
+            check_servable(model.get_submodule('.'.join(parts[:depth])), parts[depth],
+                           f'{where} at {use!r}')
+    parent = model.get_submodule(path.rpartition('.')[0])
     layer = build_moe_conv(
         layer_type, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
         where=f'{where} at {path!r}',
         conv_module=parent if isinstance(parent, ConvModule) else None, **kwargs)
-    setattr(parent, parts[-1], layer)
+    for use in uses:
+        owner, _, name = use.rpartition('.')
+        setattr(model.get_submodule(owner), name, layer)
+    if len(uses) > 1:
+        print_log(f'{where}: the conv at {path!r} is also used at '
+                  f'{[u for u in uses if u != path]}; one {layer_type} serves every use',
+                  logger='current')
     return layer
 
 
@@ -110,6 +128,8 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
                                  f'{type(model).__name__}; conv paths include '
                                  f'{convs[:8]}{" ..." if len(convs) > 8 else ""}')
             for name in names:
+                if any(model.get_submodule(name) is layer for layer in new_layers):
+                    continue  # a use of a shared conv this spec already replaced
                 new_layers.append(_replace_conv(model, name, layer_type, spec, where))
                 replaced.append(name)
         if shared_gate:

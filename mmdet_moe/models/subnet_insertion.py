@@ -73,7 +73,9 @@ def _check_not_shared(model: nn.Module, module: nn.Module, path: str, where: str
         others = [p for p in paths[id(sub)] if p != sub_name]
         if others:
             raise ValueError(f'{where} at {path!r}: {sub_name!r} is also at {others}; '
-                             'its copies in the experts would no longer be shared')
+                             'its copies in the experts would no longer be shared. Make '
+                             "the shared conv a MoE conv instead (expert='conv' with "
+                             f'paths={sub_name!r}: one MoE layer serves every use)')
 
 
 def _checked_tower(model: nn.Module, path: str, where: str

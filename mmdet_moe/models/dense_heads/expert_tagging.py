@@ -31,9 +31,10 @@ Boxes, scores and labels are exactly those of the stock decode. Heads that decod
 otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
 """
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -78,28 +79,46 @@ class GateMaps:
     (image, level, prior): per level a record with ``weights`` (B, N), per-(image,
     level) gates, or ``pixel_weights`` (B, N, H, W), per-pixel gates. The head's
     modules come first, then those of its MoE FPN neck (``neck``, see
-    :mod:`..necks.neck_tagging`), whose record is None at the levels a module does
-    not feed: their detections get a row of zeros there (a gate row sums to 1)."""
+    :mod:`..necks.neck_tagging`). A module may serve some levels only (SSD has one
+    conv per level): its calls are matched to levels by the size of the map each call
+    saw (``call_sizes``, per module in call order). The record is None at the levels a
+    module does not serve: their detections get a row of zeros there (a gate row sums
+    to 1)."""
 
     def __init__(self, head, recorder: GateRecorder, sizes: Sequence[torch.Size],
-                 neck: Optional[NeckGates] = None):
+                 neck: Optional[NeckGates] = None,
+                 call_sizes: Optional[Dict[nn.Module, List[torch.Size]]] = None):
         self.head_name = type(head).__name__
-        num_levels = len(sizes)
         self.modules: List[List[Optional[GateRecord]]] = []
         for module in moe_modules(head):
             records = sorted((r for r in recorder.records if r.module is module),
                              key=lambda r: r.call if r.level is None else r.level)
-            if not records:  # reuses another module's routing
-                continue
-            if len(records) != num_levels:
-                raise RuntimeError(
-                    f'{self.head_name}: MoE module {module.moe_name or type(module).__name__} '
-                    f'was called {len(records)} times for {num_levels} FPN levels; '
-                    'detections can be tagged only when each MoE module of the head runs '
-                    'once per level')
-            self.modules.append(records)
+            if records:  # else it reuses another module's routing
+                self.modules.append(self._by_level(
+                    module, records, sizes, (call_sizes or {}).get(module, [])))
         if neck is not None:
             self.modules += neck.level_records(sizes)
+
+    def _by_level(self, module: nn.Module, records: List[GateRecord],
+                  sizes: Sequence[torch.Size], seen: List[torch.Size]
+                  ) -> List[Optional[GateRecord]]:
+        """The records of ``module`` per level (None where it did not run)."""
+        if len(records) == len(sizes):
+            return records
+        levels = [[level for level, size in enumerate(sizes) if size == s] for s in seen]
+        if len(records) < len(sizes) and len(seen) == len(records) and \
+                all(len(match) == 1 for match in levels) and \
+                len({match[0] for match in levels}) == len(records):
+            by_level: List[Optional[GateRecord]] = [None] * len(sizes)
+            for match, record in zip(levels, records):
+                by_level[match[0]] = record
+            return by_level
+        raise RuntimeError(
+            f'{self.head_name}: MoE module {module.moe_name or type(module).__name__} '
+            f'was called {len(records)} times (on maps of {[tuple(s) for s in seen]}) for '
+            f'{len(sizes)} FPN levels of {[tuple(s) for s in sizes]}; detections can be '
+            'tagged only when each MoE module of the head runs once per level it serves, '
+            'on a map of that level\'s size')
 
     @staticmethod
     def _any(records: List[Optional[GateRecord]]) -> GateRecord:
@@ -152,6 +171,23 @@ class GateMaps:
 
 
 @contextmanager
+def call_sizes(modules: List[nn.Module]) -> Iterator[Dict[nn.Module, List[torch.Size]]]:
+    """Collect, per module, the spatial size of the map of each call in this block."""
+    seen: Dict[nn.Module, List[torch.Size]] = {m: [] for m in modules}
+
+    def note(module, args):
+        seen[module].append(args[0].shape[-2:] if args and torch.is_tensor(args[0])
+                            else None)
+
+    handles = [m.register_forward_pre_hook(note) for m in modules]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def kept_priors(head) -> Iterator[List[Tensor]]:
     """Collect the indices of the priors ``filter_scores_and_topk`` keeps, call by call
     (level by level, image after image), while this head decodes in this block."""
@@ -173,10 +209,10 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
     maps (B, C, H_l, W_l), one data sample per image."""
     batch_img_metas = [s.metainfo for s in batch_data_samples]
-    with record_gates() as recorder:
+    with record_gates() as recorder, call_sizes(moe_modules(head)) as seen:
         outs = head(x)
     gates = GateMaps(head, recorder, [level.shape[-2:] for level in x],
-                     current_neck_gates())
+                     current_neck_gates(), seen)
     if not gates:
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas, rescale=rescale)
     post_process = type(head)._bbox_post_process
