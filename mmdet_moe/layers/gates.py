@@ -131,6 +131,9 @@ class TopKGate(nn.Module):
         # NONFINITE_CHECK_INTERVAL iterations (a check per call would stall a GPU)
         self.register_buffer('_nonfinite', torch.zeros((), dtype=torch.bool),
                              persistent=False)
+        # ... and whether the gate's input was, to say where the NaN came from
+        self.register_buffer('_nonfinite_input', torch.zeros((), dtype=torch.bool),
+                             persistent=False)
         self._unchecked_iters = 0
         if conv_channels is not None and (gate_type not in ('conv', 'paper_conv') or
                                           not isinstance(conv_channels, int) or
@@ -217,9 +220,11 @@ class TopKGate(nn.Module):
         """Noise, top-k and weights from the clean logits, with autocast off."""
         if self.training:
             self._nonfinite |= ~torch.isfinite(logits).all()
+            self._nonfinite_input |= ~torch.isfinite(feats).all()
         elif not torch.jit.is_tracing() and not torch.isfinite(logits).all():
             # (a traced graph cannot raise: the check would be frozen into it)
-            self._raise_nonfinite(f'for input of shape {tuple(feats.shape)}')
+            self._raise_nonfinite(f'for input of shape {tuple(feats.shape)}',
+                                  bool(torch.isfinite(feats).all()))
         noisy_logits = noise_std = None
         routing = logits
         if self.noisy and self.training:
@@ -240,17 +245,24 @@ class TopKGate(nn.Module):
         return GateOutput(torch.cat(weights), torch.cat(indices), logits, noisy_logits,
                           noise_std, mask)
 
-    def _raise_nonfinite(self, when: str) -> None:
+    def _raise_nonfinite(self, when: str, input_finite: bool) -> None:
+        cause = ("its input is finite, so the gate's own weights diverged: check the "
+                 'learning rate') if input_finite else (
+            'its input features are not finite, so the layers before it produce NaN/Inf '
+            '(e.g. parameters never initialised: mmdet\'s TridentConv keeps uninitialised '
+            'memory unless a checkpoint loads; see docs/zoo.md)')
         raise NonFiniteGateError(f'{self._label()}: gate logits are not finite (NaN/Inf) '
-                                 f'{when}; check the learning rate and inputs')
+                                 f'{when}: {cause}')
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteGateError` if a training forward since the last check
         had non-finite logits (one host read)."""
         self._unchecked_iters = 0
         if self._nonfinite:
+            input_finite = not bool(self._nonfinite_input)
             self._nonfinite.zero_()
-            self._raise_nonfinite('in a training step')
+            self._nonfinite_input.zero_()
+            self._raise_nonfinite('in a training step', input_finite)
 
     def routing_chunks(self, level_sizes: List[int]) -> List[int]:
         """Row counts routed one after the other: one top-k over all rows here (a

@@ -22,11 +22,14 @@ forward (see :func:`_refuse_efficient_conv_bn_eval`) and says so.
 """
 import weakref
 from types import SimpleNamespace
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 from mmcv.cnn import ConvModule
+from mmengine.logging import print_log
 from mmengine.registry import MODELS
+from mmdet.models.detectors import BaseDetector
+from mmdet.registry import MODELS as MMDET_MODELS
 from torch.nn.modules.module import register_module_module_registration_hook
 
 from ..layers import CPMuMoEConv2d, MoEConv2d, TRMuMoEConv2d
@@ -48,6 +51,9 @@ UPSAMPLE_ARGS = ('output_padding', 'scale_factor')
 # MoEConv2d layers built from conv_cfg and not yet put into a module: the first module
 # they are put into decides their initialisation (a ConvModule's, or their own).
 _AWAITING_OWNER: 'weakref.WeakSet[MoEConv2d]' = weakref.WeakSet()
+# MoE convs built from conv_cfg → their dense_convs policy (see check_coverage).
+_FROM_CONV_CFG: 'weakref.WeakKeyDictionary[nn.Module, str]' = weakref.WeakKeyDictionary()
+DENSE_CONVS = ('log', 'error')
 # ConvModules holding a MoE conv that run _refuse_efficient_conv_bn_eval before forward.
 _GUARDED: 'weakref.WeakSet[ConvModule]' = weakref.WeakSet()
 
@@ -95,8 +101,12 @@ def build_moe_conv(type_name: str, in_channels: int, out_channels: int, kernel_s
 
 def _conv_cfg_builder(type_name: str):
 
-    def build(*args, **kwargs) -> nn.Module:
+    def build(*args, dense_convs: str = 'log', **kwargs) -> nn.Module:
         where = f'conv_cfg type {type_name}'
+        if dense_convs not in DENSE_CONVS:
+            raise ValueError(f'{where}: dense_convs={dense_convs!r} is unknown; choose '
+                             f"{DENSE_CONVS} (what to do with the plain convs of a "
+                             'component that conv_cfg does not reach)')
         for name in UPSAMPLE_ARGS:
             if name in kwargs:
                 raise ValueError(
@@ -107,6 +117,7 @@ def _conv_cfg_builder(type_name: str):
         layer = build_moe_conv(type_name, *args, where=where, **kwargs)
         if isinstance(layer, MoEConv2d):
             _AWAITING_OWNER.add(layer)
+        _FROM_CONV_CFG[layer] = dense_convs
         return layer
 
     build.__name__ = build.__qualname__ = type_name
@@ -164,12 +175,65 @@ def _on_module_registration(owner: nn.Module, name: str,
         _AWAITING_OWNER.discard(child)
         if isinstance(owner, ConvModule) and name == 'conv':
             _place_in_conv_module(owner, child, init=awaiting)
+    if isinstance(owner, BaseDetector) and child is not None:
+        check_coverage(child, name)
     entry = UNSERVABLE.get(type(owner).__name__)
     if entry is not None and entry[0] == name and child is not None:
         moe = next((m for m in child.modules() if isinstance(m, MOE_CONVS)), None)
         if moe is not None:
             check_servable(owner, name, f'{type(moe).__name__} placed in '
                            f'{type(owner).__name__}')
+
+
+def dense_conv_paths(component: nn.Module) -> List[str]:
+    """Paths of the plain ``nn.Conv2d`` of ``component`` outside MoE layers."""
+    inside = {id(m) for moe in component.modules() if isinstance(moe, MOE_CONVS)
+              for m in moe.modules()}
+    return [n for n, m in component.named_modules()
+            if type(m) is nn.Conv2d and id(m) not in inside]
+
+
+def check_coverage(component: nn.Module, name: str) -> None:
+    """A detector's component (``name``: neck, bbox_head, ...) got MoE convs from
+    ``conv_cfg`` and also holds plain ``nn.Conv2d`` that its code builds without it:
+    say how many stayed dense in one line, or refuse with ``dense_convs='error'``."""
+    policies = {_FROM_CONV_CFG[m] for m in component.modules() if m in _FROM_CONV_CFG}
+    if not policies:
+        return
+    dense = dense_conv_paths(component)
+    if not dense:
+        return
+    moe = sum(1 for m in component.modules() if m in _FROM_CONV_CFG)
+    text = (f'{name} ({type(component).__name__}): conv_cfg made {moe} MoE conv(s); '
+            f'{len(dense)} nn.Conv2d its code builds without conv_cfg stay dense '
+            f'({", ".join(f"{name}.{p}" for p in dense[:4])}{" ..." if len(dense) > 4 else ""}); '
+            "make them MoE by path with model=dict(type='MoEDetector', moe_layers=["
+            f"dict(paths='{name}.{dense[0]}', ...)])")
+    if 'error' in policies:
+        raise ValueError(text + " (refused: conv_cfg has dense_convs='error'; set "
+                         "dense_convs='log' to keep them dense)")
+    print_log(text, logger='current')
+
+
+def conv_cfg_hint(cfg: dict, error: TypeError) -> Optional[str]:
+    """For a component whose class takes no ``conv_cfg`` but whose config gives it a
+    MoE conv type, what to write instead (else None)."""
+    conv_cfg = cfg.get('conv_cfg') if isinstance(cfg, dict) else None
+    if not (isinstance(conv_cfg, dict) and conv_cfg.get('type') in LAYER_TYPES and
+            "'conv_cfg'" in str(error)):
+        return None
+    kind = cfg.get('type')
+    try:
+        plain = MMDET_MODELS.build({k: v for k, v in cfg.items() if k != 'conv_cfg'})
+        paths = dense_conv_paths(plain)
+    except Exception:  # noqa: BLE001  (the hint must not hide the error it explains)
+        paths = []
+    listed = f': its convs are {paths[:6]}{" ..." if len(paths) > 6 else ""}' if paths else ''
+    return (f'{kind} takes no conv_cfg, so conv_cfg={conv_cfg.get("type")} cannot reach its '
+            f"convs; insert MoE convs by path instead: model=dict(type='MoEDetector', "
+            f"detector_type=<the detector>, moe_layers=[dict(paths='<component>."
+            f"{paths[0] if paths else '<conv>'}', num_experts=...)]) with the component's "
+            f'attribute (e.g. neck){listed}')
 
 
 def register_conv_types(registry=MODELS) -> None:

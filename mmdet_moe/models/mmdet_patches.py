@@ -24,6 +24,15 @@ functions of mmdet's base classes are therefore wrapped, once, at import
 - ``StandardRoIHead.predict_bbox``: a two-stage detector's detections get the gates
   of their proposal and RoI (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
 
+One more wrapper is not a class function but the build function of mmdet's model
+registry (``mmdet.registry.MODELS.build_func``, an attribute of that registry
+object): a component built with ``conv_cfg=dict(type='MoEConv2d', ...)`` whose class
+takes no ``conv_cfg`` (CTResNetNeck, NASFPN, FPG, FPN_CARAFE, ...) fails in its
+``__init__`` with Python's bare ``TypeError``, before any code of the plugin runs;
+the wrapper re-raises it with what to write instead (``MoEDetector`` paths to the
+component's convs, :func:`~.conv_types.conv_cfg_hint`). Any other build, and any other
+error, passes through untouched.
+
 Each wrapper calls mmdet's own function (kept as ``__wrapped__``), and for a model
 or head without MoE modules calls nothing else, with the arguments as given, so
 such models give exactly mmdet's losses and predictions. Nothing else of mmdet is
@@ -49,7 +58,10 @@ from mmdet.models.detectors import BaseDetector
 from mmdet.models.mot import BaseMOTModel
 from mmdet.models.roi_heads import StandardRoIHead
 
+from mmdet.registry import MODELS as MMDET_MODELS
+
 from ..layers import assign_moe_names
+from .conv_types import conv_cfg_hint
 from .dense_heads.expert_tagging import tagged_predict, tags_detections
 from .moe_losses import add_moe_losses
 from .necks.neck_tagging import recording_neck_gates
@@ -121,8 +133,26 @@ PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
 )
 
 
+def hinting_build(stock: Callable) -> Callable:
+    """mmdet's model build function that explains a ``conv_cfg`` MoE type given to a
+    component without ``conv_cfg``."""
+
+    @functools.wraps(stock)
+    def build(cfg, *args, **kwargs):
+        try:
+            return stock(cfg, *args, **kwargs)
+        except TypeError as err:
+            hint = conv_cfg_hint(cfg, err)
+            if hint is None:
+                raise
+            raise TypeError(f'{err}; {hint}') from err
+
+    return build
+
+
 def install_mmdet_patches() -> None:
-    """Wrap each function of :data:`PATCHES` in its class (idempotent)."""
+    """Wrap each function of :data:`PATCHES` in its class, and mmdet's model build
+    function (idempotent)."""
     for cls, name, wrap in PATCHES:
         stock = cls.__dict__[name]
         if getattr(stock, MARK, False):
@@ -130,3 +160,7 @@ def install_mmdet_patches() -> None:
         patched = wrap(stock)
         setattr(patched, MARK, True)
         setattr(cls, name, patched)
+    if not getattr(MMDET_MODELS.build_func, MARK, False):
+        build = hinting_build(MMDET_MODELS.build_func)
+        setattr(build, MARK, True)
+        MMDET_MODELS.build_func = build

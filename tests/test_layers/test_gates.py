@@ -76,14 +76,26 @@ def test_non_finite_logits_name_the_layer():
     assign_moe_names(model)
     x = torch.randn(2, 4, 5, 5)
     x[0, 0, 0, 0] = float('nan')
-    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*input of shape'):
+    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*input of shape.*input '
+                       r'features are not finite.*before it'):
         model.eval()(x)
     model.train()(x)  # flagged, not raised
     for _ in range(NONFINITE_CHECK_INTERVAL - 1):
         end_iteration(model)
-    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*training step'):
+    with pytest.raises(NonFiniteGateError, match=r'0\.gate.*training step.*input '
+                       r'features are not finite'):
         end_iteration(model)
     end_iteration(model)  # the flag was reset with the error
+
+
+def test_non_finite_logits_from_finite_input_blame_the_gate_weights():
+    """The error says where the NaN came from: the layers before the gate (its input;
+    e.g. weights never initialised) or the gate itself (e.g. a learning rate too high)."""
+    layer = MoEConv2d(4, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.gate.w_gate.weight.fill_(float('inf'))
+    with pytest.raises(NonFiniteGateError, match=r'input is finite.*gate\'s own weights'):
+        layer.eval()(torch.randn(2, 4, 5, 5))
 
 
 def biased_gate(cls, **kwargs):

@@ -84,3 +84,73 @@ def test_a_conv_of_one_level_tags_that_level_and_zeros_elsewhere():
         torch.testing.assert_close(weights[at_one], rows[0][b].expand_as(weights[at_one]))
         assert torch.equal(weights[~at_one], torch.zeros_like(weights[~at_one]))
     assert 1 in levels_seen and len(levels_seen) > 1
+
+
+def test_a_neck_without_conv_cfg_names_the_moe_detector_paths():
+    """CTResNetNeck builds ConvModules but takes no conv_cfg: mmdet's bare TypeError
+    becomes one naming MoEDetector paths to its convs."""
+    from mmdet.registry import MODELS
+    cfg = dict(type='CTResNetNeck', in_channels=64, num_deconv_filters=(32, 16),
+               num_deconv_kernels=(4, 4), use_dcn=False,
+               conv_cfg=dict(type='MoEConv2d', **MOE))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'conv_cfg'.*"
+                       r"CTResNetNeck takes no conv_cfg.*MoEDetector.*paths="
+                       r"'<component>\.deconv_layers\.0\.conv'"):
+        MODELS.build(cfg)
+
+
+def test_other_type_errors_pass_through_untouched():
+    from mmdet.registry import MODELS
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'") as info:
+        MODELS.build(dict(type='FPN', in_channels=[8, 16], out_channels=8, num_outs=2,
+                          bogus=1))
+    assert 'MoEDetector' not in str(info.value)
+
+
+def nas_fcos_fpn(**conv_cfg):
+    return dict(type='NASFCOS_FPN', in_channels=[16, 32, 64, 128], out_channels=16,
+                start_level=1, add_extra_convs=True, num_outs=5,
+                norm_cfg=dict(type='BN'), conv_cfg=dict(type='MoEConv2d', **MOE, **conv_cfg))
+
+
+def retinanet_with_neck(neck):
+    cfg = stock_model_cfg('retinanet/retinanet_r50_fpn_1x_coco.py')
+    cfg.backbone.update(depth=18, out_indices=(0, 1, 2, 3))
+    cfg.neck = neck
+    cfg.bbox_head.update(in_channels=16, feat_channels=16)
+    return cfg
+
+
+def test_partial_conv_cfg_coverage_is_said_in_one_line(capsys):
+    """NAS-FCOS's FPN builds some convs without conv_cfg: one line names how many
+    stayed dense and the path that would make them MoE."""
+    from mmengine.logging import MMLogger
+    neck = nas_fcos_fpn()
+    neck.update(in_channels=[64, 128, 256, 512])
+    logger = MMLogger.get_current_instance()
+    messages = []
+    handler = type('H', (__import__('logging').Handler,), {
+        'emit': lambda self, record: messages.append(record.getMessage())})()
+    logger.addHandler(handler)
+    try:
+        build_model(retinanet_with_neck(neck))
+    finally:
+        logger.removeHandler(handler)
+    lines = [m for m in messages if m.startswith('neck (NASFCOS_FPN)')]
+    assert len(lines) == 1, messages
+    assert 'stay dense' in lines[0] and "paths='neck." in lines[0]
+
+
+def test_partial_conv_cfg_coverage_can_be_refused():
+    neck = nas_fcos_fpn(dense_convs='error')
+    neck.update(in_channels=[64, 128, 256, 512])
+    with pytest.raises(ValueError, match=r"neck \(NASFCOS_FPN\).*stay dense.*"
+                       r"dense_convs='error'"):
+        build_model(retinanet_with_neck(neck))
+
+
+def test_dense_convs_policy_must_be_known():
+    from mmengine.registry import MODELS
+    with pytest.raises(ValueError, match=r"dense_convs='warn' is unknown.*'log', 'error'"):
+        MODELS.build(dict(type='MoEConv2d', in_channels=4, out_channels=4, kernel_size=3,
+                          dense_convs='warn'))
