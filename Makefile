@@ -2,7 +2,7 @@
 PYTHON_VENV := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: env test test-fast gpu-check demo demo-compare demo-check demo-paper demo-routing docs
+.PHONY: env test test-fast gpu-check demo demo-compare demo-check demo-paper demo-routing docs census
 
 env:
 	bash tools/setup_env.sh
@@ -45,6 +45,11 @@ demo-paper: env
 # toy (seed 0; about 7× the demo's time)
 demo-routing: env
 	$(PYTHON_VENV) tools/demo.py --routing
+
+# MoE inserted three ways into one config of every detector family of mmdet 3.3:
+# train a step, predict, tags; rewrites the table in docs/zoo.md (about 25 min)
+census: env
+	$(PYTHON_VENV) -W ignore tools/moe_census.py --out docs/zoo.md
 
 # the documentation site from docs/ into build/docs/ (open build/docs/index.html);
 # --strict: any warning, a broken link or anchor between the pages included, fails
