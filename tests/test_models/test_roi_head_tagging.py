@@ -240,7 +240,8 @@ def test_an_image_without_proposals_gets_empty_tags(path, paths):
         proposals = model.rpn_head.predict(feats, samples, rescale=False)
         empty = proposals[1][proposals[1].scores < 0]
         empty.set_metainfo(proposals[1].metainfo)
-        first, none = head.predict_bbox(feats, metas, [proposals[0], empty], head.test_cfg)
+        first, none = head.predict_bbox(feats, metas, [proposals[0], empty],
+                                        head.test_cfg)
         alone = head.predict_bbox([f[:1] for f in feats], metas[:1], proposals[:1],
                                   head.test_cfg)[0]
     assert len(first) and len(none) == 0
@@ -258,7 +259,8 @@ def test_cascade_without_rcnn_test_cfg_gives_mmdets_untagged_scores():
         feats = model.extract_feat(inputs)
         proposals = model.rpn_head.predict(feats, samples, rescale=False)
         got = head.predict_bbox(feats, metas, proposals, None)
-        want = CascadeRoIHead.predict_bbox.__wrapped__(head, feats, metas, proposals, None)
+        want = CascadeRoIHead.predict_bbox.__wrapped__(head, feats, metas, proposals,
+                                                       None)
     for g, w in zip(got, want, strict=True):
         assert set(g.keys()) == set(w.keys()) == {'bboxes', 'scores'}
         assert torch.equal(g.scores, w.scores) and torch.equal(g.bboxes, w.bboxes)
