@@ -2,8 +2,8 @@
 
 MoE layers reach a stock detector from one ``conv_cfg`` line, a ``moe_layers`` path
 or a provided component, and the stock mmdet code around them neither adds their
-balance losses to the loss dict nor keeps the gates behind each detection. These
-functions of mmdet's base classes are therefore wrapped, once, at import
+balance losses to the loss dict nor keeps the gates behind each detection. Five
+functions of mmdet's classes are therefore wrapped, once, at import
 (:func:`install_mmdet_patches`, called by ``mmdet_moe/__init__.py``):
 
 - ``BaseDetector.forward`` and ``BaseMOTModel.forward``: every caller of a
