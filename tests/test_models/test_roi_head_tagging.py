@@ -271,3 +271,29 @@ def test_roi_heads_whose_predict_bbox_the_plugin_tags():
     untagged = (GridRoIHead, MultiInstanceRoIHead, SparseRoIHead)  # own predict_bbox
     for cls in tagged + untagged:
         assert roi_head_tags_detections(cls.__new__(cls)) == (cls in tagged), cls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path,width,paths', [
+    ('cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py', 32,
+     ['rpn_head.rpn_conv', 'roi_head.bbox_head.2.shared_convs.0.conv']),
+    ('htc/htc_r50_fpn_1x_coco.py', 32,
+     ['rpn_head.rpn_conv', 'roi_head.bbox_head.0.shared_convs.0.conv']),
+    # SCNet's bbox heads are FCs only, and their feature relay needs its own head
+    ('scnet/scnet_r50_fpn_1x_coco.py', None, ['rpn_head.rpn_conv'])])
+def test_cascade_mask_rcnn_semantic_htc_and_scnet_predict_tagged_masks(path, width, paths):
+    cfg = stock_model_cfg(path, width)
+    cfg.test_cfg.rcnn.update(score_thr=0.0, max_per_img=20)
+    cfg.test_cfg.rpn.update(nms_pre=100, max_per_img=30)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg,
+                                   moe_layers=[dict(MOE, paths=paths)]))
+    redraw_parameters(model, seed=4)
+    model.eval()
+    assert roi_head_tags_detections(model.roi_head)
+    inputs, samples = batch(model, shapes=[[3, 128, 128]] * 2)
+    with torch.no_grad():
+        preds = [s.pred_instances for s in model(inputs, samples, mode='predict')]
+    for pred in preds:
+        assert len(pred) and len(pred.masks) == len(pred)
+        assert pred.expert_weights.shape == (len(pred), len(paths), 3)
+        assert pred.metainfo['expert_layers'] == paths
