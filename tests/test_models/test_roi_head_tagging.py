@@ -271,6 +271,7 @@ def test_roi_heads_whose_predict_bbox_the_plugin_tags():
     untagged = (GridRoIHead, MultiInstanceRoIHead, SparseRoIHead)  # own predict_bbox
     for cls in tagged + untagged:
         assert roi_head_tags_detections(cls.__new__(cls)) == (cls in tagged), cls
+    assert not roi_head_tags_detections(torch.nn.Identity())  # no RoI head
 
 
 @pytest.mark.slow

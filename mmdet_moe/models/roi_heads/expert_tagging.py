@@ -59,7 +59,7 @@ def roi_head_tags_detections(roi_head: nn.Module) -> bool:
     ``MultiInstanceRoIHead`` and ``SparseRoIHead`` decode otherwise: untagged). It then
     tags when a bbox head has MoE modules or the proposals are tagged, for an rcnn
     ``test_cfg`` (none: per-class scores, no detections to tag)."""
-    method = type(roi_head).predict_bbox
+    method = getattr(type(roi_head), 'predict_bbox', None)
     return any(method is vars(cls)['predict_bbox'] for cls in TAGGED_ROI_HEADS)
 
 
