@@ -7,7 +7,7 @@ changes, process-wide, exactly:
   ``HOOKS``, ..., the MoE ``conv_cfg`` types);
 - mmengine's config resolution: ``_base_ = 'mmdet_moe::<path under configs/>'``
   (see :mod:`mmdet_moe.registry`);
-- four functions of mmdet's base classes, wrapped so that MoE layers are balanced
+- five functions of mmdet's classes, wrapped so that MoE layers are balanced
   and their detections tagged, and models without MoE layers run mmdet's code
   unchanged (see :mod:`mmdet_moe.models.mmdet_patches`);
 - torch's safe-loader allow-list, so that mmengine's checkpoints load under

@@ -123,8 +123,9 @@ def toy_retinanet(**moe_head):
 def stock_model_cfg(path, width=None):
     """The ``model`` of mmdet's own config ``path`` (e.g.
     ``'retinanet/retinanet_r50_fpn_1x_coco.py'``) with a ResNet-18 backbone; with
-    ``width``, FPN and head channels set to it (5 classes; Faster R-CNN's RoI head
-    becomes ``Shared4Conv1FCBBoxHead``, which has convs)."""
+    ``width``, FPN and head channels set to it (5 classes; a two-stage detector's
+    bbox heads become ``Shared4Conv1FCBBoxHead``, which has convs, see
+    :func:`with_roi_head_width`)."""
     import mmdet
     cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', path))
     model = with_resnet18(cfg.model)
@@ -135,13 +136,30 @@ def stock_model_cfg(path, width=None):
         model.bbox_head.update(in_channels=width, feat_channels=width, num_classes=5)
     else:  # two-stage
         model.rpn_head.update(in_channels=width, feat_channels=width)
-        model.roi_head.bbox_roi_extractor.out_channels = width
-        old = model.roi_head.bbox_head
-        model.roi_head.bbox_head = dict(
-            type='Shared4Conv1FCBBoxHead', in_channels=width, conv_out_channels=width,
-            fc_out_channels=64, roi_feat_size=7, num_classes=5, bbox_coder=old.bbox_coder,
-            reg_class_agnostic=False, loss_cls=old.loss_cls, loss_bbox=old.loss_bbox)
+        with_roi_head_width(model.roi_head, width)
     return model
+
+
+def with_roi_head_width(roi_head, width):
+    """RoI extractors, mask and semantic heads of ``width`` channels, 5 classes, and
+    a ``Shared4Conv1FCBBoxHead`` per bbox head (per stage for a cascade), keeping
+    its box coder, class-agnostic regression and losses."""
+    for key in ('bbox_roi_extractor', 'mask_roi_extractor', 'semantic_roi_extractor'):
+        if key in roi_head:
+            roi_head[key].out_channels = width
+    if 'semantic_head' in roi_head:
+        roi_head.semantic_head.update(in_channels=width, conv_out_channels=width)
+    masks = roi_head.get('mask_head') or []
+    for mask in masks if isinstance(masks, list) else [masks]:
+        mask.update(in_channels=width, conv_out_channels=width, num_classes=5)
+    boxes = [dict(type='Shared4Conv1FCBBoxHead', in_channels=width,
+                  conv_out_channels=width, fc_out_channels=64, roi_feat_size=7,
+                  num_classes=5, bbox_coder=old.bbox_coder,
+                  reg_class_agnostic=old.get('reg_class_agnostic', False),
+                  loss_cls=old.loss_cls, loss_bbox=old.loss_bbox)
+             for old in (roi_head.bbox_head if isinstance(roi_head.bbox_head, list)
+                         else [roi_head.bbox_head])]
+    roi_head.bbox_head = boxes if isinstance(roi_head.bbox_head, list) else boxes[0]
 
 
 def redraw_parameters(model, seed=0):

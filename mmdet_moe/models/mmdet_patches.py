@@ -2,8 +2,8 @@
 
 MoE layers reach a stock detector from one ``conv_cfg`` line, a ``moe_layers`` path
 or a provided component, and the stock mmdet code around them neither adds their
-balance losses to the loss dict nor keeps the gates behind each detection. Three
-functions of mmdet's base classes are therefore wrapped, once, at import
+balance losses to the loss dict nor keeps the gates behind each detection. Five
+functions of mmdet's classes are therefore wrapped, once, at import
 (:func:`install_mmdet_patches`, called by ``mmdet_moe/__init__.py``):
 
 - ``BaseDetector.forward`` and ``BaseMOTModel.forward``: every caller of a
@@ -21,8 +21,10 @@ functions of mmdet's base classes are therefore wrapped, once, at import
 - ``BaseDenseHead.predict``: a head that decodes per level, with MoE modules or under
   a MoE FPN neck, tags its detections with their level and gate weights
   (:func:`~.dense_heads.expert_tagging.tagged_predict`).
-- ``StandardRoIHead.predict_bbox``: a two-stage detector's detections get the gates
-  of their proposal and RoI (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
+- ``StandardRoIHead.predict_bbox`` and ``CascadeRoIHead.predict_bbox`` (Cascade
+  R-CNN, HTC, SCNet: their own, not StandardRoIHead's): a two-stage detector's
+  detections get the gates of their proposal and of their RoI in each stage
+  (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
 
 One more wrapper is not a class function but the build function of mmdet's model
 registry (``mmdet.registry.MODELS.build_func``, an attribute of that registry
@@ -56,7 +58,6 @@ import torch.nn as nn
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.detectors import BaseDetector
 from mmdet.models.mot import BaseMOTModel
-from mmdet.models.roi_heads import StandardRoIHead
 
 from mmdet.registry import MODELS as MMDET_MODELS
 
@@ -65,7 +66,7 @@ from .conv_types import conv_cfg_hint
 from .dense_heads.expert_tagging import tagged_predict, tags_detections
 from .moe_losses import add_moe_losses
 from .necks.neck_tagging import recording_neck_gates
-from .roi_heads.expert_tagging import tagged_predict_bbox
+from .roi_heads.expert_tagging import TAGGED_ROI_HEADS, tagged_predict_bbox
 
 #: marks a function as one of these wrappers (installing twice wraps once)
 MARK = 'mmdet_moe_patch'
@@ -114,8 +115,8 @@ def tagging_dense_predict(stock: Callable) -> Callable:
 
 
 def tagging_predict_bbox(stock: Callable) -> Callable:
-    """``StandardRoIHead.predict_bbox`` that tags the detections when its bbox head
-    has MoE modules or its proposals are tagged."""
+    """``predict_bbox`` of a RoI head of ``TAGGED_ROI_HEADS`` that tags the detections
+    when a bbox head has MoE modules or the proposals are tagged."""
 
     @functools.wraps(stock)
     def predict_bbox(self, *args, **kwargs):
@@ -129,7 +130,7 @@ PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
     (BaseDetector, 'forward', moe_forward),
     (BaseMOTModel, 'forward', moe_forward),
     (BaseDenseHead, 'predict', tagging_dense_predict),
-    (StandardRoIHead, 'predict_bbox', tagging_predict_bbox),
+    *((cls, 'predict_bbox', tagging_predict_bbox) for cls in TAGGED_ROI_HEADS),
 )
 
 

@@ -6,6 +6,8 @@ from typing import List
 import torch
 from mmdet.models.task_modules.prior_generators import MlvlPointGenerator
 
+from .roi_heads.expert_tagging import stages
+
 # anchor-free heads: s_l = POINT_REFERENCE × stride_l, RetinaNet's anchor base size
 # (octave_base_scale 4), so that relative scales of anchor and anchor-free heads read
 # alike; per-level quantile bins make the NMI independent of this constant
@@ -50,9 +52,9 @@ def level_reference_sizes(head) -> List[float]:
 def detector_reference_sizes(detector) -> List[float]:
     """s_l of the levels a ``detector``'s detections are tagged with: the dense head's
     (:func:`level_reference_sizes`); for a two-stage detector whose RoI bbox head holds
-    MoE layers, the scale its RoI extractor maps level l from (``finest_scale × 2^l``:
-    RoIs of about that size are pooled from level l), else the RPN's (its
-    detections then carry their proposal's level).
+    MoE layers, the scale its RoI extractor (a cascade's first stage's) maps level l
+    from (``finest_scale × 2^l``: RoIs of about that size are pooled from level l),
+    else the RPN's (its detections then carry their proposal's level).
 
     Raises:
         NoReferenceSizes: a detector without a dense ``bbox_head`` or RoI head whose
@@ -60,7 +62,8 @@ def detector_reference_sizes(detector) -> List[float]:
     """
     roi_head = getattr(detector, 'roi_head', None)
     if roi_head is not None:
-        extractor = getattr(roi_head, 'bbox_roi_extractor', None)
+        # a cascade's detections carry the level their first stage pooled from
+        extractor = stages(getattr(roi_head, 'bbox_roi_extractor', None))[0]
         bbox_head = getattr(roi_head, 'bbox_head', None)
         if bbox_head is not None and any(getattr(m, 'is_moe_module', False)
                                          for m in bbox_head.modules()):

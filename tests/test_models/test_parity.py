@@ -4,9 +4,9 @@ experts, gate noise off) gives the dense detector's loss values and predictions.
 The independent computation is the stock mmdet detector itself. Every MoE component
 and insertion target is covered: MoERetinaHead (each branch variant), MoEFPN, MoE
 convs from ``conv_cfg``, and ``MoEDetector`` paths into FCOS, ATSS, GFL, TOOD and the
-RPN and RoI-head convs of Faster R-CNN; predictions under several ``test_cfg``
-variants, ``rescale`` on and off, ``with_nms=False``, batches of 1 and 3 images of
-different shapes. Parameters are re-drawn at a realistic scale so that scores spread
+RPN and RoI-head convs of Faster R-CNN and Cascade R-CNN (every stage); predictions
+under several ``test_cfg`` variants, ``rescale`` on and off, ``with_nms=False``,
+batches of 1 and 3 images of different shapes. Parameters are re-drawn at a realistic scale so that scores spread
 over (0, 1) and the comparison is not vacuous (no detection passes ``score_thr`` at
 mmdet's initialisation).
 """
@@ -52,6 +52,7 @@ def conv_cfg_in(*parts):
 
 RETINANET = 'retinanet/retinanet_r50_fpn_1x_coco.py'
 FASTER_RCNN = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
+CASCADE_RCNN = 'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py'
 TARGETS = {
     'retina-head-cls-subnet': (RETINANET, retina_head('cls', 'subnet')),
     'retina-head-reg-subnet': (RETINANET, retina_head('reg', 'subnet')),
@@ -73,6 +74,8 @@ TARGETS = {
         m, 'roi_head.bbox_head.shared_convs.*.conv')),
     'faster-rcnn-conv_cfg-rpn-roi': (FASTER_RCNN, lambda m: conv_cfg_in('neck')(m) or (
         m.roi_head.bbox_head.update(conv_cfg=dict(type='MoEConv2d', **MOE)) or m)),
+    'cascade-rcnn-rpn-stages-paths': (CASCADE_RCNN, lambda m: moe_detector(
+        m, 'rpn_head.rpn_conv', 'roi_head.bbox_head.*.shared_convs.0.conv')),
 }
 
 # test_cfg variants: (changes to the head's test_cfg, rescale)

@@ -76,3 +76,16 @@ def test_two_stage_levels_are_the_rpns_or_the_roi_extractors():
     dense = build_model(Config.fromfile(osp.join(
         ROOT, 'configs', 'toy', '_base_', 'faster-rcnn_r18_fpn_toy.py')).model)
     assert detector_reference_sizes(dense) == level_reference_sizes(dense.rpn_head)
+
+
+def test_cascade_levels_are_the_first_stages_extractors():
+    """A cascade's detections carry the level their first stage pooled from: s_l is
+    that extractor's finest_scale × 2^l (it raised for the per-stage ModuleList)."""
+    from mmengine.config import ConfigDict
+
+    from helpers import stock_model_cfg
+    cfg = stock_model_cfg('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py', 32)
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths='roi_head.bbox_head.1.shared_convs.0.conv', num_experts=2)]))
+    finest = model.roi_head.bbox_roi_extractor[0].finest_scale
+    assert detector_reference_sizes(model) == [finest * 2 ** level for level in range(4)]
