@@ -154,3 +154,20 @@ def test_dense_convs_policy_must_be_known():
     with pytest.raises(ValueError, match=r"dense_convs='warn' is unknown.*'log', 'error'"):
         MODELS.build(dict(type='MoEConv2d', in_channels=4, out_channels=4, kernel_size=3,
                           dense_convs='warn'))
+
+
+@pytest.mark.slow
+def test_an_roi_extractor_pooling_every_level_keeps_the_proposal_level():
+    """GRoIE's GenericRoIExtractor pools each RoI from every level (no map_roi_levels):
+    tagging crashed after training; detections now carry their proposal's tags and
+    level."""
+    cfg = stock_model_cfg('groie/faste-rcnn_r50_fpn_groie_1x_coco.py')
+    cfg.test_cfg.rcnn.score_thr = 0.0
+    model = build_model(moe_detector('rpn_head.rpn_conv', cfg))
+    losses, _ = one_training_step(model, num_classes=80)
+    assert all_finite(losses)
+    for result in predict(model, num_classes=80):
+        pred = result.pred_instances
+        assert len(pred) and pred.metainfo['expert_layers'] == ['rpn_head.rpn_conv']
+        assert pred.expert_weights.shape[:2] == (len(pred), 1)
+        assert set(pred.levels.tolist()) <= set(range(5))

@@ -15,7 +15,8 @@ through a recording ``multiclass_nms`` bound to the decoding bbox head alone, se
   stage; metainfo ``expert_layers`` names the M layers (N: the largest number of
   experts, zeros past a layer's own);
 - ``levels``: the FPN level the RoI was pooled from at the first stage when a bbox
-  head has MoE layers, else the level of the proposal.
+  head has MoE layers, else the level of the proposal (also when the extractor pools
+  every RoI from every level, as GRoIE's does; without proposal levels, none).
 
 A cascade keeps one RoI per proposal through its stages (stage s + 1 pools the box
 stage s regressed from RoI j as its RoI j, in the same order, for every image with
@@ -137,7 +138,9 @@ def tagged_predict_bbox(stock: Callable, roi_head: nn.Module, x,
     for name, _ in rows:
         mark_row_images(name, rois[:, 0].long())
     extractor = stages(roi_head.bbox_roi_extractor)[0]
-    pooled = extractor.map_roi_levels(rois, extractor.num_inputs)
+    # an extractor that pools every RoI from every level (GRoIE's) maps none to one
+    pooled = extractor.map_roi_levels(rois, extractor.num_inputs) \
+        if rows and hasattr(extractor, 'map_roi_levels') else None
     starts = torch.tensor([0, *map(len, proposals)], device=rois.device).cumsum(0)
     for b, result in enumerate(results):
         local = kept_of.get(b, no_rois) // decoder.num_classes  # the RoI of each
@@ -145,7 +148,10 @@ def tagged_predict_bbox(stock: Callable, roi_head: nn.Module, x,
         weights = [rpn.expert_weights[local]] if from_rpn else []
         weights += [w[starts[b] + local, None] for _, w in rows]
         result.expert_weights = cat_expert_tags(weights)
-        result.levels = pooled[starts[b] + local] if rows else rpn.levels[local]
+        if pooled is not None:
+            result.levels = pooled[starts[b] + local]
+        elif 'levels' in rpn:
+            result.levels = rpn.levels[local]
         result.set_metainfo(dict(expert_layers=(
             list(rpn.metainfo['expert_layers']) if from_rpn else []) +
             [name for name, _ in rows]))
