@@ -23,16 +23,21 @@ PIXEL = dict(type='MoEConv2d', num_experts=4, top_k=2, impl='dispatch',
              gate_cfg=dict(gate_mode='pixel'))
 
 
-def head_cfg(path, **changes):
-    """The ``bbox_head`` of mmdet's config ``path`` with its ``test_cfg``, score_thr 0."""
+def stock_model(path):
+    """The ``model`` of mmdet's config ``path``, score_thr 0 where it has one."""
     import mmdet
     model = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs',
                                      path)).model
-    cfg = model.bbox_head
-    cfg.update(num_classes=5, test_cfg=model.test_cfg, **changes)
-    if 'score_thr' in cfg.test_cfg:
-        cfg.test_cfg.score_thr = 0.0
-    return cfg
+    if 'score_thr' in model.test_cfg:
+        model.test_cfg.score_thr = 0.0
+    return model
+
+
+def head_cfg(path, **changes):
+    """The ``bbox_head`` of mmdet's config ``path`` with its ``test_cfg``."""
+    model = stock_model(path)
+    model.bbox_head.update(num_classes=5, test_cfg=model.test_cfg, **changes)
+    return model.bbox_head
 
 
 def zero(*tensors):
@@ -235,3 +240,27 @@ def test_untagged_reason_names_the_head_and_why():
     assert not tags_detections(head)
     assert untagged_reason(head) == ('CornerHead decodes corner pairs, not priors of a '
                                      'level: its statistics keep per-image rows')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path,conv', [
+    ('paa/paa_r50_fpn_1x_coco.py', 'bbox_head.cls_convs.0.conv'),
+    ('centernet/centernet_r18_8xb16-crop512-140e_coco.py', 'bbox_head.heatmap_head.0')])
+def test_detector_trained_one_step_tags_its_detections(path, conv):
+    """The issue's reproduction: a MoE detector, one training step, a predict."""
+    from mmengine.config import ConfigDict
+    from helpers import one_training_step, predict, stock_model_cfg
+    if 'paa' in path:  # ResNet-18, narrow
+        cfg = stock_model_cfg(path, WIDTH)
+        cfg.test_cfg.score_thr = 0.0
+    else:
+        cfg = stock_model(path)
+        cfg.backbone.init_cfg = None  # no pretrained weights
+    model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
+        dict(paths=conv, num_experts=4, top_k=2, balance_cfg=dict(importance=0.5))]))
+    one_training_step(model)
+    for sample in predict(model):
+        pred = sample.pred_instances
+        assert len(pred) > 0 and pred.expert_weights.shape == (len(pred), 1, 4)
+        assert pred.metainfo['expert_layers'] == [conv]
+        torch.testing.assert_close(pred.expert_weights.sum(-1), torch.ones(len(pred), 1))

@@ -27,8 +27,12 @@ neck module's column holds the gate row (or the vector at the prior's location) 
 the level it feeds for that level's detections, and zeros for the others' (a gate
 row sums to 1, so a zero row means "did not feed this detection").
 
-Boxes, scores and labels are exactly those of the stock decode. Heads that decode
-otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
+Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet) are tagged
+from the prior :mod:`.own_decodes` finds behind each row they keep, as an index into
+all levels' priors (:meth:`GateMaps.prior_weights`). Boxes, scores and labels are
+exactly those of the stock decode. :func:`untagged_reason` says, in one line, why a
+head's detections are not tagged (no MoE module to tag, or a decode the tagging does
+not read, e.g. ``CornerHead``'s corner pairs).
 """
 import itertools
 from contextlib import contextmanager
