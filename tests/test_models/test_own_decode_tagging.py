@@ -15,6 +15,7 @@ from mmengine.config import Config
 from helpers import build_model, redraw_parameters
 from mmdet_moe.layers import is_moe_module, record_gates
 from mmdet_moe.models.dense_heads.expert_tagging import tags_detections, untagged_reason
+from mmdet_moe.models.dense_heads.own_decodes import match_rows
 from mmdet_moe.models.insertion import insert_moe_layers
 
 SIZE, WIDTH = 128, 32
@@ -231,6 +232,16 @@ def test_head_without_moe_predicts_stock_untagged():
         assert set(got.keys()) == {'bboxes', 'scores', 'labels'}
         for key in want.keys():
             assert torch.equal(got[key], want[key])
+
+
+def test_a_kept_row_is_the_one_bit_identical_row_or_an_error():
+    table = torch.tensor([[0., 0, 4, 4], [1, 1, 5, 5], [2, 2, 6, 6], [1, 1, 5, 5]])
+    assert match_rows(table[[2, 0, 2]], table, 'boxes').tolist() == [2, 0, 2]
+    with pytest.raises(RuntimeError, match=r'1 of 2 kept YOLOXHead boxes match no row or '
+                                           r'several rows of the 4 decoded ones'):
+        match_rows(table[[0, 1]], table, 'YOLOXHead boxes')  # row 1 is also row 3
+    with pytest.raises(RuntimeError, match='1 of 1 kept'):
+        match_rows(table[:1] + 0.5, table, 'boxes')
 
 
 def test_untagged_reason_names_the_head_and_why():

@@ -126,16 +126,19 @@ class DecodedBoxes(OwnDecode):
             yield
 
     def rows(self, b: int, results) -> Tensor:
-        return match_rows(results.bboxes, self.decoded[-1][b], 'boxes')
+        return match_rows(results.bboxes, self.decoded[-1][b],
+                          f'{type(self.head).__name__} boxes')
 
 
 class YOLOXDecode(DecodedBoxes):
-    head_class, methods = YOLOXHead, ('predict_by_feat', '_bbox_decode')
+    head_class = YOLOXHead
+    methods = ('predict_by_feat', '_bbox_decode', '_bbox_post_process')
     decode = '_bbox_decode'
 
 
 class YOLOV3Decode(DecodedBoxes):
     head_class = YOLOV3Head
+    methods = ('predict_by_feat', '_bbox_post_process')
     decode = 'decode'
 
     def owner(self):
@@ -166,7 +169,8 @@ class PAADecode(OwnDecode):
                                'hands to NMS: its detections cannot be tagged')
         offsets = [0] + [len(grid) for grid in grids[:-1]]
         starts = torch.tensor(offsets, device=results.bboxes.device).cumsum(0)
-        return torch.cat([start + match_rows(priors, grid, 'priors')
+        name = f'{type(self.head).__name__} priors'
+        return torch.cat([start + match_rows(priors, grid, name)
                           for start, priors, grid in zip(starts, calls, grids)])
 
     def post_process(self, stock: Callable, results, *args, **kwargs):
