@@ -15,7 +15,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # tests/: h
 from helpers import redraw_parameters, stock_model_cfg  # noqa: E402
 
 CONFIGS = ('retinanet/retinanet_r50_fpn_1x_coco.py',
-           'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py')
+           'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+           'paa/paa_r50_fpn_1x_coco.py')  # a head with its own decode
 
 
 def outputs(path: str) -> dict:

@@ -41,6 +41,12 @@ def head_cfg(path, **changes):
     return model.bbox_head
 
 
+def insert_moe(head, path, moe):
+    """The conv at ``path`` becomes a MoE conv of ``moe`` (None: stays dense)."""
+    if moe is not None:
+        insert_moe_layers(head, [dict(paths=path, **moe)])
+
+
 def zero(*tensors):
     for tensor in tensors:
         tensor.zero_()
@@ -50,7 +56,7 @@ def yolox(moe):
     """YOLOX with one MoE conv at every level (as RTMDet's ``share_conv`` shares)."""
     head = build_model(head_cfg('yolox/yolox_tiny_8xb8-300e_coco.py', in_channels=WIDTH,
                                 feat_channels=WIDTH))
-    insert_moe_layers(head, [dict(paths='multi_level_cls_convs.0.0.conv', **moe)])
+    insert_moe(head, 'multi_level_cls_convs.0.0.conv', moe)
     for convs in head.multi_level_cls_convs[1:]:
         convs[0].conv = head.multi_level_cls_convs[0][0].conv
     return head, lambda: zero(*head.multi_level_conv_reg.parameters())
@@ -59,7 +65,7 @@ def yolox(moe):
 def yolov3(moe):
     head = build_model(head_cfg('yolo/yolov3_d53_8xb8-ms-608-273e_coco.py',
                                 in_channels=[WIDTH] * 3, out_channels=[WIDTH] * 3))
-    insert_moe_layers(head, [dict(paths='convs_bridge.0.conv', **moe)])
+    insert_moe(head, 'convs_bridge.0.conv', moe)
     for bridge in head.convs_bridge[1:]:
         bridge.conv = head.convs_bridge[0].conv
     return head, lambda: zero(*[t for conv in head.convs_pred for t in (  # x, y, w, h
@@ -71,7 +77,7 @@ def paa(moe, score_voting=False):
                    score_voting=score_voting)
     cfg.anchor_generator.octave_base_scale = 1  # anchors as large as the stride
     head = build_model(cfg)
-    insert_moe_layers(head, [dict(paths='cls_convs.1.conv', **moe)])
+    insert_moe(head, 'cls_convs.1.conv', moe)
     return head, lambda: zero(*head.atss_reg.parameters())
 
 
@@ -81,7 +87,7 @@ def centernet(moe):
     # a per-pixel MoE conv returns a channels-last map, which CenterNet's decode cannot
     # ``view`` where the heatmap comes from it: per-pixel gates in its size branch
     path = 'wh_head.0' if moe is PIXEL else 'heatmap_head.0'
-    insert_moe_layers(head, [dict(paths=path, **moe)])
+    insert_moe(head, path, moe)
     return head, lambda: zero(*head.offset_head[2].parameters())
 
 
@@ -90,7 +96,7 @@ def rtmdet(moe):
     shared again after the MoE conv replaced one of them."""
     head = build_model(head_cfg('rtmdet/rtmdet_tiny_8xb32-300e_coco.py', in_channels=WIDTH,
                                 feat_channels=WIDTH))
-    insert_moe_layers(head, [dict(paths='cls_convs.0.0.conv', **moe)])
+    insert_moe(head, 'cls_convs.0.0.conv', moe)
     for convs in head.cls_convs[1:]:
         convs[0].conv = head.cls_convs[0][0].conv
 
@@ -221,15 +227,15 @@ def test_paa_score_voting_reorders_tags_with_its_detections():
         assert torch.equal(got.expert_weights, want.expert_weights)
 
 
-def test_head_without_moe_predicts_stock_untagged():
-    head, feats, _ = make('yolox', priors_as_boxes=False)
-    for convs in head.multi_level_cls_convs:  # a dense conv again
-        convs[0].conv = torch.nn.Conv2d(WIDTH, WIDTH, 3, padding=1, bias=False)
+@pytest.mark.parametrize('name', sorted(HEADS))
+def test_head_without_moe_predicts_stock_untagged(name):
+    head, feats, _ = make(name, moe=None, priors_as_boxes=False)
     assert not tags_detections(head)
-    assert 'holds no MoE module' in untagged_reason(head)
+    assert untagged_reason(head) == (f'{type(head).__name__} holds no MoE module and no '
+                                     'MoE FPN neck feeds it: nothing to tag')
     stock, result = stock_and_tagged(head, feats)
     for got, want in zip(result, stock, strict=True):
-        assert set(got.keys()) == {'bboxes', 'scores', 'labels'}
+        assert set(got.keys()) == set(want.keys())
         for key in want.keys():
             assert torch.equal(got[key], want[key])
 
