@@ -10,6 +10,7 @@ import os.path as osp
 
 import pytest
 import torch
+from mmdet.models.dense_heads import RetinaHead
 from mmengine.config import Config
 
 from helpers import build_model, redraw_parameters
@@ -257,6 +258,30 @@ def test_untagged_reason_names_the_head_and_why():
     assert not tags_detections(head)
     assert untagged_reason(head) == ('CornerHead decodes corner pairs, not priors of a '
                                      'level: its statistics keep per-image rows')
+
+
+class OwnPredict(RetinaHead):
+    def predict_by_feat(self, *args, **kwargs):
+        return super().predict_by_feat(*args, **kwargs)
+
+
+class OwnSingle(RetinaHead):
+    def _predict_by_feat_single(self, *args, **kwargs):
+        return super()._predict_by_feat_single(*args, **kwargs)
+
+
+@pytest.mark.parametrize('cls,why', [
+    (OwnPredict, 'decodes with its own predict_by_feat, whose kept priors the tagging '
+                 'does not read'),
+    (OwnSingle, "keeps priors in its _predict_by_feat_single otherwise than mmdet's "
+                'filter_scores_and_topk')])
+def test_untagged_reason_of_a_decode_the_tagging_does_not_read(cls, why):
+    """A subclass that overrides the decode is not read, even if it calls the stock one:
+    the tagging cannot know what it keeps."""
+    head = cls(num_classes=5, in_channels=WIDTH, stacked_convs=1, feat_channels=WIDTH)
+    insert_moe(head, 'cls_convs.0.conv', MOE)
+    assert not tags_detections(head)
+    assert untagged_reason(head) == f'{cls.__name__} {why}: its statistics keep per-image rows'
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmdet.models.dense_heads import CornerHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
@@ -280,13 +281,6 @@ def tags_detections(head) -> bool:
     return untagged_reason(head) is None
 
 
-#: why the detections of heads decoding otherwise cannot be tagged
-UNTAGGED_DECODES = {
-    'CornerHead': 'decodes corner pairs, not priors of a level',
-    'CentripetalHead': 'decodes corner pairs, not priors of a level',
-}
-
-
 def untagged_reason(head) -> Optional[str]:
     """None when ``head.predict`` tags its detections, else one line naming the head
     class and why not."""
@@ -295,9 +289,12 @@ def untagged_reason(head) -> Optional[str]:
         return f'{name} holds no MoE module and no MoE FPN neck feeds it: nothing to tag'
     if decodes_per_level(head) or own_decode(head) is not None:
         return None
-    why = next((why for cls in type(head).__mro__
-                if (why := UNTAGGED_DECODES.get(cls.__name__))),
-               'decodes with its own predict_by_feat, whose kept priors the tagging '
+    if isinstance(head, CornerHead):
+        why = 'decodes corner pairs, not priors of a level'
+    elif type(head).predict_by_feat is BaseDenseHead.predict_by_feat:
+        why = ("keeps priors in its _predict_by_feat_single otherwise than mmdet's "
+               'filter_scores_and_topk')
+    else:
+        why = ('decodes with its own predict_by_feat, whose kept priors the tagging '
                'does not read')
     return f'{name} {why}: its statistics keep per-image rows'
-
