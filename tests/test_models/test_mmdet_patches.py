@@ -77,7 +77,7 @@ def test_patches_wrap_mmdet_own_functions_and_nothing_is_shadowed():
 
 @pytest.mark.slow
 def test_models_without_moe_are_byte_identical_with_the_plugin_imported(tmp_path):
-    """Stock RetinaNet, Faster R-CNN and PAA: one training step's losses and the
+    """Stock RetinaNet and Faster R-CNN: one training step's losses and the
     predictions, in a process that imports mmdet_moe and in one that does not."""
     results = []
     for flags in ([], ['--plugin']):

@@ -136,6 +136,22 @@ class GateMaps:
             per_module.append(torch.stack(rows)[levels, None])
         return cat_expert_tags(per_module)
 
+    def prior_weights(self, b: int, priors: Tensor,
+                      level_priors: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """The levels (len(priors),) and gate weights (len(priors), M, N) of image
+        ``b``'s ``priors``: indices into all levels' priors, level after level, of
+        ``level_priors[l]`` priors each."""
+        ends = torch.tensor(level_priors, device=priors.device).cumsum(0)
+        levels = torch.bucketize(priors, ends, right=True)
+        if len(priors) and int(levels.max()) >= len(level_priors):
+            raise RuntimeError(f'{self.head_name}: prior {int(priors.max())} is past the '
+                               f'{int(ends[-1])} priors of its {len(level_priors)} levels')
+        order = torch.argsort(levels, stable=True)
+        weights = torch.cat([
+            self.weights(b, level, priors[levels == level] - (ends[level] - count), count)
+            for level, count in enumerate(level_priors)])
+        return levels, weights[torch.argsort(order)]
+
     def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
         """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
         into the level's flattened (H, W, A) priors) of image ``b``."""
@@ -157,22 +173,6 @@ class GateMaps:
                         f'of level {level}')
                 per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
         return cat_expert_tags([weights[:, None] for weights in per_module])
-
-    def prior_weights(self, b: int, priors: Tensor,
-                      level_priors: Sequence[int]) -> Tuple[Tensor, Tensor]:
-        """The levels (len(priors),) and gate weights (len(priors), M, N) of image
-        ``b``'s ``priors``: indices into all levels' priors, level after level, of
-        ``level_priors[l]`` priors each."""
-        ends = torch.tensor(level_priors, device=priors.device).cumsum(0)
-        levels = torch.bucketize(priors, ends, right=True)
-        if len(priors) and int(levels.max()) >= len(level_priors):
-            raise RuntimeError(f'{self.head_name}: prior {int(priors.max())} is past the '
-                               f'{int(ends[-1])} priors of its {len(level_priors)} levels')
-        order = torch.argsort(levels, stable=True)
-        weights = torch.cat([
-            self.weights(b, level, priors[levels == level] - (ends[level] - count), count)
-            for level, count in enumerate(level_priors)])
-        return levels, weights[torch.argsort(order)]
 
 
 @contextmanager
@@ -241,17 +241,18 @@ def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: Lis
 
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
-    maps (B, C, H, W), one data sample per image."""
+    maps (B, C, H_l, W_l), one data sample per image."""
     batch_img_metas = [s.metainfo for s in batch_data_samples]
     with record_gates() as recorder:
         outs = head(x)
-    sizes = [level.shape[-2:] for level in x]
-    gates = GateMaps(head, recorder, sizes, current_neck_gates())
+    gates = GateMaps(head, recorder, [level.shape[-2:] for level in x],
+                     current_neck_gates())
     if not gates:
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas, rescale=rescale)
     decode = own_decode(head)
     if decode is not None:
-        return tagged_own_decode(head, decode, outs, batch_img_metas, rescale, gates, sizes)
+        return tagged_own_decode(head, decode, outs, batch_img_metas, rescale, gates,
+                                 [level.shape[-2:] for level in x])
     num_levels = len(x)
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
