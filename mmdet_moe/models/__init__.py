@@ -1,5 +1,5 @@
 """mmdet components built on :mod:`mmdet_moe.layers` (registered in mmdet's MODELS)."""
-from .dense_heads import MoERetinaHead, tags_detections
+from .dense_heads import MoERetinaHead, tags_detections, untagged_reason
 from .conv_types import LAYER_TYPES, build_moe_conv, register_conv_types
 from .detectors import MoERetinaNet
 from .insertion import MoEDetector, insert_moe_layers, match_module_paths
@@ -19,5 +19,5 @@ __all__ = [
     'add_moe_losses', 'build_moe_conv', 'collect_moe_losses', 'detector_reference_sizes',
     'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers', 'insert_subnet_moe',
     'install_mmdet_patches', 'level_reference_sizes', 'match_module_paths', 'merge_losses',
-    'moe_parameters', 'register_conv_types', 'tags_detections'
+    'moe_parameters', 'register_conv_types', 'tags_detections', 'untagged_reason'
 ]

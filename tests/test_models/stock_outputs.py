@@ -16,7 +16,8 @@ from helpers import redraw_parameters, stock_model_cfg  # noqa: E402
 
 CONFIGS = ('retinanet/retinanet_r50_fpn_1x_coco.py',
            'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
-           'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py')
+           'cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+           'paa/paa_r50_fpn_1x_coco.py')  # a head with its own decode
 
 
 def outputs(path: str) -> dict:

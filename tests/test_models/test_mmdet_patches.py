@@ -93,8 +93,9 @@ def test_models_without_moe_are_byte_identical_with_the_plugin_imported(tmp_path
         assert got.keys() == want.keys(), path
         assert any(key.startswith('predict/0/bboxes') for key in want)
         for key, value in want.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(got[key], value), (path, key)
+            if isinstance(value, torch.Tensor):  # PAA's untrained score voting gives NaNs
+                torch.testing.assert_close(got[key], value, rtol=0, atol=0, equal_nan=True,
+                                           msg=f'{path} {key}')
             else:
                 assert got[key] == value, (path, key)
 

@@ -27,24 +27,32 @@ neck module's column holds the gate row (or the vector at the prior's location) 
 the level it feeds for that level's detections, and zeros for the others' (a gate
 row sums to 1, so a zero row means "did not feed this detection").
 
-Boxes, scores and labels are exactly those of the stock decode. Heads that decode
-otherwise (their own ``predict_by_feat``, e.g. YOLOX, CenterNet) are left as they are.
+Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet) are tagged
+from the prior :mod:`.own_decodes` finds behind each row they keep, as an index into
+all levels' priors (:meth:`GateMaps.prior_weights`). Boxes, scores and labels are
+exactly those of the stock decode. :func:`untagged_reason` says, in one line, why a
+head's detections are not tagged (no MoE module to tag, or a decode the tagging does
+not read, e.g. ``CornerHead``'s corner pairs).
 """
+import itertools
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmdet.models.dense_heads import CornerHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
+from mmengine.structures import InstanceData
 
 from ...layers import GateRecord, GateRecorder, is_moe_module, record_gates
 from ..necks.neck_tagging import NeckGates, current_neck_gates
 from ..rebinding import method_global, method_seeing
+from .own_decodes import OwnDecode, own_decode
 
 
 def moe_modules(head) -> list:
@@ -147,6 +155,22 @@ class GateMaps:
             per_module.append(torch.stack(rows)[levels, None])
         return cat_expert_tags(per_module)
 
+    def prior_weights(self, b: int, priors: Tensor,
+                      level_priors: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """The levels (len(priors),) and gate weights (len(priors), M, N) of image
+        ``b``'s ``priors``: indices into all levels' priors, level after level, of
+        ``level_priors[l]`` priors each."""
+        ends = torch.tensor(level_priors, device=priors.device).cumsum(0)
+        levels = torch.bucketize(priors, ends, right=True)
+        if len(priors) and int(levels.max()) >= len(level_priors):
+            raise RuntimeError(f'{self.head_name}: prior {int(priors.max())} is past the '
+                               f'{int(ends[-1])} priors of its {len(level_priors)} levels')
+        order = torch.argsort(levels, stable=True)
+        weights = torch.cat([
+            self.weights(b, level, priors[levels == level] - (ends[level] - count), count)
+            for level, count in enumerate(level_priors)])
+        return levels, weights[torch.argsort(order)]
+
     def weights(self, b: int, level: int, priors: Tensor, num_priors: int) -> Tensor:
         """(len(priors), M, N): the gate weights behind the kept ``priors`` (indices
         into the level's flattened (H, W, A) priors) of image ``b``."""
@@ -205,6 +229,52 @@ def kept_priors(head) -> Iterator[List[Tensor]]:
         yield kept
 
 
+@contextmanager
+def post_processing(head, post_process: Callable) -> Iterator[None]:
+    """Within the block, this head's ``_bbox_post_process(results, ...)`` runs as
+    ``post_process(b, stock, results, ...)``, ``b`` counting its calls (one per image),
+    ``stock`` the class's own."""
+    stock, images = type(head)._bbox_post_process, itertools.count()
+    head.__dict__['_bbox_post_process'] = \
+        lambda results, *args, **kwargs: post_process(next(images), stock, results,
+                                                      *args, **kwargs)
+    try:
+        yield
+    finally:
+        del head.__dict__['_bbox_post_process']
+
+
+def with_tags(results: InstanceData, levels: Tensor, weights: Tensor,
+              gates: GateMaps) -> InstanceData:
+    """``results`` with ``levels`` (n,), ``expert_weights`` (n, M, N) and metainfo
+    ``expert_layers``."""
+    results.levels, results.expert_weights = levels, weights
+    results.set_metainfo(dict(expert_layers=gates.names))
+    return results
+
+
+def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: List[dict],
+                      rescale: bool, gates: GateMaps,
+                      sizes: Sequence[torch.Size]) -> List[InstanceData]:
+    """The stock ``predict_by_feat`` of a head with its own decode, whose rows (before
+    NMS, where it has one) are tagged from the priors ``decode`` says they come from."""
+    level_priors = decode.level_priors(sizes)
+
+    def tag(b: int, results: InstanceData) -> InstanceData:
+        levels, weights = gates.prior_weights(b, decode.rows(b, results), level_priors)
+        return with_tags(results, levels, weights, gates)
+
+    def tag_then_post_process(b, stock, results, *args, **kwargs):
+        return decode.post_process(stock, tag(b, results), *args, **kwargs)
+
+    with decode.recording(), post_processing(head, tag_then_post_process):
+        results = head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
+                                       rescale=rescale)
+    if decode.post_processes:
+        return results
+    return [tag(b, result) for b, result in enumerate(results)]
+
+
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
     maps (B, C, H_l, W_l), one data sample per image."""
@@ -215,41 +285,53 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
                      current_neck_gates(), seen)
     if not gates:
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas, rescale=rescale)
-    post_process = type(head)._bbox_post_process
-    num_levels, images = len(x), iter(range(len(batch_img_metas)))
+    decode = own_decode(head)
+    if decode is not None:
+        return tagged_own_decode(head, decode, outs, batch_img_metas, rescale, gates,
+                                 [level.shape[-2:] for level in x])
+    num_levels = len(x)
 
-    def tag_then_post_process(results, *args, **kwargs):
-        b = next(images)
+    def tag_then_post_process(b, stock, results, *args, **kwargs):
         if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
-            results.levels = results.level_ids.long()
-            results.expert_weights = gates.level_weights(b, results.levels)
-            results.set_metainfo(dict(expert_layers=gates.names))
-            return post_process(head, results, *args, **kwargs)
+            levels = results.level_ids.long()
+            return stock(head, with_tags(results, levels, gates.level_weights(b, levels),
+                                         gates), *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
             raise RuntimeError(f'{type(head).__name__} decodes image {b} otherwise than '
                                'one filter_scores_and_topk per level before '
                                '_bbox_post_process: its detections cannot be tagged')
-        results.levels = torch.cat([torch.full((len(k),), level, dtype=torch.long,
-                                               device=k.device)
-                                    for level, (k, _) in enumerate(calls)])
-        results.expert_weights = torch.cat([gates.weights(b, level, k, n)
-                                            for level, (k, n) in enumerate(calls)])
-        results.set_metainfo(dict(expert_layers=gates.names))
-        return post_process(head, results, *args, **kwargs)
+        levels = torch.cat([torch.full((len(k),), level, dtype=torch.long, device=k.device)
+                            for level, (k, _) in enumerate(calls)])
+        weights = torch.cat([gates.weights(b, level, k, n)
+                             for level, (k, n) in enumerate(calls)])
+        return stock(head, with_tags(results, levels, weights, gates), *args, **kwargs)
 
-    head._bbox_post_process = tag_then_post_process  # this decode only
-    try:
-        with kept_priors(head) as kept:
-            return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
-                                        rescale=rescale)
-    finally:
-        del head._bbox_post_process
+    with kept_priors(head) as kept, post_processing(head, tag_then_post_process):
+        return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
+                                    rescale=rescale)
 
 
 def tags_detections(head) -> bool:
     """Whether ``head.predict`` tags its detections: MoE modules in it or in the MoE
-    FPN neck of the detector predicting, and a per-level decode."""
-    return ((bool(moe_modules(head)) or current_neck_gates() is not None) and
-            decodes_per_level(head))
+    FPN neck of the detector predicting, and a decode whose kept priors are known."""
+    return untagged_reason(head) is None
 
+
+def untagged_reason(head) -> Optional[str]:
+    """None when ``head.predict`` tags its detections, else one line naming the head
+    class and why not."""
+    name = type(head).__name__
+    if not (moe_modules(head) or current_neck_gates() is not None):
+        return f'{name} holds no MoE module and no MoE FPN neck feeds it: nothing to tag'
+    if decodes_per_level(head) or own_decode(head) is not None:
+        return None
+    if isinstance(head, CornerHead):
+        why = 'decodes corner pairs, not priors of a level'
+    elif type(head).predict_by_feat is BaseDenseHead.predict_by_feat:
+        why = ("keeps priors in its _predict_by_feat_single otherwise than mmdet's "
+               'filter_scores_and_topk')
+    else:
+        why = ('decodes with its own predict_by_feat, whose kept priors the tagging '
+               'does not read')
+    return f'{name} {why}: its statistics keep per-image rows'
