@@ -151,7 +151,8 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gates = self.gate_weights(x)
         self._record(gates)
-        return self.combine(gates, self.input_factor(x))
+        # contiguous NCHW, as a conv returns it (heads view their outputs)
+        return self.combine(gates, self.input_factor(x)).contiguous()
 
     def _record(self, gates: Tensor) -> None:
         if gates.dim() == 2:

@@ -135,4 +135,5 @@ def routed_pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, weight: Ten
     mixed = torch.cat(parts)  # the matmuls' dtype (autocast's, under mixed precision)
     mixed = mixed * gate_values[:, None].to(mixed.dtype)
     out = mixed.new_zeros(batch * out_h * out_w, out_channels).index_add(0, locations, mixed)
-    return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+    # contiguous NCHW, as a conv returns it (heads view their outputs)
+    return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).contiguous()

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mmdet_moe.layers import (MoE, MoEConv2d, RelativeImportanceGate, TopKGate,
-                              dense_pixel_conv2d, export_onnx, pixel_map,
+from mmdet_moe.layers import (CPMuMoEConv2d, MoE, MoEConv2d, RelativeImportanceGate, TopKGate,
+                              TRMuMoEConv2d, dense_pixel_conv2d, export_onnx, pixel_map,
                               prune_experts, record_gates, routed_pixel_conv2d, run_onnx)
 
 PIXEL = dict(gate_mode='pixel')
@@ -240,3 +240,17 @@ def test_routed_conv_with_more_kernel_than_patch_data_equals_the_location_mix():
     torch.testing.assert_close(
         routed_pixel_conv2d(x, weights, indices, weight, bias, (1, 1), (1, 1), (1, 1)),
         expected)
+
+
+@pytest.mark.parametrize('make', [
+    lambda: MoEConv2d(4, 6, 3, padding=1, gate_cfg=dict(gate_mode='pixel'), impl='dispatch'),
+    lambda: MoEConv2d(4, 6, 3, padding=1, gate_cfg=dict(gate_mode='pixel'), impl='dense'),
+    lambda: CPMuMoEConv2d(4, 6, 3, padding=1, num_experts=8, gate_mode='pixel'),
+    lambda: TRMuMoEConv2d(4, 6, 3, padding=1, num_experts=8, gate_mode='pixel'),
+])
+def test_per_location_layers_return_contiguous_maps(make):
+    """As a dense conv does: mmdet's heads ``view`` their outputs (CenterNet's
+    heatmap decode crashed on a channels-last result)."""
+    y = make().eval()(torch.randn(2, 4, 5, 5))
+    assert y.is_contiguous()
+    y.view(2, -1)
