@@ -353,11 +353,8 @@ def _where(err: BaseException) -> str:
 
 
 def _untagged_reason(model: nn.Module) -> str:
-    try:
-        from mmdet_moe.models import untagged_reason
-    except ImportError:
-        return 'untagged'
-    return untagged_reason(model) or 'untagged'
+    from mmdet_moe.models import untagged_layers_reason
+    return untagged_layers_reason(model) or 'untagged (no reason given)'
 
 
 def census(families: List[str], log=print) -> List[FamilyResult]:
@@ -390,18 +387,32 @@ def census(families: List[str], log=print) -> List[FamilyResult]:
 
 
 def table(results: List[FamilyResult]) -> str:
+    """The markdown table (one status per form) and, below it, each family's reasons."""
     rows = ['| family | config | neck `conv_cfg` | head conv path | subnet | tagged |',
             '|---|---|---|---|---|---|']
+    notes = []
     for r in results:
-        cells = [o.cell().replace('|', '\\|') for o in r.forms.values()]
+        if r.stock != 'ok':
+            cells = ['untested'] * len(FORMS)
+            notes.append(f'- **{r.family}**: untested, the stock model itself fails here: '
+                         f'{r.stock}')
+        else:
+            cells = [o.status for o in r.forms.values()]
+            by_text: Dict[str, List[str]] = {}  # one note per distinct reason
+            for form, outcome in r.forms.items():
+                if outcome.detail:
+                    by_text.setdefault(f'{outcome.status}: {outcome.detail}', []).append(form)
+            notes += [f'- **{r.family}** ({", ".join(forms)}): {text}'
+                      for text, forms in by_text.items()]
         rows.append(f'| {r.family} | `{osp.basename(r.config)}` | ' + ' | '.join(cells) +
                     f' | {"yes" if r.tagged else "no"} |')
+    tested = [r for r in results if r.stock == 'ok']
     tagged = sum(r.tagged for r in results)
     crashed = sum(r.crashed for r in results)
-    rows.append('')
-    rows.append(f'{tagged} of {len(results)} families tagged by at least one form; '
-                f'{crashed} with a crash after the build.')
-    return '\n'.join(rows)
+    summary = (f'{tagged} of {len(results)} families ({len(tested)} run here) tagged by at '
+               f'least one form; {crashed} with a crash after the build.')
+    return '\n'.join(rows + ['', summary, '', 'Why a form is not tagged, refused or '
+                              'untested:', ''] + [n.replace('|', '\\|') for n in notes])
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ from .necks import MoEFPN
 from .reference_sizes import (NoReferenceSizes, detector_reference_sizes,
                               level_reference_sizes)
 from .subnet_insertion import insert_subnet_moe
+from .tag_coverage import untagged_layers_reason
 from .test_time_augs import MoEDetTTAModel
 from .tower_moe import OutputInExperts, TowerMoE, UpcycleDenseKeys
 from .upcycling import expand_dense_keys, freeze_all_but_moe, moe_parameters
@@ -19,5 +20,6 @@ __all__ = [
     'add_moe_losses', 'build_moe_conv', 'collect_moe_losses', 'detector_reference_sizes',
     'expand_dense_keys', 'freeze_all_but_moe', 'insert_moe_layers', 'insert_subnet_moe',
     'install_mmdet_patches', 'level_reference_sizes', 'match_module_paths', 'merge_losses',
-    'moe_parameters', 'register_conv_types', 'tags_detections', 'untagged_reason'
+    'moe_parameters', 'register_conv_types', 'tags_detections', 'untagged_layers_reason',
+    'untagged_reason'
 ]

@@ -408,3 +408,40 @@ def test_moe_fpn_under_a_stock_head_gets_detection_and_level_tables():
         assert layer['nmi_given_level'] is not None
         if count:
             assert layer_summary(layer, ['small', 'medium', 'large'])['view'] == 'detection'
+
+
+def test_untagged_layers_are_said_in_one_line_naming_the_head(tmp_path):
+    """A layer whose detections keep per-image rows gets one warning that names the
+    detector part and why (here a DETR-family detector: no honest per-detection tag)."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+    from mmdet.models.detectors import DetectionTransformer
+    from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
+    from mmdet_moe.layers import MoEConv2d
+    from mmdet_moe.models import untagged_layers_reason
+
+    class Detr(DetectionTransformer):  # the DETR family's base: no build needed
+        def __init__(self):
+            nn.Module.__init__(self)
+
+    Detr.__abstractmethods__ = frozenset()
+    detr = Detr()
+    detr.neck = MoEConv2d(4, 4, 1)
+    warnings = []
+    runner = SimpleNamespace(
+        work_dir=str(tmp_path), epoch=0, iter=0,
+        logger=SimpleNamespace(warning=warnings.append),
+        message_hub=SimpleNamespace(update_scalar=lambda *args: None))
+    hook = make_hook(score_thr=0.5)
+    hook._untagged_reason = untagged_layers_reason(detr)  # what before_run finds
+    recorder, samples = batch()
+    layers = rows_by_layer(recorder)
+    hook._images = [hook._image_record(b, s, layers) for b, s in enumerate(samples)]
+    hook._dataset = samples
+    hook._finish(runner, 'test', 'test', None)
+    lines = [w for w in warnings if 'per-image rows' in w]
+    assert lines == [
+        'ExpertSizeStatsHook: Detr: every query attends to every level, '
+        'so a detection draws on all of them and its MoE layers keep per-image rows (the '
+        'honest tag) (head, neck)']

@@ -18,7 +18,8 @@ from ...analysis import (AREA_RANGES, BUCKET_NAMES, SCHEMA, SCHEMA_VERSION,
 from ...analysis.relative_scale import (absent, check_bins, relative_scale_stats,
                                         relative_scales)
 from ...layers import assign_moe_names
-from ...models import MoEDetTTAModel, NoReferenceSizes, detector_reference_sizes
+from ...models import (MoEDetTTAModel, NoReferenceSizes, detector_reference_sizes,
+                       untagged_layers_reason)
 from .gate_recording import GateRecordingMixin, tta_model, unwrap
 from .gate_rows import rows_by_layer
 from .scalar_names import moe_scalar_name
@@ -107,6 +108,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self._images: List[dict] = []
         self._tta = False
         self._gate_of: dict = {}
+        self._untagged_reason: Optional[str] = None  # why some layers keep image rows
 
     def before_run(self, runner) -> None:
         tta = tta_model(runner.model)
@@ -119,6 +121,7 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
         self._tta = tta is not None
         model = unwrap(runner.model)
         self.layer_names = assign_moe_names(model)
+        self._untagged_reason = untagged_layers_reason(model)
         try:
             self._reference_sizes = detector_reference_sizes(model)
         except NoReferenceSizes as err:
@@ -233,6 +236,11 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
             runner.logger.warning(f'ExpertSizeStatsHook: no detection with score >= '
                                   f'{self.score_thr}; only the image view has data')
         write_stats(stats, runner.work_dir, tag)
+        untagged = [n for n, layer in stats['layers'].items()
+                    if layer.get('detection_gates') == 'image']
+        if untagged and stats['num_detections']:
+            reason = self._untagged_reason or 'detections not tagged'
+            runner.logger.warning(f'ExpertSizeStatsHook: {reason} ({", ".join(untagged)})')
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
             scalars = {key: summary[key] for key in (

@@ -318,11 +318,14 @@ def tags_detections(head) -> bool:
     return untagged_reason(head) is None
 
 
-def untagged_reason(head) -> Optional[str]:
+def untagged_reason(head, fed_by_moe_neck: Optional[bool] = None) -> Optional[str]:
     """None when ``head.predict`` tags its detections, else one line naming the head
-    class and why not."""
+    class and why not. ``fed_by_moe_neck``: whether a tagged MoE FPN neck feeds it
+    (default: whether a predict running now recorded one)."""
     name = type(head).__name__
-    if not (moe_modules(head) or current_neck_gates() is not None):
+    if fed_by_moe_neck is None:
+        fed_by_moe_neck = current_neck_gates() is not None
+    if not (moe_modules(head) or fed_by_moe_neck):
         return f'{name} holds no MoE module and no MoE FPN neck feeds it: nothing to tag'
     if decodes_per_level(head) or own_decode(head) is not None:
         return None

@@ -1,0 +1,59 @@
+"""Which MoE layers of a detector tag its detections, and why the others do not.
+
+A layer whose detections are not tagged keeps per-image rows in the statistics
+(``detection_gates: 'image'``). :func:`untagged_layers_reason` says why in one line,
+naming the component, for the statistics hook and the census (``tools/moe_census.py``):
+
+- DETR-family detectors: every query attends to every level of the neck (and the
+  backbone), so a detection draws on all of them and no per-detection tag would be
+  honest; per-image rows are the tag;
+- neck MoE modules that do not compute one level's map (see
+  :mod:`.necks.neck_tagging`);
+- a dense head or RoI head whose decode the tagging does not read
+  (:func:`.dense_heads.untagged_reason`, :func:`.roi_heads.roi_head_tags_detections`).
+"""
+from typing import List, Optional
+
+import torch.nn as nn
+from mmdet.models.detectors import DetectionTransformer
+
+from ..layers import is_moe_module
+from .dense_heads import untagged_reason
+from .necks.neck_tagging import tagged_neck_modules
+from .roi_heads import roi_head_tags_detections
+
+
+def _moe(module: Optional[nn.Module]) -> List[nn.Module]:
+    return [] if module is None else [m for m in module.modules() if is_moe_module(m)]
+
+
+def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
+    """None when every MoE layer of ``detector`` that its detections come from tags
+    them, else one line: which component keeps per-image rows, and why."""
+    name = type(detector).__name__
+    if not _moe(detector):
+        return None
+    if isinstance(detector, DetectionTransformer):
+        return (f'{name}: every query attends to every level, so a detection draws on '
+                'all of them and its MoE layers keep per-image rows (the honest tag)')
+    reasons = []
+    neck = getattr(detector, 'neck', None)
+    tagged_neck = tagged_neck_modules(neck) if neck is not None else {}
+    untagged_neck = [m for m in _moe(neck) if m not in tagged_neck]
+    if untagged_neck:
+        reasons.append(f'{len(untagged_neck)} MoE module(s) of {type(neck).__name__} '
+                       'do not compute one FPN level\'s map (only an FPN\'s per-level '
+                       'convs are tagged)')
+    roi_head = getattr(detector, 'roi_head', None)
+    head = getattr(detector, 'rpn_head' if roi_head is not None else 'bbox_head', None)
+    if roi_head is not None and not roi_head_tags_detections(roi_head):
+        reasons.append(f'{type(roi_head).__name__} has its own predict_bbox, which the '
+                       'tagging does not read')
+    elif head is not None and (_moe(head) or tagged_neck or
+                               (roi_head is None and not untagged_neck)):
+        why = untagged_reason(head, fed_by_moe_neck=bool(tagged_neck))
+        if why is not None:
+            reasons.append(why.split(': its statistics')[0])
+    if not reasons:
+        return None
+    return f'{name}: ' + '; '.join(reasons) + ': those layers keep per-image rows'
