@@ -9,7 +9,9 @@ changes, process-wide, exactly:
   (see :mod:`mmdet_moe.registry`);
 - five functions of mmdet's classes, wrapped so that MoE layers are balanced
   and their detections tagged, and models without MoE layers run mmdet's code
-  unchanged (see :mod:`mmdet_moe.models.mmdet_patches`);
+  unchanged, and the build function of mmdet's model registry, so that a MoE
+  ``conv_cfg`` given to a component without ``conv_cfg`` says what to write instead
+  (see :mod:`mmdet_moe.models.mmdet_patches`);
 - torch's safe-loader allow-list, so that mmengine's checkpoints load under
   torch >= 2.6 (see :mod:`mmdet_moe.compat`).
 """

@@ -68,6 +68,9 @@ def test_patches_wrap_mmdet_own_functions_and_nothing_is_shadowed():
         patched = vars(cls)[name]
         assert getattr(patched, MARK) and patched.__wrapped__.__module__ == cls.__module__
         assert not getattr(patched.__wrapped__, MARK, False)  # wrapped once
+    # the one wrapper on an object: mmdet's model build function
+    assert getattr(MODELS.build_func, MARK)
+    assert not getattr(MODELS.build_func.__wrapped__, MARK, False)
     # a detector or tracker with its own forward would bypass the loss collection
     for model_cls in set(MODELS.module_dict.values()):
         if isinstance(model_cls, type) and issubclass(model_cls, (BaseDetector, BaseMOTModel)):
