@@ -149,6 +149,12 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         return entmax15(logits.movedim(1, last).contiguous(), dim=last).movedim(last, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        # sizes are graph values while tracing: a check on them would freeze into it
+        if x.dim() != 4 or not torch.jit.is_tracing() and x.shape[1] != self.in_channels:
+            raise ValueError(f'{self.moe_name or type(self).__name__}: expected (B, '
+                             f'{self.in_channels}, H, W) input, got shape {tuple(x.shape)}; '
+                             'a MoE conv stands for an nn.Conv2d on 2-D maps: leave a conv '
+                             'fed other shapes dense')
         gates = self.gate_weights(x)
         self._record(gates)
         # contiguous NCHW, as a conv returns it (heads view their outputs)

@@ -82,3 +82,12 @@ def test_bad_arguments():
         CPMuMoE(4, 4, 8, rank=2, gate_act='sparsemax')
     with pytest.raises(ValueError, match='ranks'):
         TRMuMoE(4, 4, 8, ranks=(2, 2))
+
+
+@pytest.mark.parametrize('cls', [CPMuMoEConv2d, TRMuMoEConv2d])
+def test_a_map_of_another_shape_is_refused_naming_the_layer(cls):
+    layer = cls(4, 4, 3, padding=1, num_experts=4)
+    layer.moe_name = 'neck.conv'
+    with pytest.raises(ValueError, match=r'neck\.conv: expected \(B, 4, H, W\) input, got '
+                       r'shape \(2, 4, 7\).*leave a conv fed other shapes dense'):
+        layer(torch.randn(2, 4, 7))
