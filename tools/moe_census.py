@@ -32,12 +32,12 @@ Usage::
 import argparse
 import copy
 import logging
-import math
 import os.path as osp
 import re
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -156,23 +156,20 @@ class FamilyResult:
         return any(o.status == 'CRASH' for o in self.forms.values())
 
 
+def _is_pretrained(cfg) -> bool:
+    return isinstance(cfg, dict) and cfg.get('type') in ('Pretrained', 'PretrainedInit')
+
+
 def _no_pretrained(cfg) -> None:
     """Drop every pretrained checkpoint a config names (no internet, no files)."""
     if isinstance(cfg, dict):
-        if cfg.get('type') == 'Pretrained' or 'checkpoint' in cfg and cfg.get('type') \
-                in ('Pretrained', 'PretrainedInit'):
-            cfg.clear()
-            return
         for key in list(cfg):
-            value = cfg[key]
-            if key in ('init_cfg',) and isinstance(value, dict) and \
-                    value.get('type') == 'Pretrained':
-                cfg[key] = None
-            elif key in ('pretrained', 'teacher_ckpt'):
+            if key in ('pretrained', 'teacher_ckpt') or _is_pretrained(cfg[key]):
                 cfg[key] = None
             else:
-                _no_pretrained(value)
+                _no_pretrained(cfg[key])
     elif isinstance(cfg, list):
+        cfg[:] = [value for value in cfg if not _is_pretrained(value)]
         for value in cfg:
             _no_pretrained(value)
 
@@ -299,25 +296,34 @@ def _non_finite(losses) -> List[str]:
         torch.isfinite(t).all() for t in (v if isinstance(v, (list, tuple)) else [v]))]
 
 
-def _prepare() -> None:
-    """mmdet's scope, the plugin, quiet initialisation, an epoch for heads that read it."""
+@contextmanager
+def quiet():
+    """mmdet's scope, the plugin, an epoch for heads that read it, and mmengine's logger
+    at WARNING (init_weights lists every parameter), restored afterwards."""
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.registry import init_default_scope
     import mmdet_moe  # noqa: F401
     init_default_scope('mmdet')
-    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights' listing
     MessageHub.get_current_instance().update_info('epoch', 0)
     MessageHub.get_current_instance().update_info('iter', 0)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def build_detector(family: str, cfg) -> nn.Module:
-    """Build (a copy of: some detectors edit their config) and initialise."""
+    """Build (a copy of: some detectors edit their config) and initialise, seeded."""
     from mmdet.registry import MODELS
-    _prepare()
-    model = MODELS.build(copy.deepcopy(cfg))
-    if family in MODEL_FIXES:
-        MODEL_FIXES[family](model)
-    model.init_weights()
+    torch.manual_seed(0)
+    with quiet():
+        model = MODELS.build(copy.deepcopy(cfg))
+        if family in MODEL_FIXES:
+            MODEL_FIXES[family](model)
+        model.init_weights()
     return model
 
 
@@ -328,8 +334,13 @@ def run_form(family: str, stock, form: str, dense: nn.Module) -> Outcome:
         return Outcome('n/a')
     try:
         model = build_detector(family, cfg)
-    except (TypeError, ValueError, KeyError) as err:
-        return Outcome('refused', _first_line(err))
+    except (TypeError, ValueError) as err:
+        # the plugin's refusals are ValueErrors; a TypeError only with its hint
+        if isinstance(err, ValueError) or 'MoEDetector' in str(err):
+            return Outcome('refused', _first_line(err))
+        return Outcome('CRASH', 'at build: ' + _first_line(err) + ' @ ' + _where(err))
+    except Exception as err:  # noqa: BLE001  (e.g. a head's init_weights)
+        return Outcome('CRASH', 'at build: ' + _first_line(err) + ' @ ' + _where(err))
     try:
         losses, results = train_and_predict(model, FAMILIES[family][1])
     except Exception as err:  # noqa: BLE001  (the census records every failure)
@@ -375,8 +386,9 @@ def census(families: List[str], log=print) -> List[FamilyResult]:
                 result.stock = 'no detections at score_thr 0'
         except Exception as err:  # noqa: BLE001
             result.stock = _first_line(err)
-        for form in FORMS if result.stock == 'ok' else ():
-            result.forms[form] = run_form(family, stock, form, dense)
+        with quiet():
+            for form in FORMS if result.stock == 'ok' else ():
+                result.forms[form] = run_form(family, stock, form, dense)
         result.seconds = time.time() - start
         log(f'{family:18s} ' + (f'stock model fails: {result.stock}' if result.stock != 'ok'
                                 else ' | '.join(f'{f}: {o.cell()}' for f, o in
@@ -421,7 +433,6 @@ def main(argv=None) -> int:
     parser.add_argument('--out', help='write the markdown table between the markers of '
                         'this page')
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = census(args.families)
     text = table(results)
     print(text)

@@ -213,18 +213,18 @@ class TopKGate(nn.Module):
         feats = torch.cat([p[0] for p in pooled])
         logits = full_precision_linear(self.w_gate, feats)  # float32 under autocast
         with autocast_off(logits.device):
-            return self._gate(logits, feats, pooled)
+            return self._gate(logits, feats, pooled, maps)
 
-    def _gate(self, logits: Tensor, feats: Tensor,
-              pooled: List[Tuple[Tensor, Tensor]]) -> GateOutput:
+    def _gate(self, logits: Tensor, feats: Tensor, pooled: List[Tuple[Tensor, Tensor]],
+              maps: List[Tensor]) -> GateOutput:
         """Noise, top-k and weights from the clean logits, with autocast off."""
         if self.training:
             self._nonfinite |= ~torch.isfinite(logits).all()
-            self._nonfinite_input |= ~torch.isfinite(feats).all()
+            self._nonfinite_input |= ~self._input_finite(maps)
         elif not torch.jit.is_tracing() and not torch.isfinite(logits).all():
             # (a traced graph cannot raise: the check would be frozen into it)
             self._raise_nonfinite(f'for input of shape {tuple(feats.shape)}',
-                                  bool(torch.isfinite(feats).all()))
+                                  bool(self._input_finite(maps)))
         noisy_logits = noise_std = None
         routing = logits
         if self.noisy and self.training:
@@ -245,12 +245,16 @@ class TopKGate(nn.Module):
         return GateOutput(torch.cat(weights), torch.cat(indices), logits, noisy_logits,
                           noise_std, mask)
 
+    @staticmethod
+    def _input_finite(maps: List[Tensor]) -> Tensor:
+        """Whether every input map is finite, as a device bool (no host read)."""
+        return torch.stack([torch.isfinite(m).all() for m in maps]).all()
+
     def _raise_nonfinite(self, when: str, input_finite: bool) -> None:
         cause = ("its input is finite, so the gate's own weights diverged: check the "
                  'learning rate') if input_finite else (
             'its input features are not finite, so the layers before it produce NaN/Inf '
-            '(e.g. parameters never initialised: mmdet\'s TridentConv keeps uninitialised '
-            'memory unless a checkpoint loads; see docs/zoo.md)')
+            '(e.g. parameters never initialised)')
         raise NonFiniteGateError(f'{self._label()}: gate logits are not finite (NaN/Inf) '
                                  f'{when}: {cause}')
 

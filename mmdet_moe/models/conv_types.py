@@ -20,6 +20,7 @@ PyTorch itself. Errors at the build name the layer's type and geometry; errors o
 placement name the owner and attribute; one refusal can only run at the first
 forward (see :func:`_refuse_efficient_conv_bn_eval`) and says so.
 """
+import inspect
 import weakref
 from types import SimpleNamespace
 from typing import List, Optional, Tuple
@@ -220,9 +221,15 @@ def conv_cfg_hint(cfg: dict, error: TypeError) -> Optional[str]:
     MoE conv type, what to write instead (else None)."""
     conv_cfg = cfg.get('conv_cfg') if isinstance(cfg, dict) else None
     if not (isinstance(conv_cfg, dict) and conv_cfg.get('type') in LAYER_TYPES and
-            "'conv_cfg'" in str(error)):
+            "unexpected keyword argument 'conv_cfg'" in str(error)):
         return None
     kind = cfg.get('type')
+    cls = MMDET_MODELS.get(kind) if isinstance(kind, str) else kind
+    try:  # the class itself, not a module it builds, must lack conv_cfg
+        if cls is None or 'conv_cfg' in inspect.signature(cls).parameters:
+            return None
+    except (TypeError, ValueError):  # no signature to read
+        return None
     try:
         plain = MMDET_MODELS.build({k: v for k, v in cfg.items() if k != 'conv_cfg'})
         paths = dense_conv_paths(plain)
@@ -230,7 +237,7 @@ def conv_cfg_hint(cfg: dict, error: TypeError) -> Optional[str]:
         paths = []
     listed = f': its convs are {paths[:6]}{" ..." if len(paths) > 6 else ""}' if paths else ''
     return (f'{kind} takes no conv_cfg, so conv_cfg={conv_cfg.get("type")} cannot reach its '
-            f"convs; insert MoE convs by path instead: model=dict(type='MoEDetector', "
+            f"convs; drop its conv_cfg and insert MoE convs by path: model=dict(type='MoEDetector', "
             f"detector_type=<the detector>, moe_layers=[dict(paths='<component>."
             f"{paths[0] if paths else '<conv>'}', num_experts=...)]) with the component's "
             f'attribute (e.g. neck){listed}')

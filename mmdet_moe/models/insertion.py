@@ -41,9 +41,10 @@ from .upcycling import freeze_all_but_moe
 
 
 def match_module_paths(model: nn.Module, pattern: str) -> List[str]:
-    """Names of modules matching ``pattern`` component-wise (``*`` = one component)."""
+    """Names of modules matching ``pattern`` component-wise (``*`` = one component);
+    a module used at several paths (a shared conv) matches at each of them."""
     parts = pattern.split('.')
-    return [name for name, _ in model.named_modules()
+    return [name for name, _ in model.named_modules(remove_duplicate=False)
             if name and len(name.split('.')) == len(parts)
             and all(fnmatch.fnmatchcase(n, p) for n, p in zip(name.split('.'), parts, strict=True))]
 
@@ -123,7 +124,8 @@ def insert_moe_layers(model: nn.Module, moe_layers: Sequence[dict],
         for pattern in paths:
             names = match_module_paths(model, pattern)
             if not names:
-                convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+                convs = [n for n, m in model.named_modules(remove_duplicate=False)
+                         if isinstance(m, nn.Conv2d)]
                 raise ValueError(f'{where}.paths: {pattern!r} matches no module of '
                                  f'{type(model).__name__}; conv paths include '
                                  f'{convs[:8]}{" ..." if len(convs) > 8 else ""}')

@@ -29,6 +29,7 @@ from collections import defaultdict
 from typing import List, Optional, Sequence, Tuple
 
 import torch.nn as nn
+from mmengine.model import BaseModule
 
 from ..layers import is_moe_module
 from .conv_types import check_servable
@@ -72,10 +73,14 @@ def _check_not_shared(model: nn.Module, module: nn.Module, path: str, where: str
     for sub_name, sub in module.named_modules(prefix=path):
         others = [p for p in paths[id(sub)] if p != sub_name]
         if others:
+            conv = next((f'{sub_name}.{n}'.rstrip('.') for n, m in sub.named_modules()
+                         if type(m) is nn.Conv2d), None)
+            alternative = ('. Make the shared conv a MoE conv instead (expert=' + repr('conv')
+                           + f' with paths={conv!r}: one MoE layer serves every use)'
+                           if conv else '')
             raise ValueError(f'{where} at {path!r}: {sub_name!r} is also at {others}; '
-                             'its copies in the experts would no longer be shared. Make '
-                             "the shared conv a MoE conv instead (expert='conv' with "
-                             f'paths={sub_name!r}: one MoE layer serves every use)')
+                             f'its copies in the experts would no longer be shared'
+                             f'{alternative}')
 
 
 def _checked_tower(model: nn.Module, path: str, where: str
@@ -148,6 +153,31 @@ def _checked_output(model: nn.Module, path: str, output, children: Sequence[str]
     return name, module
 
 
+USE_CONV_EXPERTS = "; use expert='conv' on the tower's convs instead"
+
+
+def _check_init_weights(owner: nn.Module, name: str, moe: TowerMoE,
+                        output: Optional[str], where: str, hint: str) -> None:
+    """Run the owner's own ``init_weights`` on a copy holding the subnet MoE: some heads
+    reach into their towers there (DDOD initialises every layer's ``.conv``), which
+    would fail when the Runner initialises the model, after the build."""
+    if getattr(type(owner), 'init_weights', BaseModule.init_weights) is \
+            BaseModule.init_weights:
+        return  # init_cfg only (or none): applies to whatever modules there are
+    probe = copy.copy(owner)  # the owner's modules, in a new dict, with the MoE in place
+    probe._modules = dict(owner._modules, **{name: moe})
+    if output is not None:
+        probe._modules[output] = OutputInExperts(name)
+    probe = copy.deepcopy(probe)
+    try:
+        probe.init_weights()
+    except (AttributeError, TypeError, IndexError, KeyError) as err:
+        raise ValueError(
+            f'{where}: {type(owner).__name__}.init_weights reads the layers of its tower '
+            f'{name!r} ({type(err).__name__}: {err}), which a subnet MoE replaces as a '
+            f'whole{hint or USE_CONV_EXPERTS}') from err
+
+
 def insert_subnet_moe(model: nn.Module, path: str, spec: dict, where: str) -> TowerMoE:
     """Replace the tower at ``path`` of ``model`` by a :class:`TowerMoE` (see the module
     docstring); ``spec`` holds :data:`SUBNET_KEYS`. Nothing changes when it raises."""
@@ -192,6 +222,7 @@ def insert_subnet_moe(model: nn.Module, path: str, spec: dict, where: str) -> To
                        in_channels=in_channels, **spec)
     except (TypeError, ValueError) as err:
         raise ValueError(f'{where} at {path!r}: {err}') from err
+    _check_init_weights(owner, name, moe, output, f'{where} at {path!r}', hint)
     setattr(owner, name, moe)
     if output is not None:
         setattr(owner, output, OutputInExperts(name))

@@ -10,7 +10,8 @@ naming the component, for the statistics hook and the census (``tools/moe_census
 - neck MoE modules that do not compute one level's map (see
   :mod:`.necks.neck_tagging`);
 - a dense head or RoI head whose decode the tagging does not read
-  (:func:`.dense_heads.untagged_reason`, :func:`.roi_heads.roi_head_tags_detections`).
+  (:func:`.dense_heads.expert_tagging.untagged_decode`,
+  :func:`.roi_heads.roi_head_tags_detections`).
 """
 from typing import List, Optional
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 from mmdet.models.detectors import DetectionTransformer
 
 from ..layers import is_moe_module
-from .dense_heads import untagged_reason
+from .dense_heads.expert_tagging import untagged_decode
 from .necks.neck_tagging import tagged_neck_modules
 from .roi_heads import roi_head_tags_detections
 
@@ -35,7 +36,7 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
         return None
     if isinstance(detector, DetectionTransformer):
         return (f'{name}: every query attends to every level, so a detection draws on '
-                'all of them and its MoE layers keep per-image rows (the honest tag)')
+                'all of them: its MoE layers keep per-image rows, the honest tag there')
     reasons = []
     neck = getattr(detector, 'neck', None)
     tagged_neck = tagged_neck_modules(neck) if neck is not None else {}
@@ -51,9 +52,9 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
                        'tagging does not read')
     elif head is not None and (_moe(head) or tagged_neck or
                                (roi_head is None and not untagged_neck)):
-        why = untagged_reason(head, fed_by_moe_neck=bool(tagged_neck))
+        why = untagged_decode(head)
         if why is not None:
-            reasons.append(why.split(': its statistics')[0])
+            reasons.append(why)
     if not reasons:
         return None
     return f'{name}: ' + '; '.join(reasons) + ': those layers keep per-image rows'

@@ -442,6 +442,6 @@ def test_untagged_layers_are_said_in_one_line_naming_the_head(tmp_path):
     hook._finish(runner, 'test', 'test', None)
     lines = [w for w in warnings if 'per-image rows' in w]
     assert lines == [
-        'ExpertSizeStatsHook: Detr: every query attends to every level, '
-        'so a detection draws on all of them and its MoE layers keep per-image rows (the '
-        'honest tag) (head, neck)']
+        'ExpertSizeStatsHook: Detr: every query attends to every level, so a detection '
+        'draws on all of them: its MoE layers keep per-image rows, the honest tag there; '
+        'untagged layers: head, neck']

@@ -88,12 +88,15 @@ def test_non_finite_logits_name_the_layer():
     end_iteration(model)  # the flag was reset with the error
 
 
-def test_non_finite_logits_from_finite_input_blame_the_gate_weights():
+@pytest.mark.parametrize('gate_type', ['linear', 'conv', 'paper_fc'])
+def test_non_finite_logits_from_finite_input_blame_the_gate_weights(gate_type):
     """The error says where the NaN came from: the layers before the gate (its input;
-    e.g. weights never initialised) or the gate itself (e.g. a learning rate too high)."""
-    layer = MoEConv2d(4, 4, 3, padding=1)
+    e.g. weights never initialised) or the gate itself (e.g. a learning rate too high),
+    whatever the gate computes from its input (a conv gate's own conv too)."""
+    layer = MoEConv2d(4, 4, 3, padding=1, gate_cfg=dict(gate_type=gate_type))
     with torch.no_grad():
-        layer.gate.w_gate.weight.fill_(float('inf'))
+        broken = layer.gate.conv.weight if gate_type == 'conv' else layer.gate.w_gate.weight
+        broken.fill_(float('inf'))
     with pytest.raises(NonFiniteGateError, match=r'input is finite.*gate\'s own weights'):
         layer.eval()(torch.randn(2, 4, 5, 5))
 

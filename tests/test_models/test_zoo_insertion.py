@@ -7,7 +7,7 @@ import torch
 from mmengine.config import ConfigDict
 
 from helpers import all_finite, build_model, one_training_step, predict, stock_model_cfg
-from mmdet_moe.layers import MoEConv2d
+from mmdet_moe.layers import MoEConv2d, record_gates
 
 MOE = dict(num_experts=4, top_k=2, balance_cfg=dict(importance=0.5))
 NAS_FPN = 'nas_fpn/retinanet_r50_nasfpn_crop640-50e_coco.py'
@@ -26,6 +26,7 @@ def nas_fpn_retinanet():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('path', ['bbox_head.cls_convs.0.0.conv',
+                                  'bbox_head.cls_convs.1.0.conv',
                                   'bbox_head.cls_convs.*.0.conv'])
 def test_a_conv_shared_across_levels_becomes_one_moe_layer_at_every_use(path):
     """RetinaSepBNHead shares each tower conv across its levels (BN per level): naming
@@ -39,11 +40,17 @@ def test_a_conv_shared_across_levels_becomes_one_moe_layer_at_every_use(path):
     assert not isinstance(head.cls_convs[0][1].conv, MoEConv2d)  # the others as they were
     losses, _ = one_training_step(model, num_classes=80)
     assert 'loss_moe_importance' in losses and all_finite(losses)
-    results = predict(model, num_classes=80)
-    for result in results:
+    with record_gates() as recorder:
+        results = predict(model, num_classes=80)
+    name = 'bbox_head.cls_convs.0.0.conv'  # its first path names the shared layer
+    rows = [r.weights for r in recorder.records if r.name == name]
+    assert len(rows) == 5  # one routing per level
+    for b, result in enumerate(results):
         pred = result.pred_instances
-        assert len(pred) and pred.metainfo['expert_layers'] == ['bbox_head.cls_convs.0.0.conv']
-        assert set(pred.levels.tolist()) <= set(range(5))
+        assert len(pred) and pred.metainfo['expert_layers'] == [name]
+        # each detection carries the gate row of its (image, level)
+        want = torch.stack([rows[level][b] for level in pred.levels.tolist()])
+        torch.testing.assert_close(pred.expert_weights[:, 0], want)
 
 
 def test_a_subnet_path_into_a_tower_of_shared_convs_names_the_alternative():
@@ -94,7 +101,7 @@ def test_a_neck_without_conv_cfg_names_the_moe_detector_paths():
                num_deconv_kernels=(4, 4), use_dcn=False,
                conv_cfg=dict(type='MoEConv2d', **MOE))
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'conv_cfg'.*"
-                       r"CTResNetNeck takes no conv_cfg.*MoEDetector.*paths="
+                       r"CTResNetNeck takes no conv_cfg.*drop its conv_cfg.*MoEDetector.*paths="
                        r"'<component>\.deconv_layers\.0\.conv'"):
         MODELS.build(cfg)
 
@@ -171,3 +178,32 @@ def test_an_roi_extractor_pooling_every_level_keeps_the_proposal_level():
         assert len(pred) and pred.metainfo['expert_layers'] == ['rpn_head.rpn_conv']
         assert pred.expert_weights.shape[:2] == (len(pred), 1)
         assert set(pred.levels.tolist()) <= set(range(5))
+
+
+def test_a_module_whose_calls_match_no_level_is_left_untagged_not_fatal():
+    """A prediction after training must not fail on tagging: a head module called once
+    on a map whose size two levels share cannot be placed; it stays untagged (its
+    statistics keep per-image rows) and the log says why."""
+    import torch.nn as nn
+    from mmdet_moe.layers import GateRecorder
+    from mmdet_moe.models.dense_heads.expert_tagging import GateMaps
+    head = nn.Module()
+    head.conv = MoEConv2d(4, 4, 3, padding=1)
+    head.conv.moe_name = 'bbox_head.unmatched_conv'
+    recorder = GateRecorder()
+    recorder.add(head.conv.moe_name, torch.full((2, 4), 0.25), module=head.conv)
+    sizes = [torch.Size([4, 4]), torch.Size([4, 4]), torch.Size([2, 2])]
+    gates = GateMaps(head, recorder, sizes, call_sizes={head.conv: [torch.Size([4, 4])]})
+    assert not gates  # nothing to tag with: the stock decode runs untagged
+    placed = GateMaps(head, recorder, sizes, call_sizes={head.conv: [torch.Size([2, 2])]})
+    assert placed.modules[0][2] is recorder.records[0] and placed.modules[0][0] is None
+
+
+def test_a_subnet_in_a_head_whose_init_weights_reads_its_tower_is_refused_at_build():
+    """DDOD's init_weights initialises every tower layer's .conv: a subnet MoE there
+    built, then failed when the Runner initialised the model."""
+    cfg = stock_model_cfg('ddod/ddod_r50_fpn_1x_coco.py')
+    with pytest.raises(ValueError, match=r"moe_layers\[0\] at 'bbox_head\.cls_convs': "
+                       r"DDODHead\.init_weights reads the layers of its tower 'cls_convs'.*"
+                       r"expert='conv' on the tower's convs"):
+        build_model(moe_detector('bbox_head.cls_convs', cfg, expert='subnet'))

@@ -5,7 +5,6 @@ import os.path as osp
 import re
 
 import pytest
-import torch
 
 from helpers import import_tool
 
@@ -42,7 +41,6 @@ def test_the_committed_table_covers_every_family_and_meets_the_targets():
 @pytest.mark.slow
 @pytest.mark.parametrize('family', SUBSET)
 def test_census_family_as_committed(family):
-    torch.set_num_threads(1)  # small images: one thread is as fast, and fair to others
     result, = moe_census.census([family], log=lambda line: None)
     got = {form: outcome.status for form, outcome in result.forms.items()}
     assert result.stock == 'ok', result.stock

@@ -240,7 +240,8 @@ class ExpertSizeStatsHook(GateRecordingMixin, Hook):
                     if layer.get('detection_gates') == 'image']
         if untagged and stats['num_detections']:
             reason = self._untagged_reason or 'detections not tagged'
-            runner.logger.warning(f'ExpertSizeStatsHook: {reason} ({", ".join(untagged)})')
+            runner.logger.warning(f'ExpertSizeStatsHook: {reason}; untagged layers: '
+                                  f'{", ".join(untagged)}')
         for name, layer in stats['layers'].items():
             summary = layer_summary(layer, BUCKET_NAMES)
             scalars = {key: summary[key] for key in (

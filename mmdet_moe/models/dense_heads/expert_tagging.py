@@ -35,12 +35,14 @@ head's detections are not tagged (no MoE module to tag, or a decode the tagging 
 not read, e.g. ``CornerHead``'s corner pairs).
 """
 import itertools
+import logging
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from torch import Tensor
 
 from mmdet.models.dense_heads import CornerHead
@@ -82,6 +84,10 @@ def decodes_per_level(head) -> bool:
             (keeps_priors_with_mmdet_topk(head) or isinstance(head, RPNHead)))
 
 
+#: MoE modules whose calls did not match the head's levels, already logged
+_UNMATCHED: set = set()
+
+
 class GateMaps:
     """The gates of one forward of a head, per MoE module that routed, indexable per
     (image, level, prior): per level a record with ``weights`` (B, N), per-(image,
@@ -102,15 +108,18 @@ class GateMaps:
             records = sorted((r for r in recorder.records if r.module is module),
                              key=lambda r: r.call if r.level is None else r.level)
             if records:  # else it reuses another module's routing
-                self.modules.append(self._by_level(
-                    module, records, sizes, (call_sizes or {}).get(module, [])))
+                by_level = self._by_level(module, records, sizes,
+                                          (call_sizes or {}).get(module, []))
+                if by_level is not None:
+                    self.modules.append(by_level)
         if neck is not None:
             self.modules += neck.level_records(sizes)
 
     def _by_level(self, module: nn.Module, records: List[GateRecord],
                   sizes: Sequence[torch.Size], seen: List[torch.Size]
-                  ) -> List[Optional[GateRecord]]:
-        """The records of ``module`` per level (None where it did not run)."""
+                  ) -> Optional[List[Optional[GateRecord]]]:
+        """The records of ``module`` per level (None where it did not run); None when
+        its calls cannot be matched to levels."""
         if len(records) == len(sizes):
             return records
         levels = [[level for level, size in enumerate(sizes) if size == s] for s in seen]
@@ -121,12 +130,18 @@ class GateMaps:
             for match, record in zip(levels, records):
                 by_level[match[0]] = record
             return by_level
-        raise RuntimeError(
-            f'{self.head_name}: MoE module {module.moe_name or type(module).__name__} '
-            f'was called {len(records)} times (on maps of {[tuple(s) for s in seen]}) for '
-            f'{len(sizes)} FPN levels of {[tuple(s) for s in sizes]}; detections can be '
-            'tagged only when each MoE module of the head runs once per level it serves, '
-            'on a map of that level\'s size')
+        # a prediction after training must not fail here: the module stays untagged
+        # (its statistics keep per-image rows) and the log says why, once
+        name = module.moe_name or type(module).__name__
+        if name not in _UNMATCHED:
+            _UNMATCHED.add(name)
+            print_log(f'{self.head_name}: MoE module {name} was called {len(records)} times '
+                      f'(on maps of {[tuple(s) for s in seen]}) for {len(sizes)} FPN levels '
+                      f'of {[tuple(s) for s in sizes]}; its detections are not tagged (only '
+                      'a module run once per level it serves, on a map of that level\'s '
+                      'size, can be): its statistics keep per-image rows',
+                      logger='current', level=logging.WARNING)
+        return None
 
     @staticmethod
     def _any(records: List[Optional[GateRecord]]) -> GateRecord:
@@ -318,15 +333,9 @@ def tags_detections(head) -> bool:
     return untagged_reason(head) is None
 
 
-def untagged_reason(head, fed_by_moe_neck: Optional[bool] = None) -> Optional[str]:
-    """None when ``head.predict`` tags its detections, else one line naming the head
-    class and why not. ``fed_by_moe_neck``: whether a tagged MoE FPN neck feeds it
-    (default: whether a predict running now recorded one)."""
-    name = type(head).__name__
-    if fed_by_moe_neck is None:
-        fed_by_moe_neck = current_neck_gates() is not None
-    if not (moe_modules(head) or fed_by_moe_neck):
-        return f'{name} holds no MoE module and no MoE FPN neck feeds it: nothing to tag'
+def untagged_decode(head) -> Optional[str]:
+    """None when ``head`` decodes in a way the tagging reads, else what it does
+    instead, naming its class (e.g. 'CornerHead decodes corner pairs, ...')."""
     if decodes_per_level(head) or own_decode(head) is not None:
         return None
     if isinstance(head, CornerHead):
@@ -337,4 +346,14 @@ def untagged_reason(head, fed_by_moe_neck: Optional[bool] = None) -> Optional[st
     else:
         why = ('decodes with its own predict_by_feat, whose kept priors the tagging '
                'does not read')
-    return f'{name} {why}: its statistics keep per-image rows'
+    return f'{type(head).__name__} {why}'
+
+
+def untagged_reason(head) -> Optional[str]:
+    """None when ``head.predict`` tags its detections, else one line naming the head
+    class and why not."""
+    if not (moe_modules(head) or current_neck_gates() is not None):
+        return (f'{type(head).__name__} holds no MoE module and no MoE FPN neck feeds '
+                'it: nothing to tag')
+    why = untagged_decode(head)
+    return None if why is None else f'{why}: its statistics keep per-image rows'
