@@ -40,17 +40,31 @@ def test_a_conv_shared_across_levels_becomes_one_moe_layer_at_every_use(path):
     assert not isinstance(head.cls_convs[0][1].conv, MoEConv2d)  # the others as they were
     losses, _ = one_training_step(model, num_classes=80)
     assert 'loss_moe_importance' in losses and all_finite(losses)
+    # its first path names the shared layer, which routes once per level
+    assert_tags_are_level_rows(model, 'bbox_head.cls_convs.0.0.conv', levels=5)
+
+
+def assert_tags_are_level_rows(model, name, levels, **inputs):
+    """Each detection carries the gate row of its (image, level) of layer ``name``."""
     with record_gates() as recorder:
-        results = predict(model, num_classes=80)
-    name = 'bbox_head.cls_convs.0.0.conv'  # its first path names the shared layer
+        results = predict(model, num_classes=80, **inputs)
     rows = [r.weights for r in recorder.records if r.name == name]
-    assert len(rows) == 5  # one routing per level
+    assert len(rows) == levels
     for b, result in enumerate(results):
         pred = result.pred_instances
         assert len(pred) and pred.metainfo['expert_layers'] == [name]
-        # each detection carries the gate row of its (image, level)
         want = torch.stack([rows[level][b] for level in pred.levels.tolist()])
         torch.testing.assert_close(pred.expert_weights[:, 0], want)
+
+
+@pytest.mark.slow
+def test_condinst_detections_are_tagged_with_their_level_rows():
+    """CondInst decodes with its own predict_by_feat, per image and level as mmdet's
+    base does (it keeps mask parameters too): its detections were untagged."""
+    cfg = stock_model_cfg('condinst/condinst_r50_fpn_ms-poly-90k_coco_instance.py')
+    cfg.test_cfg.score_thr = 0.0
+    model = build_model(moe_detector('bbox_head.cls_convs.0.conv', cfg))
+    assert_tags_are_level_rows(model, 'bbox_head.cls_convs.0.conv', levels=5)
 
 
 def test_a_subnet_path_into_a_tower_of_shared_convs_names_the_alternative():

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from mmdet.models.dense_heads import CornerHead
+from mmdet.models.dense_heads import CondInstBboxHead, CornerHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
@@ -76,11 +76,17 @@ def keeps_priors_with_mmdet_topk(head) -> bool:
             is filter_scores_and_topk)
 
 
+#: predict_by_feat functions that run ``_predict_by_feat_single`` once per image,
+#: which keeps priors level by level and ends in ``_bbox_post_process`` (CondInst's
+#: own adds its mask parameters to what it keeps, and decodes alike)
+PER_IMAGE_DECODES = (BaseDenseHead.predict_by_feat, CondInstBboxHead.predict_by_feat)
+
+
 def decodes_per_level(head) -> bool:
-    """Whether the head decodes through BaseDenseHead.predict_by_feat, keeping priors
-    with mmdet's ``filter_scores_and_topk`` or, as the RPN, tagging each kept box
-    with its ``level_ids`` (what the tagging relies on)."""
-    return (type(head).predict_by_feat is BaseDenseHead.predict_by_feat and
+    """Whether the head decodes per image through :data:`PER_IMAGE_DECODES`, keeping
+    priors with mmdet's ``filter_scores_and_topk`` or, as the RPN, tagging each kept
+    box with its ``level_ids`` (what the tagging relies on)."""
+    return (type(head).predict_by_feat in PER_IMAGE_DECODES and
             (keeps_priors_with_mmdet_topk(head) or isinstance(head, RPNHead)))
 
 
