@@ -264,9 +264,14 @@ def moe_model_cfg(stock, form: str, dense: nn.Module):
 
 
 def _inputs(model: nn.Module, size: int, training: bool):
+    """Two random images with three boxes each (and masks, a semantic map, where the
+    model learns them)."""
     from mmdet.testing import demo_mm_inputs
+    roi_head = getattr(model, 'roi_head', None)
+    masks = hasattr(model, 'mask_head') or getattr(roi_head, 'with_mask', False)
+    semantic = getattr(roi_head, 'with_semantic', False)
     packed = demo_mm_inputs(2, [[3, size, size]] * 2, num_items=[3, 3], num_classes=2,
-                            with_mask=True)
+                            with_mask=bool(masks), with_semantic=bool(semantic))
     for sample in packed['data_samples']:  # class 0: every family has one
         sample.gt_instances.labels.zero_()
     return model.data_preprocessor(packed, training)
@@ -278,17 +283,23 @@ def _first_line(err: BaseException) -> str:
 
 
 def train_and_predict(model: nn.Module, size: int):
-    """One training step (returns the loss dict) and a prediction of two images."""
+    """A prediction, one training step on two images and a prediction again: the loss
+    dict and the detections of the later prediction that has any (some stock models,
+    e.g. RTMDet, keep no valid box after one step from their initialisation)."""
+    def predict():
+        model.eval()
+        with torch.no_grad():
+            return model(**_inputs(model, size, False), mode='predict')
+
     torch.manual_seed(0)
+    before = predict()
     model.train()
     losses = model(**_inputs(model, size, True), mode='loss')
     total = sum(sum(v) if isinstance(v, (list, tuple)) else v
                 for k, v in losses.items() if 'loss' in k)
     total.backward()
-    model.eval()
-    with torch.no_grad():
-        results = model(**_inputs(model, size, False), mode='predict')
-    return losses, results
+    after = predict()
+    return losses, after if any(len(r.pred_instances) for r in after) else before
 
 
 def _non_finite(losses) -> List[str]:
@@ -385,7 +396,7 @@ def census(families: List[str], log=print) -> List[FamilyResult]:
             if not any(len(p.pred_instances) for p in predictions):
                 result.stock = 'no detections at score_thr 0'
         except Exception as err:  # noqa: BLE001
-            result.stock = _first_line(err)
+            result.stock = _first_line(err) + ' @ ' + _where(err)
         with quiet():
             for form in FORMS if result.stock == 'ok' else ():
                 result.forms[form] = run_form(family, stock, form, dense)

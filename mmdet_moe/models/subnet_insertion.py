@@ -175,7 +175,7 @@ def _check_init_weights(owner: nn.Module, name: str, moe: TowerMoE,
         raise ValueError(
             f'{where}: {type(owner).__name__}.init_weights reads the layers of its tower '
             f'{name!r} ({type(err).__name__}: {err}), which a subnet MoE replaces as a '
-            f'whole{hint or USE_CONV_EXPERTS}') from err
+            f'whole{hint}') from err
 
 
 def insert_subnet_moe(model: nn.Module, path: str, spec: dict, where: str) -> TowerMoE:
@@ -195,7 +195,7 @@ def insert_subnet_moe(model: nn.Module, path: str, spec: dict, where: str) -> To
         layers.append((output, out_module))
     hint = (f"; to make single convs MoE use expert='conv' on {path}.*.conv"
             if children and all(isinstance(getattr(layer, 'conv', None), nn.Conv2d)
-                                for _, layer in children) else '')
+                                for _, layer in children) else USE_CONV_EXPERTS)
     check = TowerCallCheck(where, path, type(owner).__name__, name, output, hint)
     check.check_declared(owner)
 

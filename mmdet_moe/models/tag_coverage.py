@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch.nn as nn
 from mmdet.models.detectors import DetectionTransformer
+from mmdet.models.roi_heads import TridentRoIHead
 
 from ..layers import is_moe_module
 from .dense_heads.expert_tagging import untagged_decode
@@ -47,7 +48,10 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
                        'convs are tagged)')
     roi_head = getattr(detector, 'roi_head', None)
     head = getattr(detector, 'rpn_head' if roi_head is not None else 'bbox_head', None)
-    if roi_head is not None and not roi_head_tags_detections(roi_head):
+    if isinstance(roi_head, TridentRoIHead):
+        reasons.append('TridentRoIHead merges the detections of its branches into new '
+                       'ones, without their tags')
+    elif roi_head is not None and not roi_head_tags_detections(roi_head):
         reasons.append(f'{type(roi_head).__name__} has its own predict_bbox, which the '
                        'tagging does not read')
     elif head is not None and (_moe(head) or tagged_neck or

@@ -30,9 +30,13 @@ import torch.nn as nn
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 
 # (owner class, tower) → what that owner's forward does with the tower
+_PER_LEVEL = ('holds one conv stack per level, which its forward zips with the levels '
+              '(a tower of levels, not of layers)')
 KNOWN_MISUSES = {
     ('TOODHead', 'inter_convs'): 'keeps every intermediate feature of its loop (its task '
                                  'decomposition concatenates them)',
+    ('SSDHead', 'cls_convs'): _PER_LEVEL,
+    ('SSDHead', 'reg_convs'): _PER_LEVEL,
 }
 
 

@@ -221,3 +221,17 @@ def test_a_subnet_in_a_head_whose_init_weights_reads_its_tower_is_refused_at_bui
                        r"DDODHead\.init_weights reads the layers of its tower 'cls_convs'.*"
                        r"expert='conv' on the tower's convs"):
         build_model(moe_detector('bbox_head.cls_convs', cfg, expert='subnet'))
+
+
+def test_a_subnet_on_ssds_per_level_convs_is_refused_at_build():
+    """SSD's cls_convs holds one stack per level, zipped with the levels: no tower; the
+    subnet form built, then crashed in training."""
+    from mmengine.config import Config
+    import mmdet
+    import os.path as osp
+    cfg = Config.fromfile(osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', 'ssd',
+                                   'ssd300_coco.py')).model
+    cfg.backbone.init_cfg = None
+    with pytest.raises(ValueError, match=r"bbox_head\.cls_convs.*SSDHead.*one conv stack "
+                       r"per level.*expert='conv' on the tower's convs"):
+        build_model(moe_detector('bbox_head.cls_convs', cfg, expert='subnet'))
