@@ -306,3 +306,19 @@ def test_detector_trained_one_step_tags_its_detections(path, conv):
         assert len(pred) > 0 and pred.expert_weights.shape == (len(pred), 1, 4)
         assert pred.metainfo['expert_layers'] == [conv]
         torch.testing.assert_close(pred.expert_weights.sum(-1), torch.ones(len(pred), 1))
+
+
+def test_boxes_several_priors_decode_to_leave_the_batch_untagged_not_failing():
+    """YOLOv3's decoded boxes can tie (sizes overflowing to inf early in training, as
+    the census met): which prior a kept box comes from is then unknown. The prediction
+    must not fail: the batch goes untagged, as mmdet predicts it (it raised)."""
+    head, feats, _ = make('yolov3', priors_as_boxes=False)
+    with torch.no_grad():  # exp(200) overflows: every box is infinitely large
+        for conv in head.convs_pred:
+            conv.bias.view(3, -1)[:, 2:4] = 200.0
+    stock, tagged = stock_and_tagged(head, feats)
+    assert sum(len(r) for r in stock) > 0
+    for got, want in zip(tagged, stock, strict=True):
+        assert 'expert_weights' not in got
+        for key in want.keys():
+            assert torch.equal(got[key], want[key]), key

@@ -54,7 +54,7 @@ from mmengine.structures import InstanceData
 from ...layers import GateRecord, GateRecorder, is_moe_module, record_gates
 from ..necks.neck_tagging import NeckGates, current_neck_gates
 from ..rebinding import method_global, method_seeing
-from .own_decodes import OwnDecode, own_decode
+from .own_decodes import OwnDecode, UnmatchedRows, own_decode
 
 
 def moe_modules(head) -> list:
@@ -288,9 +288,17 @@ def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: Lis
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         return decode.post_process(stock, tag(b, results), *args, **kwargs)
 
-    with decode.recording(), post_processing(head, tag_then_post_process):
-        results = head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
-                                       rescale=rescale)
+    try:
+        with decode.recording(), post_processing(head, tag_then_post_process):
+            results = head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
+                                           rescale=rescale)
+    except UnmatchedRows as err:
+        # e.g. boxes clipped to the same image border by several priors: a prediction
+        # must not fail on tagging; these detections go untagged, the log says why
+        print_log(f'{type(head).__name__}: {err}; this batch keeps per-image rows',
+                  logger='current', level=logging.WARNING)
+        return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
+                                    rescale=rescale)
     if decode.post_processes:
         return results
     return [tag(b, result) for b, result in enumerate(results)]

@@ -32,6 +32,10 @@ from mmdet.models.utils import get_topk_from_heatmap
 from ..rebinding import method_seeing, with_globals
 
 
+class UnmatchedRows(RuntimeError):
+    """Kept rows whose prior cannot be told (no decoded row, or several, equal them)."""
+
+
 def match_rows(rows: Tensor, table: Tensor, what: str) -> Tensor:
     """(len(rows),): for each row of ``rows`` (n, D), the index of the one row of
     ``table`` (P, D) bit-identical to it; an error where none or several are."""
@@ -42,7 +46,7 @@ def match_rows(rows: Tensor, table: Tensor, what: str) -> Tensor:
     counts = torch.bincount(table_ids, minlength=int(ids.max()) + 1)
     if not (counts[row_ids] == 1).all():
         bad = int((counts[row_ids] != 1).sum())
-        raise RuntimeError(f'{bad} of {len(rows)} kept {what} match no row or several rows '
+        raise UnmatchedRows(f'{bad} of {len(rows)} kept {what} match no row or several rows '
                            f'of the {len(table)} decoded ones: which prior they come from '
                            'is unknown, their detections cannot be tagged')
     where = torch.empty_like(counts)
