@@ -224,6 +224,15 @@ def test_cascade_rcnn_trained_a_step_tags_its_detections_and_rows_per_image():
     assert set(roi_record.row_images.tolist()) == {0, 1}
 
 
+def features_and_proposals(model):
+    """(image metas, features, the RPN's proposals) of a batch, without gradients."""
+    inputs, samples = batch(model)
+    with torch.no_grad():
+        feats = model.extract_feat(inputs)
+        proposals = model.rpn_head.predict(feats, samples, rescale=False)
+    return [s.metainfo for s in samples], feats, proposals
+
+
 @pytest.mark.parametrize('path,paths', [
     ('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', PATHS),
     (CASCADE, ['rpn_head.rpn_conv', 'roi_head.bbox_head.1.shared_convs.0.conv'])])
@@ -233,11 +242,8 @@ def test_an_image_without_proposals_gets_empty_tags(path, paths):
     detections and (0, M, N) tags; the other image's are those of a batch without it."""
     model = two_stage(path, paths)
     head = model.roi_head
-    inputs, samples = batch(model)
-    metas = [s.metainfo for s in samples]
+    metas, feats, proposals = features_and_proposals(model)
     with torch.no_grad():
-        feats = model.extract_feat(inputs)
-        proposals = model.rpn_head.predict(feats, samples, rescale=False)
         empty = proposals[1][proposals[1].scores < 0]
         empty.set_metainfo(proposals[1].metainfo)
         first, none = head.predict_bbox(feats, metas, [proposals[0], empty],
@@ -253,11 +259,8 @@ def test_an_image_without_proposals_gets_empty_tags(path, paths):
 def test_cascade_without_rcnn_test_cfg_gives_mmdets_untagged_scores():
     model = two_stage(CASCADE, ['roi_head.bbox_head.0.shared_convs.0.conv'])
     head = model.roi_head
-    inputs, samples = batch(model)
-    metas = [s.metainfo for s in samples]
+    metas, feats, proposals = features_and_proposals(model)
     with torch.no_grad():
-        feats = model.extract_feat(inputs)
-        proposals = model.rpn_head.predict(feats, samples, rescale=False)
         got = head.predict_bbox(feats, metas, proposals, None)
         want = CascadeRoIHead.predict_bbox.__wrapped__(head, feats, metas, proposals,
                                                        None)
