@@ -1,10 +1,11 @@
-"""Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet), and
-RTMDet, tag their detections with the level and gate weights of the prior each comes
-from, and keep mmdet's boxes, scores and labels. The independent computation: with
-the box regression set to a constant, every box is its prior (YOLOv3: its anchor at
-its cell; CenterNet: its peak; RTMDet: a square of two strides), so its size gives
-the level and its centre the location, and the gates are read from the records of a
-plain forward at that (image, level, location)."""
+"""Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet, YOLACT,
+SABL, CornerNet), and RTMDet, tag their detections with the level and gate weights of
+the prior each comes from, and keep mmdet's boxes, scores and labels. The independent
+computation: with the box regression set to a constant, every box is its prior
+(YOLOv3, YOLACT: its anchor at its cell; CenterNet: its peak; RTMDet: a square of two
+strides; SABL: a square of 18/7 strides), so its size gives the level and its centre
+the location, and the gates are read from the records of a plain forward at that
+(image, level, location). CornerNet decodes its last level only."""
 import math
 import os.path as osp
 
@@ -108,9 +109,28 @@ def rtmdet(moe):
     return head, boxes_twice_the_stride
 
 
+def yolact(moe):
+    head = build_model(head_cfg('yolact/yolact_r50_1xb8-55e_coco.py', in_channels=WIDTH,
+                                feat_channels=WIDTH))
+    insert_moe(head, 'head_convs.0.conv', moe)
+    return head, lambda: zero(*head.conv_reg.parameters())
+
+
+def sabl(moe):
+    """SABL decodes per level as mmdet's base (its own predict_by_feat splits the box
+    predictions); with its bucket scores and offsets zero, a box is a square of 18/7
+    strides about its anchor's centre."""
+    head = build_model(head_cfg('sabl/sabl-retinanet_r50_fpn_1x_coco.py', in_channels=WIDTH,
+                                feat_channels=WIDTH))
+    insert_moe(head, 'cls_convs.0.conv', moe)
+    return head, lambda: zero(*head.retina_bbox_reg.parameters(),
+                              *head.retina_bbox_cls.parameters())
+
+
 HEADS = {'yolox': (yolox, [8, 16, 32]), 'yolov3': (yolov3, [32, 16, 8]),
          'paa': (paa, [8, 16, 32, 64, 128]), 'centernet': (centernet, [4]),
-         'rtmdet': (rtmdet, [8, 16, 32])}
+         'rtmdet': (rtmdet, [8, 16, 32]), 'yolact': (yolact, [8, 16, 32, 64, 128]),
+         'sabl': (sabl, [8, 16, 32, 64, 128])}
 
 
 def make(name, moe=MOE, priors_as_boxes=True, **kwargs):
@@ -146,10 +166,17 @@ def prior_of(name, head, strides, box):
                      if any(math.isclose(width, w, rel_tol=1e-4) for w, _ in level_sizes))
     elif name == 'centernet':
         level = 0
-    else:
+    elif name == 'yolact':  # an anchor's area: (3 × its level's base size)²
         if min(x1, y1) <= 0 or max(x2, y2) >= SIZE:
             return None
-        size = width / 2 if name == 'rtmdet' else width
+        level = round(math.log2(math.sqrt(width * (y2 - y1)) / 24))
+        (stride, _), (centre, _) = (head.prior_generator.strides[level],
+                                    head.prior_generator.centers[level])
+        return level, round((cy - centre) / stride), round((cx - centre) / stride)
+    else:
+        if min(x1, y1) <= 0 or max(x2, y2) >= SIZE - 1:  # (SABL clips to SIZE - 1)
+            return None
+        size = dict(rtmdet=width / 2, sabl=width * 7 / 18).get(name, width)
         level = next(i for i, s in enumerate(strides) if math.isclose(size, s, rel_tol=1e-4))
     stride, offset = strides[level], 0.5 if name == 'yolov3' else 0.0  # prior centres
     return level, round(cy / stride - offset), round(cx / stride - offset)
@@ -251,13 +278,50 @@ def test_a_kept_row_is_the_one_bit_identical_row_or_an_error():
         match_rows(table[:1] + 0.5, table, 'boxes')
 
 
-def test_untagged_reason_names_the_head_and_why():
-    cfg = dict(type='CornerHead', num_classes=5, in_channels=WIDTH, num_feat_levels=1)
-    head = build_model(cfg)
-    insert_moe_layers(head, [dict(paths='tl_pool.0.conv1.conv', **MOE)])
-    assert not tags_detections(head)
-    assert untagged_reason(head) == ('CornerHead decodes corner pairs, not priors of a '
-                                     'level: its statistics keep per-image rows')
+def cornernet(moe, seed=4):
+    """CornerNet's head on two feature levels (two Hourglass stacks), the first conv of
+    each level's top-left pooling a MoE conv, and 32-px maps of two images."""
+    model = stock_model('cornernet/cornernet_hourglass104_8xb6-210e-mstest_coco.py')
+    model.bbox_head.update(num_classes=5, in_channels=WIDTH, test_cfg=model.test_cfg)
+    head = build_model(model.bbox_head)
+    insert_moe(head, ['tl_pool.0.conv1.conv', 'tl_pool.1.conv1.conv'], moe)
+    redraw_parameters(head, seed=seed)
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(2, WIDTH, 32, 32, generator=gen) for _ in range(2)]
+    return head.eval(), feats
+
+
+def test_cornernet_tags_each_detection_with_its_last_level_gates():
+    """Corner pairs come from the last level (the earlier stack's serves only
+    intermediate supervision): each detection's tag is that (image, level) gate row of
+    the last level's MoE conv, and a row of zeros for the first level's (it fed none;
+    both levels' maps have one size: the convs' places in the per-level lists say
+    which level each serves)."""
+    head, feats = cornernet(MOE)
+    assert tags_detections(head) and untagged_reason(head) is None
+    stock, tagged = stock_and_tagged(head, feats)
+    assert_stock(tagged, stock)
+    with record_gates() as recorder, torch.no_grad():
+        head(feats)
+    last = head.tl_pool[1].conv1.conv
+    record, = [r for r in recorder.records if r.module is last]
+    for b, result in enumerate(tagged):
+        assert (result.levels == 1).all()
+        assert not result.expert_weights[:, 0].any()
+        torch.testing.assert_close(result.expert_weights[:, 1],
+                                   record.weights[b].expand(len(result), -1))
+
+
+def test_cornernet_per_pixel_gates_leave_the_batch_untagged():
+    """A corner pair has no one location for a per-pixel gate: mmdet's detections,
+    untagged (the log says why)."""
+    head, feats = cornernet(PIXEL, seed=5)  # a draw with corner pairs
+    stock, result = stock_and_tagged(head, feats)
+    assert sum(len(r) for r in stock) > 0
+    for got, want in zip(result, stock, strict=True):
+        assert 'expert_weights' not in got
+        for key in want.keys():
+            assert torch.equal(got[key], want[key]), key
 
 
 class OwnPredict(RetinaHead):

@@ -27,16 +27,16 @@ neck module's column holds the gate row (or the vector at the prior's location) 
 the level it feeds for that level's detections, and zeros for the others' (a gate
 row sums to 1, so a zero row means "did not feed this detection").
 
-Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet) are tagged
-from the prior :mod:`.own_decodes` finds behind each row they keep, as an index into
-all levels' priors (:meth:`GateMaps.prior_weights`). Boxes, scores and labels are
-exactly those of the stock decode. :func:`untagged_reason` says, in one line, why a
-head's detections are not tagged (no MoE module to tag, or a decode the tagging does
-not read, e.g. ``CornerHead``'s corner pairs).
+Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet, YOLACT) are
+tagged from the prior :mod:`.own_decodes` finds behind each row they keep, as an index
+into all levels' priors (:meth:`GateMaps.prior_weights`), CornerNet's corner pairs
+with the level they are decoded from. Boxes, scores and labels are exactly those of
+the stock decode. :func:`untagged_reason` says, in one line, why a head's detections
+are not tagged (no MoE module to tag, or a decode the tagging does not read).
 """
 import itertools
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from mmdet.models.dense_heads import CondInstBboxHead, CornerHead
+from mmdet.models.dense_heads import CondInstBboxHead, SABLRetinaHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
@@ -78,8 +78,10 @@ def keeps_priors_with_mmdet_topk(head) -> bool:
 
 #: predict_by_feat functions that run ``_predict_by_feat_single`` once per image,
 #: which keeps priors level by level and ends in ``_bbox_post_process`` (CondInst's
-#: own adds its mask parameters to what it keeps, and decodes alike)
-PER_IMAGE_DECODES = (BaseDenseHead.predict_by_feat, CondInstBboxHead.predict_by_feat)
+#: own adds its mask parameters to what it keeps, SABL's splits its box predictions
+#: in two, and both decode alike)
+PER_IMAGE_DECODES = (BaseDenseHead.predict_by_feat, CondInstBboxHead.predict_by_feat,
+                     SABLRetinaHead.predict_by_feat)
 
 
 def decodes_per_level(head) -> bool:
@@ -114,23 +116,25 @@ class GateMaps:
             records = sorted((r for r in recorder.records if r.module is module),
                              key=lambda r: r.call if r.level is None else r.level)
             if records:  # else it reuses another module's routing
-                by_level = self._by_level(module, records, sizes,
+                by_level = self._by_level(head, module, records, sizes,
                                           (call_sizes or {}).get(module, []))
                 if by_level is not None:
                     self.modules.append(by_level)
         if neck is not None:
             self.modules += neck.level_records(sizes)
 
-    def _by_level(self, module: nn.Module, records: List[GateRecord],
+    def _by_level(self, head: nn.Module, module: nn.Module, records: List[GateRecord],
                   sizes: Sequence[torch.Size], seen: List[torch.Size]
                   ) -> Optional[List[Optional[GateRecord]]]:
         """The records of ``module`` per level (None where it did not run); None when
-        its calls cannot be matched to levels."""
+        its calls cannot be matched to levels: by the size of their maps, else, where
+        levels share a size, by the module's place in per-level lists."""
         if len(records) == len(sizes):
             return records
         levels = [[level for level, size in enumerate(sizes) if size == s] for s in seen]
-        if len(records) < len(sizes) and len(seen) == len(records) and \
-                all(len(match) == 1 for match in levels) and \
+        if not (len(seen) == len(records) and all(len(match) == 1 for match in levels)):
+            levels = [[level] for level in list_levels(head, module, len(sizes))]
+        if len(records) < len(sizes) and len(levels) == len(records) and \
                 len({match[0] for match in levels}) == len(records):
             by_level: List[Optional[GateRecord]] = [None] * len(sizes)
             for match, record in zip(levels, records):
@@ -161,14 +165,18 @@ class GateMaps:
     def __bool__(self) -> bool:
         return bool(self.modules)
 
+    @property
+    def pixel_modules(self) -> List[str]:
+        """The names of the modules with per-pixel gates."""
+        return [self._any(records).name for records in self.modules
+                if any(r is not None and r.pixel_weights is not None for r in records)]
+
     def level_weights(self, b: int, levels: Tensor) -> Tensor:
         """(len(levels), M, N): the (image, level) gate rows of image ``b``."""
-        pixel = [self._any(records).name for records in self.modules
-                 if any(r is not None and r.pixel_weights is not None for r in records)]
-        if pixel:
+        if self.pixel_modules:
             raise RuntimeError(f'{self.head_name} keeps no prior indices: the per-pixel '
-                               f'gates of {pixel} cannot be tagged in its detections; use '
-                               "a per-image gate there (gate_mode='image')")
+                               f'gates of {self.pixel_modules} cannot be tagged in its '
+                               "detections; use a per-image gate there (gate_mode='image')")
         per_module = []
         for records in self.modules:
             zeros = torch.zeros_like(self._any(records).weights[b])
@@ -213,6 +221,21 @@ class GateMaps:
                         f'of level {level}')
                 per_module.append(gates.flatten(1).t()[priors // (num_priors // pixels)])
         return cat_expert_tags([weights[:, None] for weights in per_module])
+
+
+def list_levels(head: nn.Module, module: nn.Module, num_levels: int) -> List[int]:
+    """The levels ``module`` serves by its place in ``head``, ascending: ``i`` where a
+    path to it goes through entry ``i`` of an ``nn.ModuleList`` of one entry per level
+    (CornerNet's ``tl_pool``, SSD's ``cls_convs``), a head running its levels in
+    order."""
+    levels = set()
+    for path, found in head.named_modules(remove_duplicate=False):
+        parent = head
+        for part in path.split('.') if found is module else ():
+            if isinstance(parent, nn.ModuleList) and len(parent) == num_levels:
+                levels.add(int(part))
+            parent = getattr(parent, part)
+    return sorted(levels)
 
 
 @contextmanager
@@ -282,16 +305,18 @@ def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: Lis
     level_priors = decode.level_priors(sizes)
 
     def tag(b: int, results: InstanceData) -> InstanceData:
-        levels, weights = gates.prior_weights(b, decode.rows(b, results), level_priors)
-        return with_tags(results, levels, weights, gates)
+        return with_tags(results, *decode.tags(b, results, gates, level_priors), gates)
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         return decode.post_process(stock, tag(b, results), *args, **kwargs)
 
     try:
-        with decode.recording(), post_processing(head, tag_then_post_process):
+        with decode.recording(), post_processing(head, tag_then_post_process) \
+                if decode.post_processes else nullcontext():
             results = head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
                                            rescale=rescale)
+            if not decode.post_processes:
+                results = [tag(b, result) for b, result in enumerate(results)]
     except UnmatchedRows as err:
         # e.g. boxes clipped to the same image border by several priors: a prediction
         # must not fail on tagging; these detections go untagged, the log says why
@@ -299,9 +324,7 @@ def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: Lis
                   logger='current', level=logging.WARNING)
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
                                     rescale=rescale)
-    if decode.post_processes:
-        return results
-    return [tag(b, result) for b, result in enumerate(results)]
+    return results
 
 
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
@@ -352,9 +375,7 @@ def untagged_decode(head) -> Optional[str]:
     instead, naming its class (e.g. 'CornerHead decodes corner pairs, ...')."""
     if decodes_per_level(head) or own_decode(head) is not None:
         return None
-    if isinstance(head, CornerHead):
-        why = 'decodes corner pairs, not priors of a level'
-    elif type(head).predict_by_feat is BaseDenseHead.predict_by_feat:
+    if type(head).predict_by_feat is BaseDenseHead.predict_by_feat:
         why = ("keeps priors in its _predict_by_feat_single otherwise than mmdet's "
                'filter_scores_and_topk')
     else:

@@ -1,5 +1,6 @@
 """Which prior each detection comes from, for dense heads that decode with their own
-``predict_by_feat``: YOLOX, YOLOv3, CenterNet, PAA (and LAD, which inherits PAA's).
+``predict_by_feat``: YOLOX, YOLOv3, CenterNet, PAA (and LAD, which inherits PAA's),
+YOLACT, CornerNet and CentripetalNet.
 
 Each runs the head's stock decode with a recorder on what that decode already
 computes, and answers, per image, which prior every row it hands to NMS comes from:
@@ -18,14 +19,24 @@ turns into a level and gate weights). No decode is re-implemented:
   regroups the kept detections per class, is checked to only reorder them.
 - CenterNet keeps the peaks ``get_topk_from_heatmap`` returns on its one level, in
   that order (no NMS in ``predict``).
+- YOLACT keeps its own top-k priors per level, decodes them with one
+  ``bbox_coder.decode`` per image and runs ``fast_nms``, which returns boxes, not
+  indices: a kept box is the decoded row it equals bit for bit (as YOLOX's), whose
+  prior is found among all levels' priors (recorded from ``grid_priors``).
+- CornerNet and CentripetalNet decode corner pairs of their last feature level only
+  (the earlier ones, Hourglass stacks, serve intermediate supervision): every
+  detection comes from that level, whose (image, level) gate row is its tag; a
+  per-pixel gate has no one location for a pair of corners, and leaves the batch
+  untagged.
 """
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from mmdet.models.dense_heads import CenterNetHead, PAAHead, YOLOV3Head, YOLOXHead
+from mmdet.models.dense_heads import (CenterNetHead, CentripetalHead, CornerHead, PAAHead,
+                                     YOLACTHead, YOLOV3Head, YOLOXHead)
 from mmdet.models.layers import multiclass_nms
 from mmdet.models.utils import get_topk_from_heatmap
 
@@ -56,15 +67,16 @@ def match_rows(rows: Tensor, table: Tensor, what: str) -> Tensor:
 
 @contextmanager
 def recording_calls(obj, method: str, into: list,
-                    keep: Callable = lambda result, *args: result) -> Iterator[None]:
+                    keep: Callable = lambda result, *args, **kwargs: result
+                 ) -> Iterator[None]:
     """Within the block, ``obj.<method>`` (its own, e.g. a head's ``bbox_coder``'s)
-    runs as before and appends ``keep(result, *args)`` to ``into`` per call; other
-    objects are unchanged."""
+    runs as before and appends ``keep(result, *args, **kwargs)`` to ``into`` per call;
+    other objects are unchanged."""
     stock = getattr(obj, method)
 
     def recording(*args, **kwargs):
         result = stock(*args, **kwargs)
-        into.append(keep(result, *args))
+        into.append(keep(result, *args, **kwargs))
         return result
 
     obj.__dict__[method] = recording
@@ -103,6 +115,12 @@ class OwnDecode:
     def rows(self, b: int, results) -> Tensor:
         """(len(results),): the prior of each row, an index into all levels' priors."""
         raise NotImplementedError
+
+    def tags(self, b: int, results, gates, level_priors: Sequence[int]
+             ) -> Tuple[Tensor, Tensor]:
+        """The levels (n,) and gate weights (n, M, N) of image ``b``'s ``results``
+        (``gates``: a :class:`~.expert_tagging.GateMaps`)."""
+        return gates.prior_weights(b, self.rows(b, results), level_priors)
 
     def level_priors(self, sizes: Sequence[torch.Size]) -> List[int]:
         """The number of priors of each level (of maps of ``sizes``)."""
@@ -162,7 +180,7 @@ class PAADecode(OwnDecode):
         self.decoded: List[Tensor] = []  # the priors of each decode call
         with recording_calls(self.head.prior_generator, 'grid_priors', self.grids), \
                 recording_calls(self.head.bbox_coder, 'decode', self.decoded,
-                                keep=lambda result, priors, *args: priors):
+                                keep=lambda result, priors, *args, **kwargs: priors):
             yield
 
     def rows(self, b: int, results) -> Tensor:
@@ -242,7 +260,75 @@ class CenterNetDecode(OwnDecode):
         return self.peaks[b]
 
 
-OWN_DECODES = (YOLOXDecode, YOLOV3Decode, PAADecode, CenterNetDecode)
+class YOLACTDecode(OwnDecode):
+    """YOLACT: per image, its own top-k priors of each level, decoded at once by
+    ``bbox_coder.decode``, then ``_bbox_post_process``'s ``fast_nms``, which returns
+    rows of the decoded boxes with the score of their class, not indices. Clipped
+    boxes of several priors tie, so a kept detection is the decoded row whose box and
+    score in the detection's class both equal its own, bit for bit."""
+    head_class = YOLACTHead
+    methods = ('predict_by_feat', '_predict_by_feat_single', '_bbox_post_process')
+    post_processes = False  # its _bbox_post_process takes boxes, not InstanceData
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.grids: List[List[Tensor]] = []
+        self.decoded: List[Tensor] = []  # the priors of each image's decode
+        self.nms_inputs: List[Tuple[Tensor, Tensor]] = []  # (boxes, scores) per image
+        # rescaling divides the decoded boxes in place: recorded after the call, they
+        # are those NMS saw
+        with recording_calls(self.head.prior_generator, 'grid_priors', self.grids), \
+                recording_calls(self.head.bbox_coder, 'decode', self.decoded,
+                                keep=lambda result, priors, *args, **kwargs: priors), \
+                recording_calls(self.head, '_bbox_post_process', self.nms_inputs,
+                                keep=lambda result, **kwargs: (kwargs['multi_bboxes'],
+                                                               kwargs['multi_scores'])):
+            yield
+
+    def rows(self, b: int, results) -> Tensor:
+        boxes, scores = self.nms_inputs[b]
+        kept = torch.empty_like(results.labels)
+        name = f'{type(self.head).__name__} boxes and scores'
+        for label in results.labels.unique():
+            mine = results.labels == label
+            kept[mine] = match_rows(
+                torch.cat([results.bboxes[mine], results.scores[mine, None]], dim=1),
+                torch.cat([boxes, scores[:, label, None]], dim=1), name)
+        return match_rows(self.decoded[b][kept], torch.cat(self.grids[-1]),
+                          f'{type(self.head).__name__} priors')
+
+
+class CornerDecode(OwnDecode):
+    """CornerNet: corner pairs of the last feature level, one ``_predict_by_feat_single``
+    per image, NMS inside it."""
+    head_class = CornerHead
+    methods = ('predict_by_feat', '_predict_by_feat_single')
+    post_processes = False
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        yield  # nothing to record: every detection comes from the last level
+
+    def level_priors(self, sizes: Sequence[torch.Size]) -> List[int]:
+        return [size[0] * size[1] for size in sizes]  # a corner per pixel
+
+    def tags(self, b: int, results, gates, level_priors: Sequence[int]
+             ) -> Tuple[Tensor, Tensor]:
+        if gates.pixel_modules:
+            raise UnmatchedRows(f'a detection of {type(self.head).__name__} pairs two '
+                                'corners: the per-pixel gates of '
+                                f'{gates.pixel_modules} have no one location to tag it')
+        levels = torch.full((len(results), ), len(level_priors) - 1, dtype=torch.long,
+                            device=results.bboxes.device)
+        return levels, gates.level_weights(b, levels)
+
+
+class CentripetalDecode(CornerDecode):
+    head_class = CentripetalHead
+
+
+OWN_DECODES = (YOLOXDecode, YOLOV3Decode, PAADecode, CenterNetDecode, YOLACTDecode,
+               CornerDecode, CentripetalDecode)
 
 
 def own_decode(head) -> Optional[OwnDecode]:
