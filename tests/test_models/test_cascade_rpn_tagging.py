@@ -15,7 +15,7 @@ from mmengine.logging import MMLogger
 
 from helpers import build_model, redraw_parameters, stock_model_cfg
 from mmdet.models.dense_heads import CascadeRPNHead
-from mmdet_moe.layers import assign_moe_names, record_gates
+from mmdet_moe.layers import assign_moe_names, is_moe_module, record_gates
 from mmdet_moe.models.dense_heads import expert_tagging
 from mmdet_moe.models.tag_coverage import untagged_layers_reason
 
@@ -57,11 +57,20 @@ def batch(model):
 
 def stock_run(model, inputs, samples):
     """The features, mmdet's own proposals and {layer: (calls, B, N)} the gate rows
-    recorded in their run (a neck conv runs once, a stage's layer once per level)."""
+    recorded in their run (a neck conv runs once, a stage's layer once per level: call
+    l on level l's map, checked here by its size)."""
+    seen = {}
+    stage_layers = [m for m in model.rpn_head.modules() if is_moe_module(m)]
+    hooks = [m.register_forward_pre_hook(
+        lambda m, args: seen.setdefault(m, []).append(args[0].shape[-2:]))
+        for m in stage_layers]
     with record_gates() as recorder, torch.no_grad():
         feats = model.extract_feat(inputs)
         proposals = CascadeRPNHead.predict.__wrapped__(model.rpn_head, feats, samples,
                                                        rescale=False)
+    for hook in hooks:
+        hook.remove()
+    assert all(seen[m] == [f.shape[-2:] for f in feats] for m in stage_layers)
     rows = {name: torch.stack([r.weights for r in sorted(records, key=lambda r: r.call)])
             for name, records in recorder.by_layer().items()}
     return feats, proposals, rows
