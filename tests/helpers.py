@@ -134,8 +134,9 @@ def stock_model_cfg(path, width=None):
     model.neck.out_channels = width
     if 'bbox_head' in model:
         model.bbox_head.update(in_channels=width, feat_channels=width, num_classes=5)
-    else:  # two-stage
-        model.rpn_head.update(in_channels=width, feat_channels=width)
+    else:  # two-stage; a Cascade RPN's channels are its stages'
+        for rpn in model.rpn_head.get('stages') or [model.rpn_head]:
+            rpn.update(in_channels=width, feat_channels=width)
         with_roi_head_width(model.roi_head, width)
     return model
 

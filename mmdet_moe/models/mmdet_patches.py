@@ -2,7 +2,7 @@
 
 MoE layers reach a stock detector from one ``conv_cfg`` line, a ``moe_layers`` path
 or a provided component, and the stock mmdet code around them neither adds their
-balance losses to the loss dict nor keeps the gates behind each detection. Five
+balance losses to the loss dict nor keeps the gates behind each detection. Six
 functions of mmdet's classes are therefore wrapped, once, at import
 (:func:`install_mmdet_patches`, called by ``mmdet_moe/__init__.py``):
 
@@ -21,6 +21,10 @@ functions of mmdet's classes are therefore wrapped, once, at import
 - ``BaseDenseHead.predict``: a head that decodes per level, with MoE modules or under
   a MoE FPN neck, tags its detections with their level and gate weights
   (:func:`~.dense_heads.expert_tagging.tagged_predict`).
+- ``CascadeRPNHead.predict``: the Cascade RPN runs its stages and decodes in its own
+  ``predict``, not through ``BaseDenseHead.predict``; with MoE modules in a stage or
+  under a MoE FPN neck, its proposals are tagged with their level and gate weights
+  (:func:`~.dense_heads.expert_tagging.tagged_cascade_rpn_predict`).
 - ``StandardRoIHead.predict_bbox`` and ``CascadeRoIHead.predict_bbox`` (Cascade
   R-CNN, HTC, SCNet: their own, not StandardRoIHead's): a two-stage detector's
   detections get the gates of their proposal and of their RoI in each stage
@@ -55,6 +59,7 @@ import inspect
 from typing import Callable, Tuple
 
 import torch.nn as nn
+from mmdet.models.dense_heads import CascadeRPNHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.detectors import BaseDetector
 from mmdet.models.mot import BaseMOTModel
@@ -63,7 +68,8 @@ from mmdet.registry import MODELS as MMDET_MODELS
 
 from ..layers import assign_moe_names
 from .conv_types import conv_cfg_hint
-from .dense_heads.expert_tagging import tagged_predict, tags_detections
+from .dense_heads.expert_tagging import (tagged_cascade_rpn_predict, tagged_predict,
+                                         tags_detections)
 from .moe_losses import add_moe_losses
 from .necks.neck_tagging import recording_neck_gates
 from .roi_heads.expert_tagging import TAGGED_ROI_HEADS, tagged_predict_bbox
@@ -114,6 +120,19 @@ def tagging_dense_predict(stock: Callable) -> Callable:
     return predict
 
 
+def tagging_cascade_rpn_predict(stock: Callable) -> Callable:
+    """``CascadeRPNHead.predict`` that tags the proposals of a Cascade RPN with MoE
+    modules (or under a MoE FPN neck) that predicts as mmdet's."""
+
+    @functools.wraps(stock)
+    def predict(self, *args, **kwargs):
+        if not tags_detections(self):
+            return stock(self, *args, **kwargs)
+        return tagged_cascade_rpn_predict(stock, self, *args, **kwargs)
+
+    return predict
+
+
 def tagging_predict_bbox(stock: Callable) -> Callable:
     """``predict_bbox`` of a RoI head of ``TAGGED_ROI_HEADS`` that tags the detections
     when a bbox head has MoE modules or the proposals are tagged."""
@@ -130,6 +149,7 @@ PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
     (BaseDetector, 'forward', moe_forward),
     (BaseMOTModel, 'forward', moe_forward),
     (BaseDenseHead, 'predict', tagging_dense_predict),
+    (CascadeRPNHead, 'predict', tagging_cascade_rpn_predict),
     *((cls, 'predict_bbox', tagging_predict_bbox) for cls in TAGGED_ROI_HEADS),
 )
 

@@ -27,6 +27,12 @@ neck module's column holds the gate row (or the vector at the prior's location) 
 the level it feeds for that level's detections, and zeros for the others' (a gate
 row sums to 1, so a zero row means "did not feed this detection").
 
+The RPN keeps its own top-k, no prior index: its proposals are tagged from the
+``level_ids`` its decode hands ``_bbox_post_process``, per-image gates only. Cascade
+RPN predicts in its own ``CascadeRPNHead.predict`` (wrapped apart, see
+:mod:`..mmdet_patches`): :func:`tagged_cascade_rpn_predict` tags the last stage's
+proposals alike, with the rows of every stage's MoE modules at the proposal's level.
+
 Heads with their own ``predict_by_feat`` (YOLOX, YOLOv3, PAA, CenterNet, YOLACT) are
 tagged from the prior :mod:`.own_decodes` finds behind each row they keep, as an index
 into all levels' priors (:meth:`GateMaps.prior_weights`), CornerNet's corner pairs
@@ -45,7 +51,8 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from torch import Tensor
 
-from mmdet.models.dense_heads import CondInstBboxHead, SABLRetinaHead
+from mmdet.models.dense_heads import (CascadeRPNHead, CondInstBboxHead, SABLRetinaHead,
+                                     StageCascadeRPNHead)
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.dense_heads.rpn_head import RPNHead
 from mmdet.models.utils import filter_scores_and_topk
@@ -166,16 +173,17 @@ class GateMaps:
         return bool(self.modules)
 
     @property
-    def pixel_modules(self) -> List[str]:
-        """The names of the modules with per-pixel gates."""
+    def pixel_layers(self) -> List[str]:
+        """The layers among the M whose gates are per pixel (need a prior's location)."""
         return [self._any(records).name for records in self.modules
                 if any(r is not None and r.pixel_weights is not None for r in records)]
 
     def level_weights(self, b: int, levels: Tensor) -> Tensor:
         """(len(levels), M, N): the (image, level) gate rows of image ``b``."""
-        if self.pixel_modules:
+        pixel = self.pixel_layers
+        if pixel:
             raise RuntimeError(f'{self.head_name} keeps no prior indices: the per-pixel '
-                               f'gates of {self.pixel_modules} cannot be tagged in its '
+                               f'gates of {pixel} cannot be tagged in its '
                                "detections; use a per-image gate there (gate_mode='image')")
         per_module = []
         for records in self.modules:
@@ -327,6 +335,13 @@ def tagged_own_decode(head, decode: OwnDecode, outs: tuple, batch_img_metas: Lis
     return results
 
 
+def tagged_by_level_ids(b: int, results: InstanceData, gates: GateMaps) -> InstanceData:
+    """The RPN's kept boxes of image ``b`` (no prior indices, their ``level_ids``)
+    tagged with their level and its gate rows."""
+    levels = results.level_ids.long()
+    return with_tags(results, levels, gates.level_weights(b, levels), gates)
+
+
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
     maps (B, C, H_l, W_l), one data sample per image."""
@@ -345,9 +360,7 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
-            levels = results.level_ids.long()
-            return stock(head, with_tags(results, levels, gates.level_weights(b, levels),
-                                         gates), *args, **kwargs)
+            return stock(head, tagged_by_level_ids(b, results, gates), *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
             raise RuntimeError(f'{type(head).__name__} decodes image {b} otherwise than '
@@ -364,6 +377,62 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
                                     rescale=rescale)
 
 
+#: the Cascade RPN's stage methods the tagging relies on: each stage's ``forward``
+#: runs level l on level l's map; the last stage keeps ``level_ids`` per level and
+#: its ``_bbox_post_process`` (the RPN's) carries the tags by indexing
+CASCADE_STAGE_FORWARD = ('forward', 'forward_single')
+CASCADE_STAGE_DECODE = ('predict_by_feat', '_predict_by_feat_single', '_bbox_post_process')
+
+
+def reads_cascade_rpn(head) -> bool:
+    """Whether ``head`` is a Cascade RPN that predicts with mmdet's
+    ``CascadeRPNHead.predict`` and stages of ``StageCascadeRPNHead``'s own methods."""
+    def stock(stage, names) -> bool:
+        return isinstance(stage, StageCascadeRPNHead) and all(
+            getattr(type(stage), name) is getattr(StageCascadeRPNHead, name)
+            for name in names)
+
+    return (isinstance(head, CascadeRPNHead) and
+            type(head).predict is CascadeRPNHead.predict and
+            all(stock(stage, CASCADE_STAGE_FORWARD) for stage in head.stages) and
+            stock(head.stages[-1], CASCADE_STAGE_DECODE))
+
+
+#: per-pixel gate layers under a Cascade RPN, already logged
+_PIXEL_UNDER_CASCADE: set = set()
+
+
+def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
+                               rescale: bool = False):
+    """``CascadeRPNHead.predict`` (``stock``, run unchanged) whose proposals carry
+    ``levels`` and ``expert_weights``: x is L maps (B, C, H_l, W_l). Every stage runs
+    level l on level l's map (the previous stage's output there, and the anchors it
+    refined there), and the last stage decodes per level keeping ``level_ids``, as
+    the RPN does: a proposal of level l gets the (image, level l) gate rows of every
+    stage's MoE modules and of the neck's. Per-pixel gates need the prior, which the
+    decode does not keep: the proposals are then left untagged, with one log line."""
+    last, gates = head.stages[-1], []
+
+    def tag_then_post_process(b, post_process, results, *args, **kwargs):
+        if not gates:  # the first image: every stage has run
+            gates.append(GateMaps(head, recorder, [level.shape[-2:] for level in x],
+                                  current_neck_gates(), seen))
+        pixel = gates[0].pixel_layers
+        if pixel and tuple(pixel) not in _PIXEL_UNDER_CASCADE:
+            _PIXEL_UNDER_CASCADE.add(tuple(pixel))
+            print_log(f'{type(head).__name__} keeps no prior indices: the per-pixel gates '
+                      f'of {pixel} cannot be tagged in its proposals, which keep per-image '
+                      "rows; use a per-image gate there (gate_mode='image')",
+                      logger='current', level=logging.WARNING)
+        if gates[0] and not pixel:
+            results = tagged_by_level_ids(b, results, gates[0])
+        return post_process(last, results, *args, **kwargs)
+
+    with record_gates() as recorder, call_sizes(moe_modules(head)) as seen, \
+            post_processing(last, tag_then_post_process):
+        return stock(head, x, batch_data_samples, rescale)
+
+
 def tags_detections(head) -> bool:
     """Whether ``head.predict`` tags its detections: MoE modules in it or in the MoE
     FPN neck of the detector predicting, and a decode whose kept priors are known."""
@@ -372,8 +441,8 @@ def tags_detections(head) -> bool:
 
 def untagged_decode(head) -> Optional[str]:
     """None when ``head`` decodes in a way the tagging reads, else what it does
-    instead, naming its class (e.g. 'CornerHead decodes corner pairs, ...')."""
-    if decodes_per_level(head) or own_decode(head) is not None:
+    instead, naming its class (e.g. 'XHead decodes with its own predict_by_feat, ...')."""
+    if decodes_per_level(head) or own_decode(head) is not None or reads_cascade_rpn(head):
         return None
     if type(head).predict_by_feat is BaseDenseHead.predict_by_feat:
         why = ("keeps priors in its _predict_by_feat_single otherwise than mmdet's "

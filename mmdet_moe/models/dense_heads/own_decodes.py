@@ -314,10 +314,10 @@ class CornerDecode(OwnDecode):
 
     def tags(self, b: int, results, gates, level_priors: Sequence[int]
              ) -> Tuple[Tensor, Tensor]:
-        if gates.pixel_modules:
+        if gates.pixel_layers:
             raise UnmatchedRows(f'a detection of {type(self.head).__name__} pairs two '
                                 'corners: the per-pixel gates of '
-                                f'{gates.pixel_modules} have no one location to tag it')
+                                f'{gates.pixel_layers} have no one location to tag it')
         levels = torch.full((len(results), ), len(level_priors) - 1, dtype=torch.long,
                             device=results.bboxes.device)
         return levels, gates.level_weights(b, levels)
