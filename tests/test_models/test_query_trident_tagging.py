@@ -8,7 +8,7 @@ from mmengine.structures import InstanceData
 from helpers import build_model, import_tool, redraw_parameters, with_resnet18
 from mmdet.models.roi_heads import SparseRoIHead, StandardRoIHead, TridentRoIHead
 from mmdet.testing import demo_mm_inputs
-from mmdet_moe.layers import assign_moe_names, record_gates
+from mmdet_moe.layers import MoEConv2d, assign_moe_names, record_gates
 from mmdet_moe.models import untagged_layers_reason
 from mmdet_moe.models.necks.neck_tagging import recording_neck_gates
 
@@ -136,6 +136,11 @@ def test_sparse_rcnn_predicts_tagged_detections_and_no_query_is_left_untagged():
     torch.testing.assert_close(pred.expert_weights.sum((1, 2)), torch.full((20, ), 2.))
     assert len(none) == 0 and none.expert_weights.shape == (0, 8, 3)
     assert untagged_layers_reason(model) is None
+    # no path reaches a DIIHead (it has no conv); a MoE module put there is not tagged
+    model.roi_head.bbox_head[1].extra = MoEConv2d(8, 8, 1, **MOE)
+    assert untagged_layers_reason(model) == (
+        "SparseRCNN: SparseRoIHead tags its detections with the neck's gates only, not "
+        "with its bbox heads' MoE modules: those layers keep per-image rows")
 
 
 def test_sparse_rcnn_without_moe_gives_mmdets_exact_detections():
