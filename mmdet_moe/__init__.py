@@ -7,7 +7,7 @@ changes, process-wide, exactly:
   ``HOOKS``, ..., the MoE ``conv_cfg`` types);
 - mmengine's config resolution: ``_base_ = 'mmdet_moe::<path under configs/>'``
   (see :mod:`mmdet_moe.registry`);
-- six functions of mmdet's classes, wrapped so that MoE layers are balanced
+- eight functions of mmdet's classes, wrapped so that MoE layers are balanced
   and their detections tagged, and models without MoE layers run mmdet's code
   unchanged, and the build function of mmdet's model registry, so that a MoE
   ``conv_cfg`` given to a component without ``conv_cfg`` says what to write instead

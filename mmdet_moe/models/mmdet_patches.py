@@ -2,7 +2,7 @@
 
 MoE layers reach a stock detector from one ``conv_cfg`` line, a ``moe_layers`` path
 or a provided component, and the stock mmdet code around them neither adds their
-balance losses to the loss dict nor keeps the gates behind each detection. Six
+balance losses to the loss dict nor keeps the gates behind each detection. Eight
 functions of mmdet's classes are therefore wrapped, once, at import
 (:func:`install_mmdet_patches`, called by ``mmdet_moe/__init__.py``):
 
@@ -29,6 +29,12 @@ functions of mmdet's classes are therefore wrapped, once, at import
   R-CNN, HTC, SCNet: their own, not StandardRoIHead's): a two-stage detector's
   detections get the gates of their proposal and of their RoI in each stage
   (:func:`~.roi_heads.expert_tagging.tagged_predict_bbox`).
+- ``SparseRoIHead.predict_bbox`` (Sparse R-CNN, QueryInst): under a MoE FPN neck,
+  each detection gets the neck's gates of the level its query's last RoI was pooled
+  from (:func:`~.roi_heads.query_tagging.tagged_sparse_predict_bbox`).
+- ``TridentRoIHead.merge_trident_bboxes``: the NMS over TridentNet's branches keeps
+  the tags of the branch detections it keeps
+  (:func:`~.roi_heads.trident_tagging.tagged_merge_trident_bboxes`).
 
 One more wrapper is not a class function but the build function of mmdet's model
 registry (``mmdet.registry.MODELS.build_func``, an attribute of that registry
@@ -63,6 +69,7 @@ from mmdet.models.dense_heads import CascadeRPNHead
 from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
 from mmdet.models.detectors import BaseDetector
 from mmdet.models.mot import BaseMOTModel
+from mmdet.models.roi_heads import TridentRoIHead
 
 from mmdet.registry import MODELS as MMDET_MODELS
 
@@ -73,6 +80,8 @@ from .dense_heads.expert_tagging import (tagged_cascade_rpn_predict, tagged_pred
 from .moe_losses import add_moe_losses
 from .necks.neck_tagging import recording_neck_gates
 from .roi_heads.expert_tagging import TAGGED_ROI_HEADS, tagged_predict_bbox
+from .roi_heads.query_tagging import QUERY_ROI_HEADS, tagged_sparse_predict_bbox
+from .roi_heads.trident_tagging import tagged_merge_trident_bboxes
 
 #: marks a function as one of these wrappers (installing twice wraps once)
 MARK = 'mmdet_moe_patch'
@@ -144,6 +153,28 @@ def tagging_predict_bbox(stock: Callable) -> Callable:
     return predict_bbox
 
 
+def tagging_sparse_predict_bbox(stock: Callable) -> Callable:
+    """``SparseRoIHead.predict_bbox`` that tags the detections with the gates of the
+    MoE FPN neck level each query's last RoI was pooled from."""
+
+    @functools.wraps(stock)
+    def predict_bbox(self, *args, **kwargs):
+        return tagged_sparse_predict_bbox(stock, self, *args, **kwargs)
+
+    return predict_bbox
+
+
+def tagging_merge_trident_bboxes(stock: Callable) -> Callable:
+    """``TridentRoIHead.merge_trident_bboxes`` that keeps the tags of the branch
+    detections that its NMS keeps."""
+
+    @functools.wraps(stock)
+    def merge_trident_bboxes(self, trident_results):
+        return tagged_merge_trident_bboxes(stock, self, trident_results)
+
+    return merge_trident_bboxes
+
+
 #: (class, attribute, wrapper): every attribute of mmdet the plugin assigns
 PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
     (BaseDetector, 'forward', moe_forward),
@@ -151,6 +182,8 @@ PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
     (BaseDenseHead, 'predict', tagging_dense_predict),
     (CascadeRPNHead, 'predict', tagging_cascade_rpn_predict),
     *((cls, 'predict_bbox', tagging_predict_bbox) for cls in TAGGED_ROI_HEADS),
+    *((cls, 'predict_bbox', tagging_sparse_predict_bbox) for cls in QUERY_ROI_HEADS),
+    (TridentRoIHead, 'merge_trident_bboxes', tagging_merge_trident_bboxes),
 )
 
 

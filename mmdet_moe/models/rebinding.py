@@ -5,11 +5,14 @@ The expert tagging needs what mmdet's decode code computes and drops (the prior
 indices ``filter_scores_and_topk`` keeps, the RoIs ``multiclass_nms`` keeps). Swapping
 those names in mmdet's module namespaces would change them for every thread; instead
 the method's code runs on a copy of its globals in which the name is replaced, bound
-to this object only.
+to this object only. Where what is needed is a method's own argument or result (the
+RoIs and scores of a Sparse R-CNN stage), :func:`method_wrapped` wraps that method of
+one object alike.
 """
+import functools
 from contextlib import contextmanager
 from types import FunctionType, MethodType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def method_global(obj: Any, method: str, name: str) -> Any:
@@ -42,6 +45,20 @@ def method_seeing(obj: Any, method: str, **names: Any) -> Iterator[None]:
     of the object, as the decode's own state is)."""
     func = getattr(type(obj), method)
     obj.__dict__[method] = MethodType(with_globals(func, **names), obj)
+    try:
+        yield
+    finally:
+        del obj.__dict__[method]
+
+
+@contextmanager
+def method_wrapped(obj: Any, method: str,
+                   wrapper: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, ``obj.<method>(*args, **kwargs)`` runs as ``wrapper(stock,
+    *args, **kwargs)``, ``stock`` the method of its class bound to ``obj``; other
+    objects see the stock method (same caveat as :func:`method_seeing`)."""
+    stock = getattr(type(obj), method).__get__(obj)
+    obj.__dict__[method] = functools.partial(wrapper, stock)
     try:
         yield
     finally:

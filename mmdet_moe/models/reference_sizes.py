@@ -7,6 +7,7 @@ import torch
 from mmdet.models.task_modules.prior_generators import MlvlPointGenerator
 
 from .roi_heads.expert_tagging import stages
+from .roi_heads.query_tagging import QUERY_ROI_HEADS
 
 # anchor-free heads: s_l = POINT_REFERENCE × stride_l, RetinaNet's anchor base size
 # (octave_base_scale 4), so that relative scales of anchor and anchor-free heads read
@@ -49,31 +50,41 @@ def level_reference_sizes(head) -> List[float]:
         'no reference size')
 
 
+def roi_level_sizes(detector, extractor) -> List[float]:
+    """s_l of the levels ``extractor`` (a RoI extractor of ``detector``) pools RoIs
+    from: ``finest_scale × 2^l``, as RoIs of about that size are pooled from level l."""
+    if getattr(extractor, 'finest_scale', None) is None:
+        raise NoReferenceSizes(
+            f'the RoI extractor of {type(detector).__name__} '
+            f'({type(extractor).__name__}) maps RoIs to levels without a '
+            'finest_scale, so its levels have no reference size')
+    return [float(extractor.finest_scale * 2 ** level)
+            for level in range(extractor.num_inputs)]
+
+
 def detector_reference_sizes(detector) -> List[float]:
     """s_l of the levels a ``detector``'s detections are tagged with: the dense head's
     (:func:`level_reference_sizes`); for a two-stage detector whose RoI bbox head holds
-    MoE layers, the scale its RoI extractor (a cascade's first stage's) maps level l
-    from (``finest_scale × 2^l``: RoIs of about that size are pooled from level l),
-    else the RPN's (its detections then carry their proposal's level).
+    MoE layers, those of the levels its RoI extractor (a cascade's first stage's)
+    pools from (:func:`roi_level_sizes`), else the RPN's (its detections then carry
+    their proposal's level); for a query RoI head (Sparse R-CNN), those of its last
+    stage's extractor.
 
     Raises:
         NoReferenceSizes: a detector without a dense ``bbox_head`` or RoI head whose
             levels have a reference size.
     """
     roi_head = getattr(detector, 'roi_head', None)
+    if isinstance(roi_head, QUERY_ROI_HEADS):
+        # a query's detections carry the level its last stage pooled from
+        return roi_level_sizes(detector, stages(roi_head.bbox_roi_extractor)[-1])
     if roi_head is not None:
         # a cascade's detections carry the level their first stage pooled from
         extractor = stages(getattr(roi_head, 'bbox_roi_extractor', None))[0]
         bbox_head = getattr(roi_head, 'bbox_head', None)
         if bbox_head is not None and any(getattr(m, 'is_moe_module', False)
                                          for m in bbox_head.modules()):
-            if getattr(extractor, 'finest_scale', None) is None:
-                raise NoReferenceSizes(
-                    f'the RoI extractor of {type(detector).__name__} '
-                    f'({type(extractor).__name__}) maps RoIs to levels without a '
-                    'finest_scale, so its levels have no reference size')
-            return [float(extractor.finest_scale * 2 ** level)
-                    for level in range(extractor.num_inputs)]
+            return roi_level_sizes(detector, extractor)
         return level_reference_sizes(getattr(detector, 'rpn_head', None))
     head = getattr(detector, 'bbox_head', None)
     if head is None:

@@ -11,18 +11,18 @@ naming the component, for the statistics hook and the census (``tools/moe_census
   :mod:`.necks.neck_tagging`);
 - a dense head or RoI head whose decode the tagging does not read
   (:func:`.dense_heads.expert_tagging.untagged_decode`,
-  :func:`.roi_heads.roi_head_tags_detections`).
+  :func:`.roi_heads.roi_head_tags_detections`), and MoE modules in the bbox heads of
+  a query RoI head (Sparse R-CNN's, which tags the neck's gates only).
 """
 from typing import List, Optional
 
 import torch.nn as nn
 from mmdet.models.detectors import DetectionTransformer
-from mmdet.models.roi_heads import TridentRoIHead
 
 from ..layers import is_moe_module
 from .dense_heads.expert_tagging import untagged_decode
 from .necks.neck_tagging import tagged_neck_modules
-from .roi_heads import roi_head_tags_detections
+from .roi_heads import QUERY_ROI_HEADS, roi_head_tags_detections
 
 
 def _moe(module: Optional[nn.Module]) -> List[nn.Module]:
@@ -48,12 +48,13 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
                        'convs are tagged)')
     roi_head = getattr(detector, 'roi_head', None)
     head = getattr(detector, 'rpn_head' if roi_head is not None else 'bbox_head', None)
-    if isinstance(roi_head, TridentRoIHead):
-        reasons.append('TridentRoIHead merges the detections of its branches into new '
-                       'ones, without their tags')
-    elif roi_head is not None and not roi_head_tags_detections(roi_head):
+    if roi_head is not None and not roi_head_tags_detections(roi_head):
         reasons.append(f'{type(roi_head).__name__} has its own predict_bbox, which the '
                        'tagging does not read')
+    elif isinstance(roi_head, QUERY_ROI_HEADS):  # no RPN: the neck's tags come here
+        if _moe(roi_head):
+            reasons.append(f'{type(roi_head).__name__} tags its detections with the '
+                           "neck's gates only, not with its bbox heads' MoE modules")
     elif head is not None and (_moe(head) or tagged_neck or
                                (roi_head is None and not untagged_neck)):
         why = untagged_decode(head)

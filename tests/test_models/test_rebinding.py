@@ -1,7 +1,8 @@
 """A method run with some of its module's globals replaced, for one object only."""
 import pytest
 
-from mmdet_moe.models.rebinding import method_global, method_seeing, with_globals
+from mmdet_moe.models.rebinding import (method_global, method_seeing, method_wrapped,
+                                        with_globals)
 
 SCALE = 2
 
@@ -36,3 +37,16 @@ def test_method_seeing_changes_one_object_for_the_block():
     with method_seeing(a, 'apply', scaled=lambda x: -x):
         assert a.apply(3) == -2 and b.apply(3) == 7
     assert a.apply(3) == 7 and 'apply' not in vars(a)
+
+
+def test_method_wrapped_wraps_one_objects_method_for_the_block():
+    a, b = Scaler(1), Scaler(1)
+    seen = []
+
+    def noting(stock, x):
+        seen.append(x)
+        return -stock(x)
+
+    with method_wrapped(a, 'apply', noting):
+        assert a.apply(3) == -7 and b.apply(3) == 7
+    assert seen == [3] and a.apply(3) == 7 and 'apply' not in vars(a)

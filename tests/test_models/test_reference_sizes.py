@@ -6,7 +6,7 @@ import mmdet
 import pytest
 from mmengine.config import Config
 
-from helpers import ROOT, build_model
+from helpers import ROOT, build_model, stock_model_cfg
 from mmdet_moe.models import (NoReferenceSizes, detector_reference_sizes,
                               level_reference_sizes)
 
@@ -89,3 +89,13 @@ def test_cascade_levels_are_the_first_stages_extractors():
         dict(paths='roi_head.bbox_head.1.shared_convs.0.conv', num_experts=2)]))
     finest = model.roi_head.bbox_roi_extractor[0].finest_scale
     assert detector_reference_sizes(model) == [finest * 2 ** level for level in range(4)]
+
+
+def test_sparse_rcnn_levels_are_its_last_stage_extractors():
+    """Its detections carry the level their query's last RoI was pooled from."""
+    cfg = stock_model_cfg('sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py')  # ResNet-18
+    cfg.roi_head.update(num_stages=2, stage_loss_weights=[1, 1],
+                        bbox_head=cfg.roi_head.bbox_head[:2])
+    model = build_model(cfg)
+    model.roi_head.bbox_roi_extractor[1].finest_scale = 28  # differs from the first's
+    assert detector_reference_sizes(model) == [28.0, 56.0, 112.0, 224.0]

@@ -10,7 +10,8 @@ from mmengine.structures import InstanceData
 from helpers import build_model, one_training_step, redraw_parameters, stock_model_cfg
 from mmdet.models.roi_heads import (CascadeRoIHead, GridRoIHead,
                                     HybridTaskCascadeRoIHead, MultiInstanceRoIHead,
-                                    SCNetRoIHead, SparseRoIHead, StandardRoIHead)
+                                    SCNetRoIHead, SparseRoIHead, StandardRoIHead,
+                                    TridentRoIHead)
 from mmdet.structures.bbox import bbox2roi
 from mmdet_moe.engine.hooks.gate_rows import rows_by_layer
 from mmdet_moe.layers import GateRecorder, assign_moe_names, record_gates
@@ -270,8 +271,9 @@ def test_cascade_without_rcnn_test_cfg_gives_mmdets_untagged_scores():
 
 
 def test_roi_heads_whose_predict_bbox_the_plugin_tags():
-    tagged = (StandardRoIHead, CascadeRoIHead, HybridTaskCascadeRoIHead, SCNetRoIHead)
-    untagged = (GridRoIHead, MultiInstanceRoIHead, SparseRoIHead)  # own predict_bbox
+    tagged = (StandardRoIHead, CascadeRoIHead, HybridTaskCascadeRoIHead, SCNetRoIHead,
+              SparseRoIHead, TridentRoIHead)
+    untagged = (GridRoIHead, MultiInstanceRoIHead)  # own predict_bbox
     for cls in tagged + untagged:
         assert roi_head_tags_detections(cls.__new__(cls)) == (cls in tagged), cls
     assert not roi_head_tags_detections(torch.nn.Identity())  # no RoI head

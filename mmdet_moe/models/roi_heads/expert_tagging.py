@@ -48,6 +48,7 @@ from mmdet.structures.bbox import bbox2roi
 from ...layers import mark_row_images, record_gates
 from ..dense_heads.expert_tagging import cat_expert_tags, moe_modules
 from ..rebinding import method_global, method_seeing
+from .query_tagging import QUERY_ROI_HEADS
 
 #: the RoI heads whose own ``predict_bbox`` :mod:`..mmdet_patches` wraps with
 #: :func:`tagged_predict_bbox`
@@ -56,12 +57,14 @@ TAGGED_ROI_HEADS = (StandardRoIHead, CascadeRoIHead)
 
 def roi_head_tags_detections(roi_head: nn.Module) -> bool:
     """Whether ``roi_head.predict_bbox`` is one the plugin tags: that of a class of
-    :data:`TAGGED_ROI_HEADS`, not overridden by the head's class (``GridRoIHead``,
-    ``MultiInstanceRoIHead`` and ``SparseRoIHead`` decode otherwise: untagged). It then
-    tags when a bbox head has MoE modules or the proposals are tagged, for an rcnn
-    ``test_cfg`` (none: per-class scores, no detections to tag)."""
+    :data:`TAGGED_ROI_HEADS` or :data:`.query_tagging.QUERY_ROI_HEADS`, not overridden
+    by the head's class (``GridRoIHead`` and ``MultiInstanceRoIHead`` decode otherwise:
+    untagged). A head of :data:`TAGGED_ROI_HEADS` then tags when a bbox head has MoE
+    modules or the proposals are tagged, for an rcnn ``test_cfg`` (none: per-class
+    scores, no detections to tag); a query head, under a MoE FPN neck."""
     method = getattr(type(roi_head), 'predict_bbox', None)
-    return any(method is vars(cls)['predict_bbox'] for cls in TAGGED_ROI_HEADS)
+    return any(method is vars(cls)['predict_bbox']
+               for cls in TAGGED_ROI_HEADS + QUERY_ROI_HEADS)
 
 
 def stages(module: nn.Module) -> List[nn.Module]:
