@@ -177,6 +177,23 @@ def test_rpn_tags_each_proposal_with_its_level_and_gate_row():
     assert checked > 20
 
 
+def test_an_image_whose_rpn_keeps_no_proposal_gets_empty_tags():
+    """RPNHead._bbox_post_process builds a new, empty result when no box survives
+    (here: min_bbox_size larger than the image); it lost the tags, and the RoI head
+    then left the whole batch untagged. The empty proposals keep empty tags."""
+    model = moe_model('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', ['rpn_head.rpn_conv'])
+    head = model.rpn_head
+    inputs, samples = batch(model)
+    head.test_cfg.min_bbox_size = 10_000
+    with torch.no_grad():
+        tagged = head.predict(model.extract_feat(inputs), samples, rescale=False)
+    for got in tagged:
+        assert len(got) == 0
+        assert got.expert_weights.shape == (0, 1, MOE['num_experts'])
+        assert got.levels.shape == (0, )
+        assert len(got.metainfo['expert_layers']) == 1
+
+
 def test_modules_with_different_numbers_of_experts_tag_with_zeros_past_their_own():
     """A pruned layer keeps fewer experts than its neighbours: ``expert_weights`` is as
     wide as the largest N, a narrower module's columns past its own N are 0."""

@@ -342,6 +342,18 @@ def tagged_by_level_ids(b: int, results: InstanceData, gates: GateMaps) -> Insta
     return with_tags(results, levels, gates.level_weights(b, levels), gates)
 
 
+def rpn_post_process(stock: Callable, head, results: InstanceData, *args,
+                     **kwargs) -> InstanceData:
+    """``stock(head, results, ...)``, the RPN's ``_bbox_post_process`` of tagged
+    ``results``, with the tags kept where no box survives (it then builds a new, empty
+    result without them, and the RoI head would leave the whole batch untagged)."""
+    kept = stock(head, results, *args, **kwargs)
+    if 'expert_weights' not in kept and len(kept) == 0:
+        kept.levels, kept.expert_weights = results.levels[:0], results.expert_weights[:0]
+        kept.set_metainfo(dict(expert_layers=results.metainfo['expert_layers']))
+    return kept
+
+
 def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
     """``BaseDenseHead.predict`` that adds ``levels`` and ``expert_weights``: x is L
     maps (B, C, H_l, W_l), one data sample per image."""
@@ -360,7 +372,8 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
-            return stock(head, tagged_by_level_ids(b, results, gates), *args, **kwargs)
+            return rpn_post_process(stock, head, tagged_by_level_ids(b, results, gates),
+                                    *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
             raise RuntimeError(f'{type(head).__name__} decodes image {b} otherwise than '
@@ -425,7 +438,9 @@ def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
                       "rows; use a per-image gate there (gate_mode='image')",
                       logger='current', level=logging.WARNING)
         if gates[0] and not pixel:
-            results = tagged_by_level_ids(b, results, gates[0])
+            return rpn_post_process(post_process, last,
+                                    tagged_by_level_ids(b, results, gates[0]), *args,
+                                    **kwargs)
         return post_process(last, results, *args, **kwargs)
 
     with record_gates() as recorder, call_sizes(moe_modules(head)) as seen, \
