@@ -4,6 +4,7 @@ import os.path as osp
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,22 @@ TOOLS = osp.join(ROOT, 'tools')
 CONFIGS = osp.join(ROOT, 'configs')
 TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_3e_toy-coco.py')
 TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_3e_toy-coco.py')
+
+
+@contextmanager
+def logged_lines():
+    """The messages mmengine's current logger emits within the block (a list)."""
+    import logging
+    from mmengine.logging import MMLogger
+    messages = []
+    handler = type('Recording', (logging.Handler, ), {
+        'emit': lambda self, record: messages.append(record.getMessage())})()
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def make_tiny_coco(out_dir, train=4, val=2, size=64, seed=0, workers=1):

@@ -6,14 +6,12 @@ independent computation: the gate rows recorded call by call in a run of mmdet's
 ``CascadeRPNHead.predict`` (and of the neck), looked up by the level each proposal's
 box gives: with both stages' box regression zeroed a proposal is its anchor,
 8 × stride wide."""
-import logging
 
 import pytest
 import torch
 from mmengine.config import ConfigDict
-from mmengine.logging import MMLogger
 
-from helpers import build_model, redraw_parameters, stock_model_cfg
+from helpers import build_model, logged_lines, redraw_parameters, stock_model_cfg
 from mmdet.models.dense_heads import CascadeRPNHead
 from mmdet_moe.layers import assign_moe_names, is_moe_module, record_gates
 from mmdet_moe.models.dense_heads import expert_tagging
@@ -160,21 +158,13 @@ def test_without_moe_the_proposals_and_detections_are_mmdets():
 def test_per_pixel_gates_leave_the_proposals_untagged_with_one_log_line(monkeypatch):
     """The decode keeps no prior index, so a per-pixel gate cannot be read at a
     proposal's location: predict still runs, untagged, and says so once."""
-    monkeypatch.setattr(expert_tagging, '_PIXEL_UNDER_CASCADE', set())
+    monkeypatch.setattr(expert_tagging, '_PIXEL_UNDER_RPN', set())
     model = cascade_rpn(['neck.fpn_convs.0.conv'], moe=dict(
         type='CPMuMoEConv2d', num_experts=4, gate_mode='pixel', norm=None))
     inputs, samples = batch(model)
-    messages = []
-    handler = type('H', (logging.Handler,), {
-        'emit': lambda self, record: messages.append(record.getMessage())})()
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
-    try:
-        with torch.no_grad():
-            for _ in range(2):
-                detections = model(inputs, samples, mode='predict')
-    finally:
-        logger.removeHandler(handler)
+    with logged_lines() as messages, torch.no_grad():
+        for _ in range(2):
+            detections = model(inputs, samples, mode='predict')
     assert all('expert_weights' not in d.pred_instances for d in detections)
     lines = [m for m in messages if 'per-pixel gates' in m]
     assert lines == ["CascadeRPNHead keeps no prior indices: the per-pixel gates of "

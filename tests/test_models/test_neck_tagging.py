@@ -8,7 +8,7 @@ import pytest
 import torch
 from mmengine.config import ConfigDict
 
-from helpers import build_model, redraw_parameters, stock_model_cfg
+from helpers import build_model, logged_lines, redraw_parameters, stock_model_cfg
 from mmdet_moe.layers import record_gates
 from mmdet_moe.models.necks.neck_tagging import fed_level, tagged_neck_modules
 
@@ -183,15 +183,23 @@ def test_two_stage_detections_carry_their_proposals_neck_tags():
                                    expected_tags(rows, names, levels, got.levels, b))
 
 
-def test_per_pixel_neck_gates_under_an_rpn_are_refused_by_name():
+def test_per_pixel_neck_gates_under_an_rpn_leave_proposals_untagged_with_a_log_line(
+        monkeypatch):
     """The RPN keeps its own top-k, no prior index: a per-pixel neck gate cannot be
-    read at a proposal's location, and predict says which layer and what would do."""
+    read at a proposal's location. The prediction must not fail (it raised): the
+    proposals and detections stay untagged, and one line says which layer and what
+    would do, as under a Cascade RPN."""
+    from mmdet_moe.models.dense_heads import expert_tagging
+    monkeypatch.setattr(expert_tagging, '_PIXEL_UNDER_RPN', set())
     cfg = stock_model_cfg('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', WIDTH)
     model = build_model(ConfigDict(type='MoEDetector', detector=cfg, moe_layers=[
         dict(paths='neck.fpn_convs.0.conv', type='CPMuMoEConv2d', num_experts=4,
              gate_mode='pixel', norm=None)])).eval()
     inputs, samples = batch(model)
-    with pytest.raises(RuntimeError, match=r"RPNHead keeps no prior indices: the per-pixel "
-                       r"gates of \['neck.fpn_convs.0.conv'\].*gate_mode='image'"):
-        with torch.no_grad():
-            model(inputs, samples, mode='predict')
+    with logged_lines() as messages, torch.no_grad():
+        detections = [model(inputs, samples, mode='predict') for _ in range(2)][-1]
+    assert all('expert_weights' not in d.pred_instances for d in detections)
+    assert [m for m in messages if 'per-pixel gates' in m] == [
+        "RPNHead keeps no prior indices: the per-pixel gates of ['neck.fpn_convs.0.conv'] "
+        "cannot be tagged in its proposals, which keep per-image rows; use a per-image "
+        "gate there (gate_mode='image')"]

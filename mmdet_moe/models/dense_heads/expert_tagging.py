@@ -342,15 +342,32 @@ def tagged_by_level_ids(b: int, results: InstanceData, gates: GateMaps) -> Insta
     return with_tags(results, levels, gates.level_weights(b, levels), gates)
 
 
-def rpn_post_process(stock: Callable, head, results: InstanceData, *args,
-                     **kwargs) -> InstanceData:
-    """``stock(head, results, ...)``, the RPN's ``_bbox_post_process`` of tagged
-    ``results``, with the tags kept where no box survives (it then builds a new, empty
-    result without them, and the RoI head would leave the whole batch untagged)."""
-    kept = stock(head, results, *args, **kwargs)
+#: (RPN class, per-pixel gate layers) whose untagged proposals were already logged
+_PIXEL_UNDER_RPN: set = set()
+
+
+def rpn_post_process(name: str, stock: Callable, head, b: int, results: InstanceData,
+                     gates: GateMaps, *args, **kwargs) -> InstanceData:
+    """``stock(head, results, ...)``, the ``_bbox_post_process`` of an RPN (class
+    ``name``) of image ``b``'s kept boxes, tagged by their ``level_ids``. The tags are
+    kept where no box survives (the RPN then builds a new, empty result without them,
+    and the RoI head would leave the whole batch untagged). Per-pixel gates need each
+    box's prior, which the RPN's own top-k does not keep: the proposals are then left
+    untagged (per-image rows), with one log line."""
+    pixel = gates.pixel_layers
+    if pixel:
+        if (name, tuple(pixel)) not in _PIXEL_UNDER_RPN:
+            _PIXEL_UNDER_RPN.add((name, tuple(pixel)))
+            print_log(f'{name} keeps no prior indices: the per-pixel gates of {pixel} '
+                      'cannot be tagged in its proposals, which keep per-image rows; use '
+                      "a per-image gate there (gate_mode='image')",
+                      logger='current', level=logging.WARNING)
+        return stock(head, results, *args, **kwargs)
+    tagged = tagged_by_level_ids(b, results, gates)
+    kept = stock(head, tagged, *args, **kwargs)
     if 'expert_weights' not in kept and len(kept) == 0:
-        kept.levels, kept.expert_weights = results.levels[:0], results.expert_weights[:0]
-        kept.set_metainfo(dict(expert_layers=results.metainfo['expert_layers']))
+        kept.levels, kept.expert_weights = tagged.levels[:0], tagged.expert_weights[:0]
+        kept.set_metainfo(dict(expert_layers=tagged.metainfo['expert_layers']))
     return kept
 
 
@@ -372,7 +389,7 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
-            return rpn_post_process(stock, head, tagged_by_level_ids(b, results, gates),
+            return rpn_post_process(type(head).__name__, stock, head, b, results, gates,
                                     *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
@@ -411,10 +428,6 @@ def reads_cascade_rpn(head) -> bool:
             stock(head.stages[-1], CASCADE_STAGE_DECODE))
 
 
-#: per-pixel gate layers under a Cascade RPN, already logged
-_PIXEL_UNDER_CASCADE: set = set()
-
-
 def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
                                rescale: bool = False):
     """``CascadeRPNHead.predict`` (``stock``, run unchanged) whose proposals carry
@@ -430,18 +443,10 @@ def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
         if not gates:  # the first image: every stage has run
             gates.append(GateMaps(head, recorder, [level.shape[-2:] for level in x],
                                   current_neck_gates(), seen))
-        pixel = gates[0].pixel_layers
-        if pixel and tuple(pixel) not in _PIXEL_UNDER_CASCADE:
-            _PIXEL_UNDER_CASCADE.add(tuple(pixel))
-            print_log(f'{type(head).__name__} keeps no prior indices: the per-pixel gates '
-                      f'of {pixel} cannot be tagged in its proposals, which keep per-image '
-                      "rows; use a per-image gate there (gate_mode='image')",
-                      logger='current', level=logging.WARNING)
-        if gates[0] and not pixel:
-            return rpn_post_process(post_process, last,
-                                    tagged_by_level_ids(b, results, gates[0]), *args,
-                                    **kwargs)
-        return post_process(last, results, *args, **kwargs)
+        if not gates[0]:
+            return post_process(last, results, *args, **kwargs)
+        return rpn_post_process(type(head).__name__, post_process, last, b, results,
+                                gates[0], *args, **kwargs)
 
     with record_gates() as recorder, call_sizes(moe_modules(head)) as seen, \
             post_processing(last, tag_then_post_process):
