@@ -15,7 +15,8 @@ predicts (every score threshold 0, so an untrained model keeps detections), and 
 detections are checked for tags (``expert_weights``). The stock backbone is kept,
 without pretrained weights, at a small image size. An outcome is one of:
 
-- ``tagged``: trains, predicts, and the detections carry their experts' gates;
+- ``tagged``: trains, predicts, and the detections carry their experts' gates (a
+  row of zeros where a layer did not feed a detection; some must be fed);
 - ``per-image``: trains and predicts; the statistics keep per-image rows (the head
   says why in one line);
 - ``refused``: the build refuses the insertion, naming what to write instead;
@@ -122,6 +123,16 @@ CONFIG_FIXES = {
 }
 MODEL_FIXES = {
     'ssd': lambda model: setattr(model.bbox_head, 'loss_cls', None),
+}
+
+# The head conv of a family whose first conv feeds no detection: CornerNet decodes
+# its last Hourglass stack's level only (the first stack's head modules serve its
+# intermediate supervision in training), so the conv is one of the last level's (of
+# its heatmap branch: an untrained MoE conv in the corner pooling, which the corner
+# embeddings also read, left no pair of corners to detect)
+HEAD_CONVS = {
+    'cornernet': 'bbox_head.tl_heat.1.0.conv',
+    'centripetalnet': 'bbox_head.tl_heat.1.0.conv',
 }
 
 FORMS = ('neck', 'head conv', 'subnet')
@@ -243,7 +254,7 @@ def subnet_path(model: nn.Module) -> Optional[str]:
     return None
 
 
-def moe_model_cfg(stock, form: str, dense: nn.Module):
+def moe_model_cfg(family: str, stock, form: str, dense: nn.Module):
     """The stock config with MoE inserted by ``form``; None where it has no place."""
     cfg = copy.deepcopy(stock)
     if form == 'neck':
@@ -252,7 +263,8 @@ def moe_model_cfg(stock, form: str, dense: nn.Module):
         neck = cfg.neck[0] if isinstance(cfg.neck, list) else cfg.neck
         neck.conv_cfg = dict(type='MoEConv2d', **MOE)
         return cfg
-    path = head_conv_path(dense) if form == 'head conv' else subnet_path(dense)
+    path = (HEAD_CONVS.get(family) or head_conv_path(dense)) if form == 'head conv' \
+        else subnet_path(dense)
     if path is None:
         return None
     spec = dict(paths=path, **MOE)
@@ -340,7 +352,7 @@ def build_detector(family: str, cfg) -> nn.Module:
 
 def run_form(family: str, stock, form: str, dense: nn.Module) -> Outcome:
     """Build, train one step, predict; the outcome of one insertion form."""
-    cfg = moe_model_cfg(stock, form, dense)
+    cfg = moe_model_cfg(family, stock, form, dense)
     if cfg is None:
         return Outcome('n/a')
     try:
@@ -364,7 +376,12 @@ def run_form(family: str, stock, form: str, dense: nn.Module) -> Outcome:
     if not any(len(p) for p in preds):
         return Outcome('CRASH', 'no detections at score_thr 0')
     if all('expert_weights' in p for p in preds):
-        return Outcome('tagged')
+        # a zero row: the layer did not feed that detection (e.g. a module of a level
+        # the head does not decode)
+        if any(p.expert_weights.flatten(1).any(1).any() for p in preds):
+            return Outcome('tagged')
+        return Outcome('per-image', 'its MoE layers feed none of the detections (their '
+                       'tags are rows of zeros)')
     return Outcome('per-image', _untagged_reason(model))
 
 

@@ -198,6 +198,15 @@ def assert_stock(tagged, stock):
             assert torch.equal(got[key], want[key]), key
 
 
+def assert_stock_untagged(stock, result):
+    """Detections (some) exactly the stock decode's, without tags."""
+    assert sum(len(r) for r in stock) > 0
+    for got, want in zip(result, stock, strict=True):
+        assert 'expert_weights' not in got
+        for key in want.keys():
+            assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize('gates', ['image', 'pixel'])
 @pytest.mark.parametrize('name', sorted(HEADS))
 def test_own_decode_tags_each_detection_with_its_prior(name, gates):
@@ -316,12 +325,7 @@ def test_cornernet_per_pixel_gates_leave_the_batch_untagged():
     """A corner pair has no one location for a per-pixel gate: mmdet's detections,
     untagged (the log says why)."""
     head, feats = cornernet(PIXEL, seed=5)  # a draw with corner pairs
-    stock, result = stock_and_tagged(head, feats)
-    assert sum(len(r) for r in stock) > 0
-    for got, want in zip(result, stock, strict=True):
-        assert 'expert_weights' not in got
-        for key in want.keys():
-            assert torch.equal(got[key], want[key]), key
+    assert_stock_untagged(*stock_and_tagged(head, feats))
 
 
 class OwnPredict(RetinaHead):
@@ -380,9 +384,4 @@ def test_boxes_several_priors_decode_to_leave_the_batch_untagged_not_failing():
     with torch.no_grad():  # exp(200) overflows: every box is infinitely large
         for conv in head.convs_pred:
             conv.bias.view(3, -1)[:, 2:4] = 200.0
-    stock, tagged = stock_and_tagged(head, feats)
-    assert sum(len(r) for r in stock) > 0
-    for got, want in zip(tagged, stock, strict=True):
-        assert 'expert_weights' not in got
-        for key in want.keys():
-            assert torch.equal(got[key], want[key]), key
+    assert_stock_untagged(*stock_and_tagged(head, feats))

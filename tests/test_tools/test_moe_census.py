@@ -13,7 +13,8 @@ ZOO_PAGE = osp.join(osp.dirname(__file__), '..', '..', 'docs', 'zoo.md')
 
 # every family the outside census found crashing or untagged, and the most used
 SUBSET = ['retinanet', 'faster_rcnn', 'nas_fpn', 'ssd', 'tridentnet', 'rtmdet', 'yolox',
-          'yolo', 'paa', 'centernet', 'cascade_rcnn', 'detr']
+          'yolo', 'paa', 'centernet', 'cascade_rcnn', 'detr', 'sabl', 'yolact',
+          'cascade_rpn', 'sparse_rcnn', 'cornernet']
 
 
 def committed_outcomes():
@@ -69,3 +70,17 @@ def test_tridentnet_starts_from_initialised_weights_every_time():
     dense = moe_census.build_detector('tridentnet', stock)
     outcome = moe_census.run_form('tridentnet', stock, 'head conv', dense)
     assert outcome.status in ('tagged', 'per-image'), outcome.cell()
+
+
+@pytest.mark.slow
+def test_a_layer_that_feeds_no_detection_is_not_counted_as_tagged(monkeypatch):
+    """CornerNet decodes its last level only: a MoE conv of the first level's heatmap
+    branch tags every detection with a row of zeros (it fed none). Such tags do not
+    make a family tagged."""
+    monkeypatch.setitem(moe_census.HEAD_CONVS, 'cornernet', 'bbox_head.tl_heat.0.1.conv')
+    stock = moe_census.stock_model_cfg('cornernet')
+    dense = moe_census.build_detector('cornernet', stock)
+    outcome = moe_census.run_form('cornernet', stock, 'head conv', dense)
+    assert outcome.status == 'per-image'
+    assert outcome.detail == ('its MoE layers feed none of the detections (their tags '
+                              'are rows of zeros)')
