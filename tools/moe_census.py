@@ -12,7 +12,9 @@ For one stock config per family (:data:`FAMILIES`, shipped with mmdet's wheel un
 Each form is built (4 experts, top-2, importance loss 0.5), trained one step on two
 random images (the loss dict must be finite and hold ``loss_moe_importance``) and
 predicts (every score threshold 0, so an untrained model keeps detections), and the
-detections are checked for tags (``expert_weights``). The stock backbone is kept,
+detections are checked for tags (``expert_weights``); ``ExpertSizeStatsHook`` then
+computes its statistics from one test iteration, driven as the test loop drives it
+(:func:`statistics`), and must find every layer tagged where the detections are. The stock backbone is kept,
 without pretrained weights, at a small image size. An outcome is one of:
 
 - ``tagged``: trains, predicts, and the detections carry their experts' gates (a
@@ -32,14 +34,17 @@ Usage::
 """
 import argparse
 import copy
+import json
 import logging
 import os.path as osp
 import re
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -314,6 +319,42 @@ def train_and_predict(model: nn.Module, size: int):
     return losses, after if any(len(r.pred_instances) for r in after) else before
 
 
+class RandomImages(list):
+    """The census's test set as the statistics hook sees it: two images of the
+    detector's classes, with no annotation file (ground truth from the samples)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__([None, None])
+        self.metainfo = dict(classes=tuple(f'class {i}' for i in range(num_classes)))
+
+
+def statistics(model: nn.Module, size: int) -> Tuple[dict, List[str]]:
+    """What ``ExpertSizeStatsHook`` writes (``expert_size_stats.json``) and warns for
+    one test iteration of ``model`` on two random images: its loop methods, called
+    as mmengine's test loop calls them."""
+    from mmdet_moe.engine.hooks import ExpertSizeStatsHook
+    hook, warnings = ExpertSizeStatsHook(score_thr=0.0), []
+    num_classes = max(getattr(m, 'num_classes', 0) or 0 for m in model.modules())
+    with tempfile.TemporaryDirectory() as work_dir:
+        runner = SimpleNamespace(
+            model=model, work_dir=work_dir, epoch=0, iter=0,
+            logger=SimpleNamespace(warning=warnings.append, info=lambda *args: None),
+            message_hub=SimpleNamespace(update_scalar=lambda *args, **kwargs: None),
+            test_loop=SimpleNamespace(dataloader=SimpleNamespace(
+                dataset=RandomImages(num_classes))))
+        hook.before_run(runner)
+        hook.before_test_epoch(runner)
+        hook.before_test_iter(runner, 0)
+        model.eval()
+        data = _inputs(model, size, False)
+        with torch.no_grad():
+            outputs = model(**data, mode='predict')
+        hook.after_test_iter(runner, 0, data_batch=data, outputs=outputs)
+        hook.after_test_epoch(runner, metrics={})
+        with open(osp.join(work_dir, 'expert_size_stats.json')) as f:
+            return json.load(f), warnings
+
+
 def _non_finite(losses) -> List[str]:
     return [k for k, v in losses.items() if 'loss' in k and not all(
         torch.isfinite(t).all() for t in (v if isinstance(v, (list, tuple)) else [v]))]
@@ -375,7 +416,13 @@ def run_form(family: str, stock, form: str, dense: nn.Module) -> Outcome:
     preds = [r.pred_instances for r in results]
     if not any(len(p) for p in preds):
         return Outcome('CRASH', 'no detections at score_thr 0')
-    if all('expert_weights' in p for p in preds):
+    try:  # the test loop's statistics, from these detections' tags
+        stats, _ = statistics(model, FAMILIES[family][1])
+    except Exception as err:  # noqa: BLE001
+        return Outcome('CRASH', 'statistics: ' + _first_line(err) + ' @ ' + _where(err))
+    untagged = [name for name, layer in stats['layers'].items()
+                if layer['detection_gates'] != 'tagged']
+    if all('expert_weights' in p for p in preds) and not untagged:
         # a zero row: the layer did not feed that detection (e.g. a module of a level
         # the head does not decode)
         if any(p.expert_weights.flatten(1).any(1).any() for p in preds):

@@ -84,3 +84,20 @@ def test_a_layer_that_feeds_no_detection_is_not_counted_as_tagged(monkeypatch):
     assert outcome.status == 'per-image'
     assert outcome.detail == ('its MoE layers feed none of the detections (their tags '
                               'are rows of zeros)')
+
+
+@pytest.mark.slow
+def test_the_statistics_of_an_untagged_family_keep_image_rows_and_say_why():
+    """The census drives ExpertSizeStatsHook as the test loop does: a MoE neck in DETR
+    keeps per-image rows, and the hook says why in one line."""
+    stock = moe_census.stock_model_cfg('detr')
+    dense = moe_census.build_detector('detr', stock)
+    model = moe_census.build_detector('detr', moe_census.moe_model_cfg('detr', stock, 'neck',
+                                                                       dense))
+    stats, warnings = moe_census.statistics(model, moe_census.FAMILIES['detr'][1])
+    assert stats['num_images'] == 2 and stats['num_detections'] > 0
+    assert {layer['detection_gates'] for layer in stats['layers'].values()} == {'image'}
+    assert [w for w in warnings if 'per-image rows' in w] == [
+        'ExpertSizeStatsHook: DETR: every query attends to every level, so a detection '
+        'draws on all of them: its MoE layers keep per-image rows, the honest tag there; '
+        f'untagged layers: {", ".join(stats["layers"])}']

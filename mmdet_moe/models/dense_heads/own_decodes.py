@@ -263,9 +263,10 @@ class CenterNetDecode(OwnDecode):
 class YOLACTDecode(OwnDecode):
     """YOLACT: per image, its own top-k priors of each level, decoded at once by
     ``bbox_coder.decode``, then ``_bbox_post_process``'s ``fast_nms``, which returns
-    rows of the decoded boxes with the score of their class, not indices. Clipped
-    boxes of several priors tie, so a kept detection is the decoded row whose box and
-    score in the detection's class both equal its own, bit for bit."""
+    rows of the decoded boxes with the score of their class and their mask
+    coefficients, not indices. Clipped boxes of several priors tie, and so can the
+    scores of a saturated classifier: a kept detection is the decoded row whose box,
+    score in the detection's class and coefficients all equal its own, bit for bit."""
     head_class = YOLACTHead
     methods = ('predict_by_feat', '_predict_by_feat_single', '_bbox_post_process')
     post_processes = False  # its _bbox_post_process takes boxes, not InstanceData
@@ -274,7 +275,7 @@ class YOLACTDecode(OwnDecode):
     def recording(self) -> Iterator[None]:
         self.grids: List[List[Tensor]] = []
         self.decoded: List[Tensor] = []  # the priors of each image's decode
-        self.nms_inputs: List[Tuple[Tensor, Tensor]] = []  # (boxes, scores) per image
+        self.nms_inputs: List[Tuple[Tensor, Tensor, Tensor]] = []  # per image
         # rescaling divides the decoded boxes in place: recorded after the call, they
         # are those NMS saw
         with recording_calls(self.head.prior_generator, 'grid_priors', self.grids), \
@@ -282,18 +283,20 @@ class YOLACTDecode(OwnDecode):
                                 keep=lambda result, priors, *args, **kwargs: priors), \
                 recording_calls(self.head, '_bbox_post_process', self.nms_inputs,
                                 keep=lambda result, **kwargs: (kwargs['multi_bboxes'],
-                                                               kwargs['multi_scores'])):
+                                                               kwargs['multi_scores'],
+                                                               kwargs['multi_coeffs'])):
             yield
 
     def rows(self, b: int, results) -> Tensor:
-        boxes, scores = self.nms_inputs[b]
+        boxes, scores, coeffs = self.nms_inputs[b]
         kept = torch.empty_like(results.labels)
-        name = f'{type(self.head).__name__} boxes and scores'
+        name = f'{type(self.head).__name__} rows (box, class score, coefficients)'
         for label in results.labels.unique():
             mine = results.labels == label
             kept[mine] = match_rows(
-                torch.cat([results.bboxes[mine], results.scores[mine, None]], dim=1),
-                torch.cat([boxes, scores[:, label, None]], dim=1), name)
+                torch.cat([results.bboxes[mine], results.scores[mine, None],
+                           results.coeffs[mine]], dim=1),
+                torch.cat([boxes, scores[:, label, None], coeffs], dim=1), name)
         return match_rows(self.decoded[b][kept], torch.cat(self.grids[-1]),
                           f'{type(self.head).__name__} priors')
 
