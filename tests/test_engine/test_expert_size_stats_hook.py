@@ -160,18 +160,13 @@ def test_bad_arguments():
         ExpertSizeStatsHook(iou_thr=0)
 
 
-def test_shared_head_reports_the_layer_that_routes():
-    """Defect: KeyError on a head with moe_branches='shared' (the reg MoE reuses the
-    cls gate and records nothing). Its statistics are the cls MoE's; the reference is
-    the gate of cls_moe applied to each level by hand."""
+def stats_of_two_images(model, hook, predict):
+    """The hook's statistics, the inputs and the outputs of ``predict(inputs,
+    samples)`` on two random 96-px images, each with one 40-px ground-truth box."""
     from types import SimpleNamespace
 
-    from helpers import build_model, toy_retinanet
     from mmdet_moe.layers import record_gates
-    model = build_model(toy_retinanet(moe_branches='shared')).eval()
-    hook = ExpertSizeStatsHook(score_thr=0.0)
     hook.before_run(SimpleNamespace(model=model))
-    assert hook.layer_names == ['bbox_head.cls_moe', 'bbox_head.reg_moe']
     hook._classes, hook._gt = list('abcde'), GroundTruth(FakeDataset())
     inputs = torch.randn(2, 3, 96, 96)
     samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=(96, 96), ori_shape=(96, 96),
@@ -181,10 +176,21 @@ def test_shared_head_reports_the_layer_that_routes():
         s.gt_instances = InstanceData(bboxes=torch.tensor([[0., 0., 40., 40.]]),
                                       labels=torch.tensor([0]))
     with record_gates(model) as recorder, torch.no_grad():
-        outputs = model.predict(inputs, samples)
+        outputs = predict(inputs, samples)
     hook.recorder = recorder
     hook._collect(outputs)
-    stats = hook.summarise(hook._images, 'test', 0, 0)
+    return hook.summarise(hook._images, 'test', 0, 0), inputs, outputs
+
+
+def test_shared_head_reports_the_layer_that_routes():
+    """Defect: KeyError on a head with moe_branches='shared' (the reg MoE reuses the
+    cls gate and records nothing). Its statistics are the cls MoE's; the reference is
+    the gate of cls_moe applied to each level by hand."""
+    from helpers import build_model, toy_retinanet
+    model = build_model(toy_retinanet(moe_branches='shared')).eval()
+    hook = ExpertSizeStatsHook(score_thr=0.0)
+    stats, inputs, _ = stats_of_two_images(model, hook, model.predict)
+    assert hook.layer_names == ['bbox_head.cls_moe', 'bbox_head.reg_moe']
     assert list(stats['layers']) == ['bbox_head.cls_moe']
     assert stats['shared_routing'] == {'bbox_head.reg_moe': 'bbox_head.cls_moe'}
     gate = model.bbox_head.cls_moe.gate
@@ -369,29 +375,14 @@ def test_moe_fpn_under_a_stock_head_gets_detection_and_level_tables():
     """The toy RetinaNet with a MoEFPN and the stock RetinaHead: every neck conv has
     per-detection tables over the detections of its level (each fed row sums to 1,
     so its mass is their number) and the level-controlled view."""
-    from types import SimpleNamespace
-
     from helpers import build_model, toy_retinanet
     from mmdet_moe.analysis import layer_summary, validate_stats
-    from mmdet_moe.layers import record_gates
     cfg = toy_retinanet()
     cfg.neck.update(type='MoEFPN', moe_parts=['lateral', 'output', 'extra'], num_experts=3)
     model = build_model(cfg).eval()
     hook = ExpertSizeStatsHook(score_thr=0.0, shuffle_permutations=3, bootstrap_resamples=20)
-    hook.before_run(SimpleNamespace(model=model))
-    hook._classes, hook._gt = list('abcde'), GroundTruth(FakeDataset())
-    inputs = torch.randn(2, 3, 96, 96)
-    samples = [DetDataSample(metainfo=dict(img_id=i, img_shape=(96, 96), ori_shape=(96, 96),
-                                           scale_factor=(1.0, 1.0), pad_shape=(96, 96),
-                                           batch_input_shape=(96, 96))) for i in range(2)]
-    for s in samples:
-        s.gt_instances = InstanceData(bboxes=torch.tensor([[0., 0., 40., 40.]]),
-                                      labels=torch.tensor([0]))
-    with record_gates(model) as recorder, torch.no_grad():
-        outputs = model(inputs, samples, mode='predict')
-    hook.recorder = recorder
-    hook._collect(outputs)
-    stats = hook.summarise(hook._images, 'test', 0, 0)
+    stats, _, outputs = stats_of_two_images(
+        model, hook, lambda inputs, samples: model(inputs, samples, mode='predict'))
     validate_stats(stats)
     levels = torch.cat([s.pred_instances.levels for s in outputs])
     feeds = {**{f'neck.lateral_convs.{i}.conv': i for i in range(3)},
