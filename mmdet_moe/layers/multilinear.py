@@ -31,6 +31,7 @@ from torch.nn.modules.utils import _pair
 from ._checks import check_choice, check_num_experts
 from ._precision import autocast_off, full_dtype
 from .base import MoEModuleMixin
+from .pixel_routing import same_padding
 from .recording import record_gate
 from .routing_override import EQUAL_WEIGHTS
 
@@ -102,13 +103,12 @@ class _MuMoEConvBase(MoEModuleMixin, nn.Module):
         # read by mmcv's ConvModule, which exports its conv's geometry
         self.groups, self.transposed, self.output_padding = 1, False, (0, 0)
         self.gate_mode, self.gate_act = gate_mode, gate_act
-        if gate_mode == 'pixel':
-            for k, p, d in zip(self.kernel_size, self.padding, self.dilation, strict=True):
-                if 2 * p != d * (k - 1):
-                    raise ValueError(
-                        "gate_mode='pixel' gates each output pixel on its patch centre and "
-                        f'needs "same" padding = dilation·(k−1)/2; got kernel_size='
-                        f'{self.kernel_size}, padding={self.padding}, dilation={self.dilation}')
+        if gate_mode == 'pixel' and not same_padding(self.kernel_size, self.padding,
+                                                     self.dilation):
+            raise ValueError(
+                "gate_mode='pixel' gates each output pixel on its patch centre and "
+                f'needs "same" padding = dilation·(k−1)/2; got kernel_size='
+                f'{self.kernel_size}, padding={self.padding}, dilation={self.dilation}')
         self._init_moe(None)
         self.forced_expert = None  # set by override_routing() for analysis
         self.gate_weight = nn.Parameter(torch.zeros(num_experts, in_channels))
