@@ -12,8 +12,7 @@ from .conv_ops import dense_mixture, mixed_conv2d
 from .gate_output import GateOutput
 from .gates import TopKGate, build_gate, pixel_map, routes_pixels
 from .moe_conv import IMPLS, noisy_copy
-from .pixel_routing import (dense_pixel_conv2d, pixel_mixture, routed_pixel_conv2d,
-                            same_padding)
+from .pixel_routing import pixel_conv2d, pixel_mixture, same_padding
 
 _CONV_GEOMETRY = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
                   'dilation', 'groups', 'padding_mode')
@@ -126,11 +125,9 @@ class MoE(MoEModuleMixin, nn.Module):
         """Gate ``x`` (a map or a list of level maps), record and keep the rows."""
         gate_output = self.gate(x)
         levels = isinstance(x, (list, tuple))
-        if routes_pixels(self.gate):
-            shapes = [level.shape for level in x] if levels else [x.shape]
-            self._track(gate_output, self._row_counts(x) if levels else None, shapes)
-        else:
-            self._track(gate_output, self._row_counts(x) if levels else None)
+        shapes = ([level.shape for level in x] if levels else [x.shape]) \
+            if routes_pixels(self.gate) else None
+        self._track(gate_output, self._row_counts(x) if levels else None, shapes)
         return gate_output
 
     def _row_counts(self, x: Sequence[Tensor]) -> List[int]:
@@ -149,11 +146,9 @@ class MoE(MoEModuleMixin, nn.Module):
             return pixel_mixture(x, gate_map, self._run_expert)  # checks the map size
         weight = torch.stack([e.weight for e in self.experts])
         bias = torch.stack([e.bias for e in self.experts]) if c.bias is not None else None
-        if c.groups == 1 and not torch.jit.is_tracing():
-            return routed_pixel_conv2d(x, weights, indices, weight, bias, c.stride,
-                                       c.padding, c.dilation)
-        return dense_pixel_conv2d(x, gate_map, weight, bias, c.stride, c.padding,
-                                  c.dilation, c.groups)
+        return pixel_conv2d(x, weights, indices, gate_map, weight, bias, c.stride,
+                            c.padding, c.dilation, c.groups,
+                            routed=not torch.jit.is_tracing())
 
     def mix(self, x: Tensor, gates: Tensor, indices: Optional[Tensor] = None,
             counts: Optional[Sequence[int]] = None) -> Tensor:

@@ -12,7 +12,7 @@ from ._checks import check_capacity_impl, check_choice, check_num_experts, has_z
 from .base import MoEModuleMixin
 from .conv_ops import dense_mixture, mixed_conv2d
 from .gates import build_gate, pixel_map, routes_pixels
-from .pixel_routing import dense_pixel_conv2d, gate_input, routed_pixel_conv2d, same_padding
+from .pixel_routing import gate_input, pixel_conv2d, same_padding
 
 IMPLS = {'auto', 'fused', 'dispatch', 'dense'}
 
@@ -227,13 +227,10 @@ class MoEConv2d(MoEModuleMixin, nn.Module):
     def mix_pixels(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """Apply the experts to ``x`` with (B·H'·W', N) per-location gate weights
         (a pixel gate's rows) and their (B·H'·W', k) ``indices``."""
-        if self.pixel_impl() == 'dispatch' and self.groups == 1:
-            return routed_pixel_conv2d(x, weights, indices, self.weight, self.bias,
-                                       self.stride, self.padding, self.dilation)
-        centres = gate_input(x, self.stride)
-        gate_map = pixel_map(weights, centres.shape)
-        return dense_pixel_conv2d(x, gate_map, self.weight, self.bias, self.stride,
-                                  self.padding, self.dilation, self.groups)
+        gate_map = pixel_map(weights, gate_input(x, self.stride).shape)
+        return pixel_conv2d(x, weights, indices, gate_map, self.weight, self.bias,
+                            self.stride, self.padding, self.dilation, self.groups,
+                            routed=self.pixel_impl() == 'dispatch')
 
     def forward(self, x: Tensor) -> Tensor:
         if routes_pixels(self.gate):

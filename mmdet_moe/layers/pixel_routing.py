@@ -137,3 +137,18 @@ def routed_pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, weight: Ten
     out = mixed.new_zeros(batch * out_h * out_w, out_channels).index_add(0, locations, mixed)
     # contiguous NCHW, as a conv returns it (heads view their outputs)
     return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2).contiguous()
+
+
+def pixel_conv2d(x: Tensor, weights: Tensor, indices: Tensor, gate_map: Tensor,
+                 weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
+                 padding: Tuple[int, int], dilation: Tuple[int, int], groups: int,
+                 routed: bool) -> Tensor:
+    """N stacked conv experts mixed per output location by a pixel gate: where
+    ``routed`` (and ``groups=1``) each location runs its k experts
+    (:func:`routed_pixel_conv2d` of its (B·H'·W', N) ``weights`` and ``indices``),
+    else all N as one conv mixed by ``gate_map`` (B, N, H', W'), the same weights
+    (:func:`dense_pixel_conv2d`)."""
+    if routed and groups == 1:
+        return routed_pixel_conv2d(x, weights, indices, weight, bias, stride, padding,
+                                   dilation)
+    return dense_pixel_conv2d(x, gate_map, weight, bias, stride, padding, dilation, groups)
