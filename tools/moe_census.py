@@ -130,12 +130,15 @@ MODEL_FIXES = {
     'ssd': lambda model: setattr(model.bbox_head, 'loss_cls', None),
 }
 
-# The head conv of a family whose first conv feeds no detection: CornerNet decodes
-# its last Hourglass stack's level only (the first stack's head modules serve its
-# intermediate supervision in training), so the conv is one of the last level's (of
-# its heatmap branch: an untrained MoE conv in the corner pooling, which the corner
-# embeddings also read, left no pair of corners to detect)
+# The head convs of a family whose first conv need not feed a detection: SSD has one
+# conv per level, and an untrained model's detections may all come from other levels
+# than the first, so each level's conv is a MoE conv; CornerNet decodes its last
+# Hourglass stack's level only (the first stack's head modules serve its intermediate
+# supervision in training), so the conv is one of the last level's (of its heatmap
+# branch: an untrained MoE conv in the corner pooling, which the corner embeddings
+# also read, left no pair of corners to detect)
 HEAD_CONVS = {
+    'ssd': 'bbox_head.cls_convs.*.0',
     'cornernet': 'bbox_head.tl_heat.1.0.conv',
     'centripetalnet': 'bbox_head.tl_heat.1.0.conv',
 }
