@@ -12,13 +12,20 @@ one object alike.
 import functools
 from contextlib import contextmanager
 from types import FunctionType, MethodType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 
 def method_global(obj: Any, method: str, name: str) -> Any:
     """The object the method ``method`` of ``obj``'s class sees as the global ``name``
     (None if its module has none, or the method is no plain function)."""
     return getattr(getattr(type(obj), method), '__globals__', {}).get(name)
+
+
+def uses_stock_methods(obj: Any, cls: type, names: Sequence[str]) -> bool:
+    """Whether ``obj`` is a ``cls`` whose methods ``names`` are ``cls``'s own (not
+    overridden by a subclass), i.e. code whose internals the tagging may rely on."""
+    return isinstance(obj, cls) and all(getattr(type(obj), name) is getattr(cls, name)
+                                        for name in names)
 
 
 def with_globals(func: FunctionType, **names: Any) -> FunctionType:

@@ -60,7 +60,7 @@ from mmengine.structures import InstanceData
 
 from ...layers import GateRecord, GateRecorder, is_moe_module, record_gates
 from ..necks.neck_tagging import NeckGates, current_neck_gates
-from ..rebinding import method_global, method_seeing
+from ..rebinding import method_global, method_seeing, method_wrapped, uses_stock_methods
 from .own_decodes import OwnDecode, UnmatchedRows, own_decode
 
 
@@ -281,19 +281,14 @@ def kept_priors(head) -> Iterator[List[Tensor]]:
         yield kept
 
 
-@contextmanager
-def post_processing(head, post_process: Callable) -> Iterator[None]:
+def post_processing(head, post_process: Callable):
     """Within the block, this head's ``_bbox_post_process(results, ...)`` runs as
     ``post_process(b, stock, results, ...)``, ``b`` counting its calls (one per image),
-    ``stock`` the class's own."""
-    stock, images = type(head)._bbox_post_process, itertools.count()
-    head.__dict__['_bbox_post_process'] = \
-        lambda results, *args, **kwargs: post_process(next(images), stock, results,
-                                                      *args, **kwargs)
-    try:
-        yield
-    finally:
-        del head.__dict__['_bbox_post_process']
+    ``stock`` the class's own, bound to ``head``."""
+    images = itertools.count()
+    return method_wrapped(head, '_bbox_post_process',
+                          lambda stock, *args, **kwargs: post_process(next(images), stock,
+                                                                      *args, **kwargs))
 
 
 def with_tags(results: InstanceData, levels: Tensor, weights: Tensor,
@@ -346,9 +341,9 @@ def tagged_by_level_ids(b: int, results: InstanceData, gates: GateMaps) -> Insta
 _PIXEL_UNDER_RPN: set = set()
 
 
-def rpn_post_process(name: str, stock: Callable, head, b: int, results: InstanceData,
+def rpn_post_process(name: str, stock: Callable, b: int, results: InstanceData,
                      gates: GateMaps, *args, **kwargs) -> InstanceData:
-    """``stock(head, results, ...)``, the ``_bbox_post_process`` of an RPN (class
+    """``stock(results, ...)``, the ``_bbox_post_process`` of an RPN (class
     ``name``) of image ``b``'s kept boxes, tagged by their ``level_ids``. The tags are
     kept where no box survives (the RPN then builds a new, empty result without them,
     and the RoI head would leave the whole batch untagged). Per-pixel gates need each
@@ -362,9 +357,9 @@ def rpn_post_process(name: str, stock: Callable, head, b: int, results: Instance
                       'cannot be tagged in its proposals, which keep per-image rows; use '
                       "a per-image gate there (gate_mode='image')",
                       logger='current', level=logging.WARNING)
-        return stock(head, results, *args, **kwargs)
+        return stock(results, *args, **kwargs)
     tagged = tagged_by_level_ids(b, results, gates)
-    kept = stock(head, tagged, *args, **kwargs)
+    kept = stock(tagged, *args, **kwargs)
     if 'expert_weights' not in kept and len(kept) == 0:
         kept.levels, kept.expert_weights = tagged.levels[:0], tagged.expert_weights[:0]
         kept.set_metainfo(dict(expert_layers=tagged.metainfo['expert_layers']))
@@ -389,7 +384,7 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
 
     def tag_then_post_process(b, stock, results, *args, **kwargs):
         if not kept and 'level_ids' in results:  # the RPN: levels, no prior indices
-            return rpn_post_process(type(head).__name__, stock, head, b, results, gates,
+            return rpn_post_process(type(head).__name__, stock, b, results, gates,
                                     *args, **kwargs)
         calls, kept[:] = kept[:num_levels], kept[num_levels:]
         if len(calls) != num_levels or sum(len(k) for k, _ in calls) != len(results):
@@ -400,7 +395,7 @@ def tagged_predict(head, x, batch_data_samples, rescale: bool = False):
                             for level, (k, _) in enumerate(calls)])
         weights = torch.cat([gates.weights(b, level, k, n)
                              for level, (k, n) in enumerate(calls)])
-        return stock(head, with_tags(results, levels, weights, gates), *args, **kwargs)
+        return stock(with_tags(results, levels, weights, gates), *args, **kwargs)
 
     with kept_priors(head) as kept, post_processing(head, tag_then_post_process):
         return head.predict_by_feat(*outs, batch_img_metas=batch_img_metas,
@@ -417,15 +412,10 @@ CASCADE_STAGE_DECODE = ('predict_by_feat', '_predict_by_feat_single', '_bbox_pos
 def reads_cascade_rpn(head) -> bool:
     """Whether ``head`` is a Cascade RPN that predicts with mmdet's
     ``CascadeRPNHead.predict`` and stages of ``StageCascadeRPNHead``'s own methods."""
-    def stock(stage, names) -> bool:
-        return isinstance(stage, StageCascadeRPNHead) and all(
-            getattr(type(stage), name) is getattr(StageCascadeRPNHead, name)
-            for name in names)
-
-    return (isinstance(head, CascadeRPNHead) and
-            type(head).predict is CascadeRPNHead.predict and
-            all(stock(stage, CASCADE_STAGE_FORWARD) for stage in head.stages) and
-            stock(head.stages[-1], CASCADE_STAGE_DECODE))
+    return (uses_stock_methods(head, CascadeRPNHead, ('predict', )) and
+            all(uses_stock_methods(stage, StageCascadeRPNHead, CASCADE_STAGE_FORWARD)
+                for stage in head.stages) and
+            uses_stock_methods(head.stages[-1], StageCascadeRPNHead, CASCADE_STAGE_DECODE))
 
 
 def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
@@ -444,9 +434,9 @@ def tagged_cascade_rpn_predict(stock: Callable, head, x, batch_data_samples,
             gates.append(GateMaps(head, recorder, [level.shape[-2:] for level in x],
                                   current_neck_gates(), seen))
         if not gates[0]:
-            return post_process(last, results, *args, **kwargs)
-        return rpn_post_process(type(head).__name__, post_process, last, b, results,
-                                gates[0], *args, **kwargs)
+            return post_process(results, *args, **kwargs)
+        return rpn_post_process(type(head).__name__, post_process, b, results, gates[0],
+                                *args, **kwargs)
 
     with record_gates() as recorder, call_sizes(moe_modules(head)) as seen, \
             post_processing(last, tag_then_post_process):

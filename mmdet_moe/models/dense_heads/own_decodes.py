@@ -40,7 +40,7 @@ from mmdet.models.dense_heads import (CenterNetHead, CentripetalHead, CornerHead
 from mmdet.models.layers import multiclass_nms
 from mmdet.models.utils import get_topk_from_heatmap
 
-from ..rebinding import method_seeing, with_globals
+from ..rebinding import method_seeing, method_wrapped, uses_stock_methods, with_globals
 
 
 class UnmatchedRows(RuntimeError):
@@ -65,25 +65,17 @@ def match_rows(rows: Tensor, table: Tensor, what: str) -> Tensor:
     return where[row_ids]
 
 
-@contextmanager
 def recording_calls(obj, method: str, into: list,
-                    keep: Callable = lambda result, *args, **kwargs: result
-                 ) -> Iterator[None]:
+                    keep: Callable = lambda result, *args, **kwargs: result):
     """Within the block, ``obj.<method>`` (its own, e.g. a head's ``bbox_coder``'s)
     runs as before and appends ``keep(result, *args, **kwargs)`` to ``into`` per call;
     other objects are unchanged."""
-    stock = getattr(obj, method)
-
-    def recording(*args, **kwargs):
+    def recording(stock, *args, **kwargs):
         result = stock(*args, **kwargs)
         into.append(keep(result, *args, **kwargs))
         return result
 
-    obj.__dict__[method] = recording
-    try:
-        yield
-    finally:
-        del obj.__dict__[method]
+    return method_wrapped(obj, method, recording)
 
 
 class OwnDecode:
@@ -103,9 +95,7 @@ class OwnDecode:
     @classmethod
     def reads(cls, head) -> bool:
         """Whether ``head`` decodes with ``head_class``'s own methods."""
-        return isinstance(head, cls.head_class) and all(
-            getattr(type(head), name) is getattr(cls.head_class, name)
-            for name in cls.methods)
+        return uses_stock_methods(head, cls.head_class, cls.methods)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -130,7 +120,7 @@ class OwnDecode:
     def post_process(self, stock: Callable, results, *args, **kwargs):
         """The stock ``_bbox_post_process`` of tagged ``results``; it carries the
         tags by indexing them."""
-        return stock(self.head, results, *args, **kwargs)
+        return stock(results, *args, **kwargs)
 
 
 class DecodedBoxes(OwnDecode):
@@ -206,9 +196,8 @@ class PAADecode(OwnDecode):
             kept.append(inds // (scores.shape[1] - 1))  # the last column: background
             return dets, labels
 
-        def checked_voting(det_bboxes, det_labels, *voting_args):
-            voted, labels = type(self.head).score_voting(self.head, det_bboxes, det_labels,
-                                                         *voting_args)
+        def checked_voting(voting, det_bboxes, det_labels, *voting_args):
+            voted, labels = voting(det_bboxes, det_labels, *voting_args)
             order = torch.sort(det_labels, stable=True).indices
             if not (torch.equal(labels, det_labels[order]) and
                     torch.equal(voted[:, -1], det_bboxes[order, -1])):
@@ -218,12 +207,9 @@ class PAADecode(OwnDecode):
             return voted, labels
 
         tags = {key: results[key] for key in ('levels', 'expert_weights')}
-        self.head.__dict__['score_voting'] = checked_voting
-        try:
-            nms_results = with_globals(stock, multiclass_nms=recording_nms)(
+        with method_wrapped(self.head, 'score_voting', checked_voting):
+            nms_results = with_globals(stock.__func__, multiclass_nms=recording_nms)(
                 self.head, results, *args, **kwargs)
-        finally:
-            del self.head.__dict__['score_voting']
         for key, value in tags.items():
             nms_results[key] = value[kept[-1]]
         nms_results.set_metainfo(results.metainfo)
