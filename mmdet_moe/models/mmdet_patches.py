@@ -62,7 +62,7 @@ safe-loader allow-list (:mod:`mmdet_moe.compat`).
 """
 import functools
 import inspect
-from typing import Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch.nn as nn
 from mmdet.models.dense_heads import CascadeRPNHead
@@ -129,50 +129,20 @@ def tagging_dense_predict(stock: Callable) -> Callable:
     return predict
 
 
-def tagging_cascade_rpn_predict(stock: Callable) -> Callable:
-    """``CascadeRPNHead.predict`` that tags the proposals of a Cascade RPN with MoE
-    modules (or under a MoE FPN neck) that predicts as mmdet's."""
+def calling(tagged: Callable[..., Any],
+            when: Optional[Callable[[Any], bool]] = None) -> Callable[[Callable], Callable]:
+    """A wrapper of a stock method that runs ``tagged(stock, self, *args, **kwargs)``
+    (for an object where ``when(self)`` holds, when given; else the stock method)."""
+    def wrap(stock: Callable) -> Callable:
+        @functools.wraps(stock)
+        def method(self, *args, **kwargs):
+            if when is not None and not when(self):
+                return stock(self, *args, **kwargs)
+            return tagged(stock, self, *args, **kwargs)
 
-    @functools.wraps(stock)
-    def predict(self, *args, **kwargs):
-        if not tags_detections(self):
-            return stock(self, *args, **kwargs)
-        return tagged_cascade_rpn_predict(stock, self, *args, **kwargs)
+        return method
 
-    return predict
-
-
-def tagging_predict_bbox(stock: Callable) -> Callable:
-    """``predict_bbox`` of a RoI head of ``TAGGED_ROI_HEADS`` that tags the detections
-    when a bbox head has MoE modules or the proposals are tagged."""
-
-    @functools.wraps(stock)
-    def predict_bbox(self, *args, **kwargs):
-        return tagged_predict_bbox(stock, self, *args, **kwargs)
-
-    return predict_bbox
-
-
-def tagging_sparse_predict_bbox(stock: Callable) -> Callable:
-    """``SparseRoIHead.predict_bbox`` that tags the detections with the gates of the
-    MoE FPN neck level each query's last RoI was pooled from."""
-
-    @functools.wraps(stock)
-    def predict_bbox(self, *args, **kwargs):
-        return tagged_sparse_predict_bbox(stock, self, *args, **kwargs)
-
-    return predict_bbox
-
-
-def tagging_merge_trident_bboxes(stock: Callable) -> Callable:
-    """``TridentRoIHead.merge_trident_bboxes`` that keeps the tags of the branch
-    detections that its NMS keeps."""
-
-    @functools.wraps(stock)
-    def merge_trident_bboxes(self, trident_results):
-        return tagged_merge_trident_bboxes(stock, self, trident_results)
-
-    return merge_trident_bboxes
+    return wrap
 
 
 #: (class, attribute, wrapper): every attribute of mmdet the plugin assigns
@@ -180,10 +150,10 @@ PATCHES: Tuple[Tuple[type, str, Callable[[Callable], Callable]], ...] = (
     (BaseDetector, 'forward', moe_forward),
     (BaseMOTModel, 'forward', moe_forward),
     (BaseDenseHead, 'predict', tagging_dense_predict),
-    (CascadeRPNHead, 'predict', tagging_cascade_rpn_predict),
-    *((cls, 'predict_bbox', tagging_predict_bbox) for cls in TAGGED_ROI_HEADS),
-    *((cls, 'predict_bbox', tagging_sparse_predict_bbox) for cls in QUERY_ROI_HEADS),
-    (TridentRoIHead, 'merge_trident_bboxes', tagging_merge_trident_bboxes),
+    (CascadeRPNHead, 'predict', calling(tagged_cascade_rpn_predict, when=tags_detections)),
+    *((cls, 'predict_bbox', calling(tagged_predict_bbox)) for cls in TAGGED_ROI_HEADS),
+    *((cls, 'predict_bbox', calling(tagged_sparse_predict_bbox)) for cls in QUERY_ROI_HEADS),
+    (TridentRoIHead, 'merge_trident_bboxes', calling(tagged_merge_trident_bboxes)),
 )
 
 
