@@ -9,6 +9,7 @@ naming the component, for the statistics hook and the census (``tools/moe_census
   honest; per-image rows are the tag;
 - neck MoE modules that do not compute one level's map (see
   :mod:`.necks.neck_tagging`);
+- per-pixel gates in an RPN or in the neck under it: the RPN keeps no prior indices;
 - a dense head or RoI head whose decode the tagging does not read
   (:func:`.dense_heads.expert_tagging.untagged_decode`,
   :func:`.roi_heads.roi_head_tags_detections`), and MoE modules in the bbox heads of
@@ -17,9 +18,10 @@ naming the component, for the statistics hook and the census (``tools/moe_census
 from typing import List, Optional
 
 import torch.nn as nn
+from mmdet.models.dense_heads import CascadeRPNHead, RPNHead
 from mmdet.models.detectors import DetectionTransformer
 
-from ..layers import is_moe_module
+from ..layers import is_moe_module, routes_pixels
 from .dense_heads.expert_tagging import untagged_decode
 from .necks.neck_tagging import tagged_neck_modules
 from .roi_heads import QUERY_ROI_HEADS, roi_head_tags_detections
@@ -60,6 +62,14 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
         why = untagged_decode(head)
         if why is not None:
             reasons.append(why)
+    if roi_head is not None and isinstance(head, (RPNHead, CascadeRPNHead)):
+        # an RPN keeps no prior indices (expert_tagging.rpn_post_process)
+        pixel = [m for m in _moe(head) + list(tagged_neck)
+                 if routes_pixels(getattr(m, 'gate', m))]
+        if pixel:
+            reasons.append(f'{type(head).__name__} keeps no prior indices: the per-pixel '
+                           f'gates of {len(pixel)} MoE module(s) cannot be read at a '
+                           "proposal's location")
     if not reasons:
         return None
     return f'{name}: ' + '; '.join(reasons) + ': those layers keep per-image rows'

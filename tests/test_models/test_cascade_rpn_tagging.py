@@ -170,3 +170,7 @@ def test_per_pixel_gates_leave_the_proposals_untagged_with_one_log_line(monkeypa
     assert lines == ["CascadeRPNHead keeps no prior indices: the per-pixel gates of "
                      "['neck.fpn_convs.0.conv'] cannot be tagged in its proposals, which "
                      "keep per-image rows; use a per-image gate there (gate_mode='image')"]
+    assert untagged_layers_reason(model) == (
+        f'{type(model).__name__}: CascadeRPNHead keeps no prior indices: the per-pixel '
+        "gates of 1 MoE module(s) cannot be read at a proposal's location: those layers "
+        'keep per-image rows')

@@ -11,6 +11,7 @@ from mmengine.config import ConfigDict
 from helpers import build_model, logged_lines, redraw_parameters, stock_model_cfg
 from mmdet_moe.layers import record_gates
 from mmdet_moe.models.necks.neck_tagging import fed_level, tagged_neck_modules
+from mmdet_moe.models.tag_coverage import untagged_layers_reason
 
 WIDTH = 32
 MOE = dict(num_experts=3, top_k=2, gate_cfg=dict(type='TopKGate', noisy=False))
@@ -203,3 +204,8 @@ def test_per_pixel_neck_gates_under_an_rpn_leave_proposals_untagged_with_a_log_l
         "RPNHead keeps no prior indices: the per-pixel gates of ['neck.fpn_convs.0.conv'] "
         "cannot be tagged in its proposals, which keep per-image rows; use a per-image "
         "gate there (gate_mode='image')"]
+    # the statistics hook and the census say it too, before any prediction
+    assert untagged_layers_reason(model) == (
+        'FasterRCNN: RPNHead keeps no prior indices: the per-pixel gates of 1 MoE '
+        'module(s) cannot be read at a proposal\'s location: those layers keep '
+        'per-image rows')
