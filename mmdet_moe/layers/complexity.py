@@ -151,7 +151,8 @@ def _layer_compute(name: str, layer: nn.Module, calls: List[list], flops: Dict,
     num_experts = layer.num_experts
     top_k = getattr(layer, 'top_k', num_experts)  # μMoE: soft routing over all
     impl = getattr(layer, 'impl', None)
-    pixels = routes_pixels(getattr(layer, 'gate', None))
+    # a μMoE layer (no .gate) may route per location too, but its cost is its forward
+    pixels = hasattr(layer, 'gate') and routes_pixels(layer)
     if pixels:  # every location a row; conv experts run k per location or all N
         impl = 'dispatch' if isinstance(layer, MoEConv2d) and layer.groups == 1 and \
             layer.pixel_impl() == 'dispatch' else 'dense'

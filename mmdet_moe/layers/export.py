@@ -66,7 +66,7 @@ class LayerExport:
 
 def _plan(module: nn.Module, dynamic_rows: bool) -> LayerExport:
     name, layer = module.moe_name, type(module).__name__
-    if isinstance(module, (MoE, MoEConv2d)) and routes_pixels(module.gate):
+    if isinstance(module, (MoE, MoEConv2d)) and routes_pixels(module):
         return LayerExport(name, layer, 'dense', f'per location: all {module.num_experts} '
                            'experts on the whole map, mixed by the per-location gate: '
                            f'{module.num_experts}× one expert (eager: k× for conv experts '

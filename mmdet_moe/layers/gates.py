@@ -472,8 +472,10 @@ def pixel_map(rows: Tensor, shape: Sequence[int]) -> Tensor:
     return rows.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
-def routes_pixels(gate: nn.Module) -> bool:
-    return getattr(gate, 'gate_mode', 'image') == 'pixel'
+def routes_pixels(module: Optional[nn.Module]) -> bool:
+    """Whether ``module`` gives every location its own gate row: a gate, a MoE layer
+    holding one (``.gate``) or a μMoE layer, which gates itself (``gate_mode``)."""
+    return getattr(getattr(module, 'gate', module), 'gate_mode', 'image') == 'pixel'
 
 
 GATE_MODES = ('image', 'pixel')

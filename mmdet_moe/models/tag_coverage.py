@@ -65,7 +65,7 @@ def untagged_layers_reason(detector: nn.Module) -> Optional[str]:
     if roi_head is not None and isinstance(head, (RPNHead, CascadeRPNHead)):
         # an RPN keeps no prior indices (expert_tagging.rpn_post_process)
         pixel = [m for m in _moe(head) + list(tagged_neck)
-                 if routes_pixels(getattr(m, 'gate', m))]
+                 if routes_pixels(m)]
         if pixel:
             reasons.append(f'{type(head).__name__} keeps no prior indices: the per-pixel '
                            f'gates of {len(pixel)} MoE module(s) cannot be read at a '

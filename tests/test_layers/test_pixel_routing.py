@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from mmdet_moe.layers import (CPMuMoEConv2d, MoE, MoEConv2d, RelativeImportanceGate, TopKGate,
                               TRMuMoEConv2d, dense_pixel_conv2d, export_onnx, pixel_map,
-                              prune_experts, record_gates, routed_pixel_conv2d, run_onnx)
+                              prune_experts, record_gates, routed_pixel_conv2d, routes_pixels,
+                              run_onnx)
 
 PIXEL = dict(gate_mode='pixel')
 
@@ -254,3 +255,13 @@ def test_per_location_layers_return_contiguous_maps(make):
     y = make().eval()(torch.randn(2, 4, 5, 5))
     assert y.is_contiguous()
     y.view(2, -1)
+
+
+@pytest.mark.parametrize('mode', ['image', 'pixel'])
+def test_routes_pixels_reads_a_gate_a_moe_layer_or_a_mumoe_layer(mode):
+    gate = TopKGate(8, 4, 2, gate_mode=mode)
+    layers = [gate, MoEConv2d(8, 8, 3, padding=1, num_experts=4, top_k=2,
+                              gate_cfg=dict(type='TopKGate', gate_mode=mode)),
+              CPMuMoEConv2d(8, 8, 3, padding=1, num_experts=4, gate_mode=mode)]
+    assert [routes_pixels(m) for m in layers] == [mode == 'pixel'] * 3
+    assert not routes_pixels(nn.Conv2d(8, 8, 3)) and not routes_pixels(None)
