@@ -6,7 +6,7 @@ the repository's ``configs/`` the same way, as ``mmdet_moe/.mim/configs`` (setup
 copies them into the wheel; an editable install links the checkout's ``configs/``
 there, git-ignored), and importing it lets a config anywhere inherit one::
 
-    _base_ = 'mmdet_moe::toy/retinanet_r18_fpn_moe-head_3e_toy-coco.py'
+    _base_ = 'mmdet_moe::toy/retinanet_r18_fpn_moe-head_4e_toy-coco.py'
 
 Two things in mmengine (0.10.7) make that work only once ``mmdet_moe`` is imported,
 and both are set up here (:func:`register_config_package`, called by

@@ -14,8 +14,8 @@ from mmengine.config import Config
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(ROOT, 'tools')
 CONFIGS = osp.join(ROOT, 'configs')
-TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_3e_toy-coco.py')
-TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_3e_toy-coco.py')
+TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_4e_toy-coco.py')
+TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_4e_toy-coco.py')
 
 
 @contextmanager

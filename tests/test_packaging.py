@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ('torch', 'mmcv', 'mmengine', 'mmdet')
-TOY = 'toy/retinanet_r18_fpn_moe-head_3e_toy-coco.py'
+TOY = 'toy/retinanet_r18_fpn_moe-head_4e_toy-coco.py'
 COCO = 'moe_retinanet/retinanet_r50_moe-cls-head_1x_coco.py'
 
 # outside git: what the test's copy of the checkout leaves out: environments,

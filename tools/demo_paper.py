@@ -2,7 +2,7 @@
 classification branch fine-tuned as a MoE (Pavlitska et al., arXiv 2204.10598).
 
     python tools/demo.py --paper        # what `make demo-paper` runs
-    python tools/demo_paper.py --seeds 1 --dense-checkpoint work_dirs/x/epoch_3.pth
+    python tools/demo_paper.py --seeds 1 --dense-checkpoint work_dirs/x/epoch_4.pth
 
 1. generates the toy COCO dataset as `make demo` does (tools/demo.py's step);
 2. the dense toy RetinaNet (seed 0): ``--dense-checkpoint``, else the one `make

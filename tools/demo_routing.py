@@ -37,19 +37,19 @@ def toy(name: str) -> str:
 
 
 ARMS = [
-    Arm('image', toy('retinanet_r18_fpn_moe-head_3e_toy-coco.py'),
+    Arm('image', toy('retinanet_r18_fpn_moe-head_4e_toy-coco.py'),
         'per image and level: subnet experts (the demo)'),
-    Arm('location-subnet', toy('retinanet_r18_fpn_moe-head-pixel_3e_toy-coco.py'),
+    Arm('location-subnet', toy('retinanet_r18_fpn_moe-head-pixel_4e_toy-coco.py'),
         'per location: subnet experts'),
-    Arm('location-conv', toy('retinanet_r18_fpn_moe-conv-pixel_3e_toy-coco.py'),
+    Arm('location-conv', toy('retinanet_r18_fpn_moe-conv-pixel_4e_toy-coco.py'),
         'per location: single-conv experts'),
-    Arm('mumoe-pixel', toy('retinanet_r18_fpn_mumoe-pixel_3e_toy-coco.py'),
+    Arm('mumoe-pixel', toy('retinanet_r18_fpn_mumoe-pixel_4e_toy-coco.py'),
         'per location: CP μMoE, 16 soft experts'),
-    Arm('scale-supervised', toy('retinanet_r18_fpn_moe-conv-scale-routed_3e_toy-coco.py'),
+    Arm('scale-supervised', toy('retinanet_r18_fpn_moe-conv-scale-routed_4e_toy-coco.py'),
         'per location, routing supervised by relative scale (positive control)'),
-    Arm('roi', toy('faster-rcnn_r18_fpn_moe-roi-head_3e_toy-coco.py'),
+    Arm('roi', toy('faster-rcnn_r18_fpn_moe-roi-head_4e_toy-coco.py'),
         'per object: Faster R-CNN RoI-head convs'),
-    Arm('moe-fpn', toy('retinanet_r18_moe-fpn_3e_toy-coco.py'),
+    Arm('moe-fpn', toy('retinanet_r18_moe-fpn_4e_toy-coco.py'),
         'per image and level: MoE FPN output convs'),
 ]
 ARM_NAMES = [arm.name for arm in ARMS]

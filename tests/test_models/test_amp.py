@@ -52,7 +52,7 @@ VARIANTS = {
     **{name: (lambda p=path: load_config(p).model)
        for name, path in TOY_MOE_CONFIGS.items()},
     'retina-conv-soft': lambda: toy_retinanet(moe_branches='both', expert_type='conv',
-                                              moe_convs=(1,), **SOFT),
+                                              moe_convs=(0,), **SOFT),
     'retina-conv-hard': lambda: toy_retinanet(moe_branches='both', expert_type='conv',
                                               moe_convs=(0,), **HARD),
     'retina-subnet-both-soft': lambda: toy_retinanet(moe_branches='both',
@@ -62,9 +62,9 @@ VARIANTS = {
     'tower-subnet-dispatch': lambda: in_detector(dict(
         paths='bbox_head.reg_convs', expert='subnet', output='retina_reg', **SOFT)),
     'mumoe-cp-pixel-tr-image': lambda: in_detector(
-        dict(paths='bbox_head.cls_convs.1.conv', type='CPMuMoEConv2d', num_experts=16,
+        dict(paths='bbox_head.cls_convs.0.conv', type='CPMuMoEConv2d', num_experts=16,
              gate_mode='pixel'),
-        dict(paths='bbox_head.reg_convs.1.conv', type='TRMuMoEConv2d', num_experts=16,
+        dict(paths='bbox_head.reg_convs.0.conv', type='TRMuMoEConv2d', num_experts=16,
              gate_mode='image', gate_act='softmax', norm='ln')),
 }
 

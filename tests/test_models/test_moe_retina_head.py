@@ -12,15 +12,23 @@ VARIANTS = [('cls', 'subnet'), ('reg', 'subnet'), ('both', 'subnet'), ('shared',
             ('cls', 'conv'), ('both', 'conv')]
 
 
+def two_conv_toy(**moe_head):
+    """The toy RetinaNet with 2 convs per tower (its config has 1), so that a tower
+    mixes dense and MoE convs as RetinaNet's 4-conv towers do."""
+    cfg = toy_retinanet(**moe_head)
+    cfg.bbox_head.stacked_convs = 2
+    return cfg
+
+
 def moe_model(branches='cls', expert_type='subnet', **head):
-    if expert_type == 'conv':  # the toy head has 2 convs per tower: the last is MoE
+    if expert_type == 'conv':  # the last conv of each tower is MoE, the first dense
         head.setdefault('moe_convs', (1,))
-    return build_model(toy_retinanet(**{'moe_branches': branches, 'expert_type': expert_type,
-                                        **head}))
+    return build_model(two_conv_toy(**{'moe_branches': branches, 'expert_type': expert_type,
+                                       **head}))
 
 
 def dense_model():
-    return build_model(toy_retinanet())
+    return build_model(two_conv_toy())
 
 
 def features(model, batch=2, size=128):

@@ -69,7 +69,7 @@ def test_two_stage_levels_are_the_rpns_or_the_roi_extractors():
     RoI was pooled from, which the extractor picks by size against finest_scale × 2^l;
     without MoE in the RoI head they carry their proposal's RPN level."""
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'toy',
-                                   'faster-rcnn_r18_fpn_moe-roi-head_3e_toy-coco.py'))
+                                   'faster-rcnn_r18_fpn_moe-roi-head_4e_toy-coco.py'))
     model = build_model(cfg.model)
     finest = model.roi_head.bbox_roi_extractor.finest_scale
     assert detector_reference_sizes(model) == [finest * 2 ** level for level in range(4)]

@@ -53,7 +53,7 @@ def test_no_positives_gives_zero_with_a_gradient():
 
 def supervised_retinanet(**extra):
     return build_model(toy_retinanet(
-        moe_branches='cls', expert_type='conv', moe_convs=(1,), num_experts=4, top_k=2,
+        moe_branches='cls', expert_type='conv', moe_convs=(0,), num_experts=4, top_k=2,
         gate_cfg=PIXEL, balance_cfg=None, routing_supervision=dict(weight=1.0, **extra)))
 
 
@@ -69,7 +69,7 @@ def test_head_loss_reads_the_assignment_and_the_gate_logits():
     def spy(self, cls_scores):
         seen['targets'] = self._scale_targets
         seen['logits'] = [m.gate_outputs().logits.detach() for m in
-                          [head.cls_convs[1].conv]]
+                          [head.cls_convs[0].conv]]
         seen['shapes'] = [(s.shape[0], *s.shape[-2:]) for s in cls_scores]
         return original(self, cls_scores)
 
@@ -82,7 +82,7 @@ def test_head_loss_reads_the_assignment_and_the_gate_logits():
     expected = scale_routing_loss(seen['logits'][0], seen['shapes'], positives, boxes,
                                   references, default_edges(4))
     torch.testing.assert_close(losses['loss_moe_scale_routing'].detach(), expected)
-    assert head.cls_convs[1].conv.gate.w_gate.weight.grad.abs().sum() > 0
+    assert head.cls_convs[0].conv.gate.w_gate.weight.grad.abs().sum() > 0
 
 
 def test_a_gate_trained_on_it_routes_by_relative_scale():
@@ -121,7 +121,7 @@ def test_bad_routing_supervision_is_refused(cfg, gate_mode, match):
     with pytest.raises(ValueError, match=match):
         check_routing_supervision(cfg, 4, gate_mode == 'pixel')
     with pytest.raises(ValueError, match=match):
-        build_model(toy_retinanet(expert_type='conv', moe_convs=(1,), num_experts=4,
+        build_model(toy_retinanet(expert_type='conv', moe_convs=(0,), num_experts=4,
                                   top_k=2, gate_cfg=dict(PIXEL, gate_mode=gate_mode),
                                   routing_supervision=cfg))
 

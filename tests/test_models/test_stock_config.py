@@ -48,7 +48,7 @@ def test_pruned_config_rebuilds_a_pruned_model_with_shared_gates():
     written config: its checkpoint loads strictly and the two compute the same."""
     model_cfg = toy_retinanet()
     model_cfg.neck.update(type='MoEFPN', shared_gate=True, num_experts=4, top_k=2)
-    cfg = load_config(osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_3e_toy-coco.py'))
+    cfg = load_config(osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_4e_toy-coco.py'))
     cfg.model = model_cfg
     model = build_model(cfg.model).eval()
     names = [n for n, m in model.named_modules() if is_moe_module(m)]

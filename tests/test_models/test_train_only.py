@@ -11,7 +11,8 @@ def test_train_only_trains_exactly_the_named_modules():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f'bbox_head.{n}' for n, _ in model.bbox_head.named_parameters()
                 if n.startswith(('cls_convs.', 'retina_cls.'))}
-    assert trainable == expected and len(expected) == 2 * 3 + 2  # 2 conv+GN, the output
+    # each tower conv: its weight and GroupNorm's two; then the output conv's two
+    assert trainable == expected and len(expected) == 3 * cfg.bbox_head.stacked_convs + 2
 
 
 @pytest.mark.parametrize('options, message', [

@@ -13,7 +13,7 @@ from helpers import (CONFIGS, TOY_MOE_CONFIG, as_cli_options, build_model, load_
                      load_tool, make_tiny_coco, run_tool, toy_overrides)
 from mmdet_moe.layers import count_active_compute
 
-ROI_CONFIG = osp.join(CONFIGS, 'toy', 'faster-rcnn_r18_fpn_moe-roi-head_3e_toy-coco.py')
+ROI_CONFIG = osp.join(CONFIGS, 'toy', 'faster-rcnn_r18_fpn_moe-roi-head_4e_toy-coco.py')
 
 pytestmark = pytest.mark.slow
 

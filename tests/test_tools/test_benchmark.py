@@ -131,7 +131,7 @@ def test_detector_compute_counts_k_and_n_towers(monkeypatch):
 def test_export_times_eager_against_onnxruntime_and_the_merged_dense_model():
     pytest.importorskip('onnxruntime')
     proc = run_tool('benchmark.py', 'export', osp.join(CONFIGS, 'toy',
-                                                       'fcos_r18_fpn_moe-head_3e_toy-coco.py'),
+                                                       'fcos_r18_fpn_moe-head_4e_toy-coco.py'),
                     '--shape', 64, 64, '--repeats', 1, '--warmup', 0)
     assert proc.returncode == 0, proc.output[-3000:]
     rows = re.findall(r'^\| (\S.*?) \| ([0-9.]+) \| ([0-9.]+) \|$', proc.stdout, re.MULTILINE)

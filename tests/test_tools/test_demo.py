@@ -184,10 +184,15 @@ def test_check_names_each_figure_outside_the_readme_spread(demo_module, monkeypa
     monkeypatch.setattr(demo_module, 'headline', lambda run: runs[run.seed])
     failures = demo_module.check_failures(
         [type('Run', (), dict(seed=seed))() for seed in runs])
-    assert len(failures) == 2, failures
-    assert failures[0].startswith(f'seed 1: AP {min_ap - 0.01:.3f} < {min_ap}')
-    assert failures[1].startswith('seed 2: NMI') and 'outside' in failures[1]
-    assert f'{mean - sds * sd:.4f}, {mean + sds * sd:.4f}' in failures[1]
+    seed1 = [f for f in failures if f.startswith('seed 1')]
+    seed2 = [f for f in failures if f.startswith('seed 2')]
+    assert len(failures) == len(seed1) + len(seed2), failures
+    assert seed1[0].startswith(f'seed 1: AP {min_ap - 0.01:.3f} < {min_ap}')
+    # an AP below MIN_AP is also outside the spread when the spread lies above it
+    ap_low = spread['AP'][0] - sds * spread['AP'][1]
+    assert len(seed1) == (2 if min_ap - 0.01 < ap_low else 1), seed1
+    assert len(seed2) == 1 and seed2[0].startswith('seed 2: NMI') and 'outside' in seed2[0]
+    assert f'{mean - sds * sd:.4f}, {mean + sds * sd:.4f}' in seed2[0]
 
 
 @pytest.mark.parametrize('extra', [['--tiny'], ['--compare'], ['--epochs', '1'],

@@ -36,7 +36,7 @@ def conv_experts_config(root, data, **gate):
     cfg = Config.fromfile(TOY_MOE_CONFIG)
     cfg.merge_from_dict(toy_overrides(data))
     cfg.model.test_cfg.score_thr = 0.0  # an untrained head's scores are ~0.01
-    cfg.model.bbox_head.update(expert_type='conv', moe_branches='both', moe_convs=[1],
+    cfg.model.bbox_head.update(expert_type='conv', moe_branches='both', moe_convs=[0],
                                balance_cfg=None, top_k=gate['top_k'])
     if 'gate_cfg' in gate:  # replaced whole (update() would merge it into the old one)
         cfg.model.bbox_head.gate_cfg = gate['gate_cfg']
@@ -75,7 +75,7 @@ def test_equal_weight_experts_merge_into_a_stock_detector_that_runs_without_mmde
     printed = capsys.readouterr().out
     assert 'AP of the MoE model:    mAP' in printed and 'AP of the merged model: mAP' in printed
     summary = json.load(open(out / 'merging.json'))
-    assert summary['mean_gates']['bbox_head.cls_convs.1.conv'] == [0.25] * 4
+    assert summary['mean_gates']['bbox_head.cls_convs.0.conv'] == [0.25] * 4
     # the merge is exact here: the same detections, hence the same AP
     assert summary['metrics_after'] == pytest.approx(summary['metrics_before'], abs=1e-3)
     [merged_config] = glob.glob(str(out / '*.py'))
@@ -104,7 +104,7 @@ def test_routed_experts_merge_with_their_mean_gate_weights(data, capsys):
     gates = json.load(open(out / 'merging.json'))['mean_gates']
     stats = json.load(open(root / 'work-topk' / 'moe' / 'expert_size_stats' / 'test.json'))
     merged = torch.load(glob.glob(str(out / '*.pth'))[0])['state_dict']
-    for name in ('bbox_head.cls_convs.1.conv', 'bbox_head.reg_convs.1.conv'):
+    for name in ('bbox_head.cls_convs.0.conv', 'bbox_head.reg_convs.0.conv'):
         layer = stats['layers'][name]
         mean = torch.tensor(layer['importance'], dtype=torch.float64) / layer['rows']
         torch.testing.assert_close(torch.tensor(gates[name], dtype=torch.float64), mean)

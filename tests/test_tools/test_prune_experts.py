@@ -93,7 +93,7 @@ def test_layers_pruned_to_different_counts_predict_through_the_stock_test_tool(t
     hook in the config reports each layer with its own experts."""
     _, _, root = toy
     config, checkpoint = toy_checkpoint(
-        root, str(root / 'data'), osp.join(CONFIGS, 'toy', 'fcos_r18_fpn_moe-head_3e_toy-coco.py'),
+        root, str(root / 'data'), osp.join(CONFIGS, 'toy', 'fcos_r18_fpn_moe-head_4e_toy-coco.py'),
         {'bbox_head.cls_convs.1.conv': [3], 'bbox_head.reg_convs.1.conv': [0, 3]}, 'fcos')
     out = root / 'fcos-pruned'
     assert load_tool('prune_experts.py').main([

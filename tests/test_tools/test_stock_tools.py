@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
 def test_train_writes_a_checkpoint(trained):
     _, work_dir = trained
     assert osp.isfile(work_dir / 'epoch_1.pth')
-    assert osp.isfile(work_dir / 'retinanet_r18_fpn_3e_toy-coco.py')
+    assert osp.isfile(work_dir / 'retinanet_r18_fpn_4e_toy-coco.py')
 
 
 def test_test_tool_loads_the_checkpoint(trained, tmp_path):

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 
 # config, the option that sets its detections' score threshold, its MoE layers
 CASES = {
-    'fcos': ('fcos_r18_fpn_moe-head_3e_toy-coco.py', 'model.test_cfg.score_thr',
+    'fcos': ('fcos_r18_fpn_moe-head_4e_toy-coco.py', 'model.test_cfg.score_thr',
              ['bbox_head.cls_convs.1.conv', 'bbox_head.reg_convs.1.conv']),
-    'faster-rcnn': ('faster-rcnn_r18_fpn_moe-roi-head_3e_toy-coco.py',
+    'faster-rcnn': ('faster-rcnn_r18_fpn_moe-roi-head_4e_toy-coco.py',
                     'model.test_cfg.rcnn.score_thr',
                     ['roi_head.bbox_head.shared_convs.2.conv',
                      'roi_head.bbox_head.shared_convs.3.conv']),

@@ -12,7 +12,7 @@ from helpers import CONFIGS, as_cli_options, make_tiny_coco, run_tool, toy_overr
 
 pytestmark = pytest.mark.slow
 
-CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_moe-fpn_3e_toy-coco.py')
+CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_moe-fpn_4e_toy-coco.py')
 # the toy FPN: laterals of P3-P5, output convs of P3-P5, extra convs of P6 and P7
 FEEDS = {**{f'neck.lateral_convs.{i}.conv': i for i in range(3)},
          **{f'neck.fpn_convs.{i}.conv': i for i in range(5)}}

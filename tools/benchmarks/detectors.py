@@ -21,7 +21,7 @@ from mmdet_moe.layers import count_active_compute
 from .memory import child_peak_rss_mib, own_peak_rss_mib
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOY_CONFIG = osp.join(ROOT, 'configs', 'toy', 'retinanet_r18_fpn_3e_toy-coco.py')
+TOY_CONFIG = osp.join(ROOT, 'configs', 'toy', 'retinanet_r18_fpn_4e_toy-coco.py')
 # the detector benchmarked: the toy config's data and anchors, but a full-width
 # ResNet-18 and RetinaNet's head of 4 convs per branch (the paper's experts), as the
 # README's figures were measured (the toy demo trims both to train fast)

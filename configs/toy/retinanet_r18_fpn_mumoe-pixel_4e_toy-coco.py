@@ -8,7 +8,7 @@ model = dict(
     type='MoEDetector',
     detector_type='RetinaNet',  # the base's model keys stay flat beside it
     moe_layers=[
-        dict(paths='bbox_head.cls_convs.1.conv', type='CPMuMoEConv2d', num_experts=16,
+        dict(paths='bbox_head.cls_convs.0.conv', type='CPMuMoEConv2d', num_experts=16,
              gate_mode='pixel')
     ])
 

@@ -3,7 +3,7 @@
 # whose running relative importance exceeds tau=0.3 switched off for the next FPN
 # level (at most N-k of them here; see docs/paper_fidelity.md). Otherwise as the soft
 # variant.
-_base_ = './retinanet_r18_fpn_moe-head_3e_toy-coco.py'
+_base_ = './retinanet_r18_fpn_moe-head_4e_toy-coco.py'
 
 model = dict(
     bbox_head=dict(
