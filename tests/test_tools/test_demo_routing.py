@@ -100,7 +100,7 @@ def test_demo_routing_end_to_end(tmp_path):
     report = (work / 'routing.md').read_text()
     rows = [line for line in report.splitlines() if line.startswith('| ')][1:]
     layers = [row.split('|')[2].strip() for row in rows]
-    assert layers == ['`bbox_head.cls_convs.1.conv`',
+    assert layers == ['`bbox_head.cls_convs.0.conv`',
                       '`roi_head.bbox_head.shared_convs.2.conv`',
                       '`roi_head.bbox_head.shared_convs.3.conv`'], report
     assert sum(line.startswith('- ') for line in report.splitlines()) == len(rows)
