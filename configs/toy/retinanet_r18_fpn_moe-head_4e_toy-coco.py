@@ -1,4 +1,4 @@
-# Toy MoE RetinaNet, soft constraint: the classification branch (4 convs + output
+# Toy MoE RetinaNet, soft constraint: the classification branch (its conv + output
 # conv) as N=4 whole-subnet experts, k=2 per (image, FPN level), one noisy gate shared
 # over levels, importance (CV²) loss w=0.5; this project's linear gate, not the paper's
 # (its RetinaNet runs used SimpleGate and KL to uniform: gate_type='paper_simple',

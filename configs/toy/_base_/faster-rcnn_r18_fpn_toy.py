@@ -1,5 +1,5 @@
 # Faster R-CNN sized as the toy RetinaNet, whose data, schedule, optimizer and
-# backbone (half-width ResNet-18) it inherits; the model is mmdet's Faster R-CNN
+# backbone (quarter-width ResNet-18) it inherits; the model is mmdet's Faster R-CNN
 # (_base_/models/faster-rcnn_r50_fpn.py) scaled down: FPN P2-P6 with 64 channels,
 # anchors and the RoI level mapping halved for 256-px images, fewer proposals and
 # sampled RoIs. The RoI bbox head is Shared4Conv1FCBBoxHead (4 shared 64-channel
@@ -11,7 +11,7 @@ model = dict(
     type='FasterRCNN',
     data_preprocessor={{_base_.model.data_preprocessor}},
     backbone={{_base_.model.backbone}},
-    neck=dict(type='FPN', in_channels=[32, 64, 128, 256], out_channels=64, num_outs=5),
+    neck=dict(type='FPN', in_channels=[16, 32, 64, 128], out_channels=64, num_outs=5),
     rpn_head=dict(
         type='RPNHead',
         in_channels=64,
@@ -66,3 +66,6 @@ model = dict(
                  min_bbox_size=0),
         rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
                   max_per_img=100)))
+# mmcv's RoIAlign reads NCHW memory: the feature maps stay NCHW (channels-last would
+# be refused for this model)
+default_hooks = dict(memory_format=dict(memory_format='contiguous'))

@@ -1,4 +1,4 @@
-# FCOS sized as the toy RetinaNet, whose data, backbone (half-width ResNet-18), FPN
+# FCOS sized as the toy RetinaNet, whose data, backbone (quarter-width ResNet-18), FPN
 # (64 channels), schedule and optimizer it inherits: only the head is FCOS's, with 2
 # GroupNorm convs per tower as the toy RetinaNet head. FCOS's "tricks" (centre
 # sampling, normalised box targets, centre-ness on the regression branch, GIoU) help
