@@ -53,7 +53,8 @@ def pruned_config(cfg: Config, expert_counts: Dict[str, int]) -> Config:
 def stock_config(cfg: Config) -> Config:
     """``cfg`` with every mmdet_moe type replaced by the stock type it extends and
     every MoE argument dropped: MoEConv2d ``conv_cfg`` s become dense convs,
-    ``MoEDetector`` the detector it wraps, mmdet_moe's hooks and its custom import go,
+    ``MoEDetector`` the detector it wraps, mmdet_moe's hooks (custom and default) and
+    its custom import go,
     and so do the config file's own variables that hold mmdet_moe types.
     For a model whose MoE layers are all single convs (merged into dense convs).
 
@@ -67,6 +68,9 @@ def stock_config(cfg: Config) -> Config:
         cfg.tta_model = _stock_model(cfg.tta_model, 'tta_model')
     hooks = cfg.get('custom_hooks') or []
     cfg.custom_hooks = [h for h in hooks if not _is_ours(h.get('type'))]
+    if cfg.get('default_hooks') is not None:  # e.g. MemoryFormatHook: mmdet runs without
+        cfg.default_hooks = {name: hook for name, hook in cfg.default_hooks.items()
+                             if not (isinstance(hook, dict) and _is_ours(hook.get('type')))}
     imports = cfg.get('custom_imports')
     if imports is not None:
         kept = [m for m in imports.get('imports', []) if m.split('.')[0] != PACKAGE]

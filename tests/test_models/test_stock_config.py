@@ -32,6 +32,7 @@ def test_stock_config_holds_the_merged_model_or_refuses(path):
     dense_cfg = stock_config(cfg)
     text = dense_cfg.pretty_text
     assert 'mmdet_moe' not in text and 'MoE' not in text
+    assert 'MemoryFormatHook' not in text  # the toy configs' default hook
     dense = build_model(dense_cfg.model)
     assert not any(is_moe_module(m) for m in dense.modules())
     want = {}
