@@ -87,10 +87,12 @@ def test_never_routed_expert_is_removed_and_predictions_stay(toy, capsys):
     assert 'coco/bbox_mAP' in proc.output
 
 
-def test_layers_pruned_to_different_counts_predict_through_the_stock_test_tool(toy, capsys):
-    """The toy FCOS with two MoE convs in its head: one keeps 3 experts, the other 2;
-    the written files predict (tags as wide as the widest layer) and the statistics
-    hook in the config reports each layer with its own experts."""
+def test_layers_pruned_separately_predict_through_the_stock_test_tool(toy, capsys):
+    """The toy FCOS with two MoE convs in its head, each pruned to the experts it routed
+    on the val images (the regression conv to 2: experts 0 and 3 are never routed; the
+    classification conv drops at least its never-routed expert 3); the written files
+    predict (tags as wide as the widest layer) and the statistics hook in the config
+    reports each layer with its own experts."""
     _, _, root = toy
     config, checkpoint = toy_checkpoint(
         root, str(root / 'data'), osp.join(CONFIGS, 'toy', 'fcos_r18_fpn_moe-head_4e_toy-coco.py'),
@@ -99,13 +101,17 @@ def test_layers_pruned_to_different_counts_predict_through_the_stock_test_tool(t
     assert load_tool('prune_experts.py').main([
         config, checkpoint, '--out-dir', str(out), '--work-dir', str(root / 'work-fcos')]) == 0
     assert 'predicts there what the original does' in capsys.readouterr().out
+    rows = {name: row for row in json.load(open(out / 'pruning.json'))['layers']
+            for name in row['layers']}
+    assert rows['bbox_head.reg_convs.1.conv']['removed'] == [0, 3]
+    assert 3 in rows['bbox_head.cls_convs.1.conv']['removed']
     work = root / 'work-fcos-test'
     proc = run_tool('test.py', *sorted(glob.glob(str(out / 'fcos_pruned.*')))[::-1],
                     '--work-dir', work)
     assert proc.returncode == 0, proc.output[-3000:]
     layers = json.load(open(work / 'expert_size_stats.json'))['layers']
     assert {name: layer['num_experts'] for name, layer in layers.items()} == {
-        'bbox_head.cls_convs.1.conv': 3, 'bbox_head.reg_convs.1.conv': 2}
+        name: len(row['kept']) for name, row in rows.items()}
 
 
 def test_pruning_below_top_k_is_refused_and_writes_nothing(toy, capsys):
