@@ -1,4 +1,5 @@
 """Shared test helpers: tiny toy datasets, config overrides, running the tools."""
+import glob
 import os
 import os.path as osp
 import socket
@@ -16,6 +17,10 @@ TOOLS = osp.join(ROOT, 'tools')
 CONFIGS = osp.join(ROOT, 'configs')
 TOY_BASE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_4e_toy-coco.py')
 TOY_MOE_CONFIG = osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_moe-head_4e_toy-coco.py')
+TOY_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*.py')))
+TOY_MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
+COCO_MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
+                          glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')))
 
 
 @contextmanager

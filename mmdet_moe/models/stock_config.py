@@ -6,7 +6,7 @@ merged MoEConv2d layers leave, written with mmdet's own types only, so that it r
 where ``mmdet_moe`` is not installed.
 """
 import copy
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
 from mmengine.config import Config
 
@@ -66,11 +66,9 @@ def stock_config(cfg: Config) -> Config:
     cfg.model = _stock_model(cfg.model, 'model')
     if cfg.get('tta_model') is not None:
         cfg.tta_model = _stock_model(cfg.tta_model, 'tta_model')
-    hooks = cfg.get('custom_hooks') or []
-    cfg.custom_hooks = [h for h in hooks if not _is_ours(h.get('type'))]
+    cfg.custom_hooks = _without_our_hooks(cfg.get('custom_hooks') or [])
     if cfg.get('default_hooks') is not None:  # e.g. MemoryFormatHook: mmdet runs without
-        cfg.default_hooks = {name: hook for name, hook in cfg.default_hooks.items()
-                             if not (isinstance(hook, dict) and _is_ours(hook.get('type')))}
+        cfg.default_hooks = _without_our_hooks(cfg.default_hooks)
     imports = cfg.get('custom_imports')
     if imports is not None:
         kept = [m for m in imports.get('imports', []) if m.split('.')[0] != PACKAGE]
@@ -121,6 +119,17 @@ def _stock_model(node: Any, where: str) -> Any:
         node['conv_cfg'] = None
     return {key: value if key == 'conv_cfg' else _stock_model(value, f'{where}.{key}')
             for key, value in node.items()}
+
+
+def _without_our_hooks(hooks: Union[list, dict]) -> Union[list, dict]:
+    """``custom_hooks`` (a list) or ``default_hooks`` (a dict by name) without the
+    hooks mmdet_moe registers."""
+    def ours(hook: Any) -> bool:
+        return isinstance(hook, dict) and _is_ours(hook.get('type'))
+
+    if isinstance(hooks, dict):
+        return {name: hook for name, hook in hooks.items() if not ours(hook)}
+    return [hook for hook in hooks if not ours(hook)]
 
 
 def _is_ours(type_name: Any) -> bool:

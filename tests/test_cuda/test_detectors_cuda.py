@@ -9,13 +9,12 @@ therefore run those two kernels in float32 (``mmcv_kernels_in_float32``); the fp
 steps run everything as it is.
 """
 import copy
-import glob
 import os.path as osp
 
 import pytest
 import torch
 
-from helpers import CONFIGS, build_model, load_config
+from helpers import TOY_MOE_CONFIGS, build_model, load_config
 from mmdet_moe.layers import (AbsoluteImportanceGate, RelativeImportanceGate,
                               is_moe_module)
 from mmdet_moe.models.moe_losses import LOSS_PREFIX
@@ -23,7 +22,6 @@ from mmdet_moe.models.moe_losses import LOSS_PREFIX
 pytestmark = pytest.mark.cuda
 
 CUDA = torch.device('cuda')
-TOY_MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
 # a fixed loss scale: a dynamic one skips a step whose scaled gradients overflow (and
 # halves the scale), which would hide non-finite gradients from the assertions
 LOSS_SCALE = 512.0

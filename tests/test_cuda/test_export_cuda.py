@@ -2,13 +2,12 @@
 (``tools/export_onnx.py``'s path: ``TensorForward`` → ``export_onnx``): onnxruntime
 (CPU) on new inputs against eager PyTorch on CUDA, and eager CUDA against eager CPU."""
 import copy
-import glob
 import os.path as osp
 
 import pytest
 import torch
 
-from helpers import CONFIGS, build_model, load_config, redraw_parameters
+from helpers import TOY_MOE_CONFIGS, build_model, load_config, redraw_parameters
 from mmdet_moe.layers import export_onnx, run_onnx
 from mmdet_moe.models.export import TensorForward, example_inputs
 
@@ -16,7 +15,6 @@ pytest.importorskip('onnxruntime')
 pytestmark = pytest.mark.cuda
 
 CUDA = torch.device('cuda')
-TOY_MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
 SIZE = 128  # RoIs of 8 to 64 pixels: at least a feature pixel at their FPN level
 
 

@@ -14,7 +14,6 @@ detectors fail there too, ``expected scalar type Float but found BFloat16``); th
 half precision.
 """
 import copy
-import glob
 import os.path as osp
 import sys
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import ConfigDict
 
-from helpers import CONFIGS, build_model, load_config, toy_retinanet
+from helpers import TOY_MOE_CONFIGS, build_model, load_config, toy_retinanet
 from mmdet_moe.layers import (CPMuMoEConv2d, EqualWeightGate, MoE, MoEConv2d,
                               TopKGate, TRMuMoEConv2d, is_moe_module, record_gates)
 from mmdet_moe.layers.gate_output import GateOutput
@@ -33,8 +32,6 @@ SOFT = dict(num_experts=4, top_k=2, gate_cfg=dict(type='TopKGate', noisy=True),
             balance_cfg=dict(importance=0.5, load=0.5, kl_uniform=0.5, switch=0.01, z=1e-3))
 HARD = dict(num_experts=4, top_k=2,
             gate_cfg=dict(type='RelativeImportanceGate', threshold=0.3), balance_cfg=None)
-TOY_MOE_CONFIGS = {osp.basename(p): p
-                   for p in sorted(glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))}
 
 
 def moe_fpn(moe):
@@ -49,8 +46,8 @@ def in_detector(*moe_layers):
 
 
 VARIANTS = {
-    **{name: (lambda p=path: load_config(p).model)
-       for name, path in TOY_MOE_CONFIGS.items()},
+    **{osp.basename(path): (lambda p=path: load_config(p).model)
+       for path in TOY_MOE_CONFIGS},
     'retina-conv-soft': lambda: toy_retinanet(moe_branches='both', expert_type='conv',
                                               moe_convs=(0,), **SOFT),
     'retina-conv-hard': lambda: toy_retinanet(moe_branches='both', expert_type='conv',

@@ -1,29 +1,25 @@
 """Every shipped COCO config loads, builds (ResNet-18 override) and trains a step."""
-import glob
 import os.path as osp
 
 import pytest
 
-from helpers import (CONFIGS, all_finite, build_model, load_config, one_training_step,
-                     with_resnet18)
+from helpers import (COCO_MOE_CONFIGS, CONFIGS, TOY_CONFIGS, all_finite, build_model,
+                     load_config, one_training_step, with_resnet18)
 from mmdet_moe.layers import RelativeImportanceGate
 from mmdet_moe.models import moe_parameters
 
-COCO_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
-                      glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')))
-TOY_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'toy', '*.py')))
 
 
 def test_configs_are_named_the_openmmlab_way():
-    assert len(COCO_CONFIGS) >= 12
-    for path in COCO_CONFIGS:
+    assert len(COCO_MOE_CONFIGS) >= 12
+    for path in COCO_MOE_CONFIGS:
         name = osp.basename(path)
         assert name.split('_')[0] in ('retinanet', 'fcos', 'atss', 'gfl', 'faster-rcnn')
         assert 'coco' in name and '_r50_' in name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('path', COCO_CONFIGS, ids=osp.basename)
+@pytest.mark.parametrize('path', COCO_MOE_CONFIGS, ids=osp.basename)
 def test_config_builds_and_trains_one_step(path):
     cfg = load_config(path)
     model = build_model(with_resnet18(cfg.model))

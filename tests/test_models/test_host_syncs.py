@@ -5,7 +5,6 @@ host (``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool(t)``, ``int(t
 per step for a MoE container called with all FPN levels, once per call for a
 dispatched MoEConv2d (routed per image or per location); with a capacity factor,
 never."""
-import glob
 import os.path as osp
 import traceback
 from collections import Counter
@@ -14,7 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from helpers import CONFIGS, build_model, load_config, one_training_step
+from helpers import TOY_MOE_CONFIGS, build_model, load_config, one_training_step
 from mmdet_moe.layers import MoE, is_moe_module, routes_pixels
 
 PACKAGE = osp.join('mmdet_moe', '')
@@ -60,8 +59,6 @@ def count_host_reads():
             setattr(torch.Tensor, name, method)
         torch.nonzero = original_nonzero
 
-
-TOY_MOE_CONFIGS = sorted(p for p in glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
 
 
 @pytest.mark.slow

@@ -1,17 +1,15 @@
 """Configs after pruning (MoEDetector(expert_counts=...)) and merging (stock mmdet)."""
-import glob
 import os.path as osp
 
 import pytest
 import torch
 
-from helpers import CONFIGS, build_model, load_config, toy_retinanet, with_resnet18
+from helpers import (COCO_MOE_CONFIGS, TOY_BASE_CONFIG, TOY_MOE_CONFIGS, build_model,
+                     load_config, toy_retinanet, with_resnet18)
 from mmdet_moe.layers import MoEConv2d, is_moe_module, prune_model_experts
 from mmdet_moe.models.stock_config import pruned_config, stock_config
 
-MOE_CONFIGS = sorted(glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
-                     glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')) +
-                     glob.glob(osp.join(CONFIGS, 'toy', '*moe*.py')))
+MOE_CONFIGS = COCO_MOE_CONFIGS + TOY_MOE_CONFIGS
 
 
 @pytest.mark.slow
@@ -49,7 +47,7 @@ def test_pruned_config_rebuilds_a_pruned_model_with_shared_gates():
     written config: its checkpoint loads strictly and the two compute the same."""
     model_cfg = toy_retinanet()
     model_cfg.neck.update(type='MoEFPN', shared_gate=True, num_experts=4, top_k=2)
-    cfg = load_config(osp.join(CONFIGS, 'toy', 'retinanet_r18_fpn_4e_toy-coco.py'))
+    cfg = load_config(TOY_BASE_CONFIG)
     cfg.model = model_cfg
     model = build_model(cfg.model).eval()
     names = [n for n, m in model.named_modules() if is_moe_module(m)]

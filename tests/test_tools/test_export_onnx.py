@@ -1,14 +1,13 @@
 """tools/export_onnx.py: every provided MoE config exports, onnxruntime matches eager,
 per-image routing stays in the graph; bad input exits 2 writing nothing."""
-import glob
 import os
 import os.path as osp
 
 import pytest
 import torch
 
-from helpers import (CONFIGS, TOY_MOE_CONFIG, build_model, load_config, redraw_parameters,
-                     run_tool, with_resnet18)
+from helpers import (COCO_MOE_CONFIGS, TOY_MOE_CONFIG, TOY_MOE_CONFIGS, build_model, load_config,
+                     redraw_parameters, run_tool, with_resnet18)
 from mmdet_moe.layers import export_onnx, record_gates, run_onnx
 from mmdet_moe.models.export import TensorForward, roi_features
 
@@ -17,10 +16,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip('onnxruntime')
 
 WIDTH = 32  # FPN and head channels of the shrunk COCO configs
-MOE_CONFIGS = sorted(
-    glob.glob(osp.join(CONFIGS, 'moe_retinanet', '*.py')) +
-    glob.glob(osp.join(CONFIGS, 'moe_anywhere', '*.py')) +
-    [p for p in glob.glob(osp.join(CONFIGS, 'toy', '*.py')) if 'moe' in osp.basename(p)])
+MOE_CONFIGS = COCO_MOE_CONFIGS + TOY_MOE_CONFIGS
 
 
 def small_model(path):

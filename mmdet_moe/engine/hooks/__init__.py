@@ -1,6 +1,6 @@
 from .expert_size_stats_hook import SCHEMA, SCHEMA_VERSION, ExpertSizeStatsHook, write_stats
-from .memory_format import MemoryFormatHook
 from .expert_utilisation_hook import ExpertUtilisationHook
+from .memory_format import MemoryFormatHook
 
-__all__ = ['MemoryFormatHook', 'ExpertSizeStatsHook', 'ExpertUtilisationHook', 'SCHEMA',
+__all__ = ['ExpertSizeStatsHook', 'ExpertUtilisationHook', 'MemoryFormatHook', 'SCHEMA',
            'SCHEMA_VERSION', 'write_stats']
