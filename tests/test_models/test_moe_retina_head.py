@@ -171,7 +171,7 @@ def test_state_dicts_saved_before_the_tower_moe_load_with_identical_outputs():
     outputs on fixed inputs, saved at commit 2fcc87e, when the experts were
     ``TowerExpert`` modules (tiny channels, parameters redrawn; ``'shared'`` with the
     output convs in the experts, ``'both'`` without): today's head loads them strictly
-    and computes the same."""
+    and computes the same up to rounding."""
     from mmdet.registry import MODELS
     from mmengine.registry import init_default_scope
     init_default_scope('mmdet')
@@ -183,9 +183,10 @@ def test_state_dicts_saved_before_the_tower_moe_load_with_identical_outputs():
         assert set(head.state_dict()) == set(old['state_dict']), name
         with torch.no_grad():
             cls_scores, bbox_preds = head(saved['inputs'])
+        # saved on another CPU: its kernels round otherwise (an AMD EPYC failed equality)
         for got, want in zip(cls_scores + bbox_preds, old['cls_scores'] + old['bbox_preds'],
                              strict=True):
-            assert torch.equal(got, want), name
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize('head, match', [
